@@ -1,0 +1,122 @@
+"""The one protocol every store implements: the memory API plus what migration needs.
+
+Two layers, one rule. The API operations carry MCP memory-server semantics (skip existing, NOT_FOUND, idempotent
+deletes); the replication operations move whole versioned records. Both obey apply-if-newer on every store, the
+primary included: a record is written only when its version is higher than the stored one, and a tombstone hides
+every older record of its key (an entity tombstone every older child). The same operations in any order therefore
+end in the same state (DESIGN.md, Versions).
+
+Every mutating API operation returns its `effects`: the whole records it actually wrote. The migration engine
+compares the effects of the primary and the secondary to find keys that need reconciling from the primary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+from adapters.embedder import EmbeddingInfo, Vector
+from adapters.model import (
+    Entity,
+    Graph,
+    GraphPage,
+    ObservationAddition,
+    ObservationDeletion,
+    Relation,
+    SearchResult,
+)
+from adapters.records import Counts, Record, RecordKey, RecordPage
+
+T = TypeVar("T")
+
+# (scope, entity name) -> (the text the vector was computed from, the vector)
+VectorMap = Mapping[tuple[str, str], tuple[str, Vector]]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult(Generic[T]):
+    answer: T
+    effects: tuple[Record, ...]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A memory store. Implementations: embedded (SQLite), postgres, neo4j, qdrant, hybrid."""
+
+    @property
+    def name(self) -> str:
+        """A short label for logs and metrics, never containing credentials."""
+        ...
+
+    @property
+    def embedding(self) -> EmbeddingInfo: ...
+
+    async def open(self) -> None:
+        """Connect, create or upgrade the schema; raise EmbeddingMismatch if the data was written with another
+        model or dimension."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # --- the memory API (MCP memory-server semantics), each mutation stamped with one version -----------------
+    async def create_entities(
+        self, scope: str, entities: Sequence[Entity], version: int
+    ) -> WriteResult[tuple[Entity, ...]]: ...
+
+    async def create_relations(
+        self, scope: str, relations: Sequence[Relation], version: int
+    ) -> WriteResult[tuple[Relation, ...]]: ...
+
+    async def add_observations(
+        self, scope: str, additions: Sequence[ObservationAddition], version: int
+    ) -> WriteResult[tuple[ObservationAddition, ...]]:
+        """Raises EntityNotFound (and writes nothing) if any entity is missing."""
+        ...
+
+    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]: ...
+
+    async def delete_observations(
+        self, scope: str, deletions: Sequence[ObservationDeletion], version: int
+    ) -> WriteResult[None]: ...
+
+    async def delete_relations(
+        self, scope: str, relations: Sequence[Relation], version: int
+    ) -> WriteResult[None]: ...
+
+    async def read_graph(self, scope: str, cursor: str | None, limit: int) -> GraphPage: ...
+
+    async def search_nodes(self, scope: str, query: str) -> Graph: ...
+
+    async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph: ...
+
+    async def semantic_search(
+        self, scope: str, vector: Vector, limit: int, min_score: float | None, entity_types: Sequence[str]
+    ) -> SearchResult: ...
+
+    # --- replication: whole versioned records ------------------------------------------------------------------
+    async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        """Apply-if-newer, in one transaction; returns how many records replaced stored state. A vector given for
+        an entity is used when its text matches the entity's embedding text, instead of re-embedding."""
+        ...
+
+    async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
+        """The stored records (tombstones included) for these keys; a key never written is left out."""
+        ...
+
+    async def list_records(self, after: RecordKey | None, limit: int) -> RecordPage:
+        """Live records in stable `RecordKey` order (entities, then observations of live entities, then
+        relations), across every scope; resume with `after=page.next_after`."""
+        ...
+
+    async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
+        """The stored vectors of these (scope, entity) keys with the text each was computed from."""
+        ...
+
+    async def count(self, scope: str | None = None) -> Counts:
+        """Live records, in one scope or in all."""
+        ...
+
+    async def purge_tombstones(self, before_version: int) -> int:
+        """Drop tombstones older than this version (once no migration needs them); returns how many."""
+        ...

@@ -1,0 +1,643 @@
+"""The embedded default store: one SQLite file (WAL), exact cosine search with numpy.
+
+Every write, from the API or from replication, goes through `_Txn.apply_record`, the single place where
+apply-if-newer, tombstones and entity purges are decided. The API operations only add MCP semantics on top.
+
+SQLite is synchronous, so one worker thread owns the connection and the in-memory vector index; coroutines hand it
+work through `_call`. Embeddings are computed after the write commits (the model must not run inside a
+transaction) and stored only if the entity's text has not changed since (`embed_hash` guard); a crash in between is
+healed at start-up, where every entity whose vector is stale is embedded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from adapters.base import VectorMap, WriteResult
+from adapters.embedder import Embedder, EmbeddingInfo, Vector
+from adapters.model import (
+    EmbeddingMismatch,
+    Entity,
+    EntityNotFound,
+    Graph,
+    GraphPage,
+    ObservationAddition,
+    ObservationDeletion,
+    Relation,
+    ScoredEntity,
+    SearchResult,
+    StoreUnavailable,
+)
+from adapters.records import (
+    Counts,
+    EntityRecord,
+    Kind,
+    ObservationRecord,
+    Record,
+    RecordKey,
+    RecordPage,
+    RelationRecord,
+    embedding_text,
+)
+from adapters.vector_index import VectorIndex
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entities (
+    scope TEXT NOT NULL, name TEXT NOT NULL, entity_type TEXT NOT NULL, metadata TEXT NOT NULL,
+    version INTEGER NOT NULL, created INTEGER NOT NULL, purged INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    embed_hash TEXT, vector_hash TEXT, vector BLOB,
+    PRIMARY KEY (scope, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS observations (
+    scope TEXT NOT NULL, entity TEXT NOT NULL, text TEXT NOT NULL,
+    version INTEGER NOT NULL, created INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    PRIMARY KEY (scope, entity, text)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS relations (
+    scope TEXT NOT NULL, source TEXT NOT NULL, relation_type TEXT NOT NULL, target TEXT NOT NULL,
+    metadata TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    PRIMARY KEY (scope, source, relation_type, target)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
+"""
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def _dump_meta(metadata: Any) -> str:
+    return json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False)
+
+
+def _first_per_key(relations: Sequence[Relation]) -> list[Relation]:
+    """A call naming the same triple twice acts on the first, as the MCP server does."""
+    seen: dict[tuple[str, str, str], Relation] = {}
+    for rel in relations:
+        seen.setdefault(rel.key, rel)
+    return list(seen.values())
+
+
+def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps([int(kind), list(after)]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[Kind, tuple[str, ...]]:
+    """Raises ValueError on anything that is not a cursor this store handed out."""
+    try:
+        kind, after = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        parsed = Kind(kind), tuple(str(a) for a in after)
+        if parsed[0] == Kind.OBSERVATION or len(parsed[1]) != (1 if parsed[0] == Kind.ENTITY else 3):
+            raise ValueError(cursor)
+        return parsed
+    except Exception as exc:
+        raise ValueError("page_token is not a token returned by ReadGraph") from exc
+
+
+@dataclass
+class _Txn:
+    """The record rules, inside one open SQLite transaction. Collects which entities need re-embedding."""
+
+    conn: sqlite3.Connection
+    touched: set[tuple[str, str]] = field(default_factory=set)
+    removed: set[tuple[str, str]] = field(default_factory=set)
+
+    def entity(self, scope: str, name: str) -> EntityRecord | None:
+        row = self.conn.execute(
+            "SELECT entity_type, metadata, version, created, purged, deleted FROM entities"
+            " WHERE scope=? AND name=?", (scope, name)).fetchone()
+        if row is None:
+            return None
+        return EntityRecord(scope, name, row[0], row[2], row[3], row[4], bool(row[5]), json.loads(row[1]))
+
+    def _purged(self, scope: str, name: str) -> int:
+        row = self.conn.execute("SELECT purged FROM entities WHERE scope=? AND name=?", (scope, name)).fetchone()
+        return int(row[0]) if row else 0
+
+    def observation(self, scope: str, entity: str, text: str) -> ObservationRecord | None:
+        row = self.conn.execute(
+            "SELECT version, created, deleted FROM observations WHERE scope=? AND entity=? AND text=?",
+            (scope, entity, text)).fetchone()
+        return None if row is None else ObservationRecord(scope, entity, text, row[0], row[1], bool(row[2]))
+
+    def relation(self, scope: str, source: str, rtype: str, target: str) -> RelationRecord | None:
+        row = self.conn.execute(
+            "SELECT metadata, version, deleted FROM relations"
+            " WHERE scope=? AND source=? AND relation_type=? AND target=?", (scope, source, rtype, target)).fetchone()
+        if row is None:
+            return None
+        return RelationRecord(scope, source, rtype, target, row[1], bool(row[2]), json.loads(row[0]))
+
+    def apply_record(self, rec: Record) -> bool:
+        """Apply-if-newer. Returns True when the record replaced (or created) the stored one."""
+        if isinstance(rec, EntityRecord):
+            return self._apply_entity(rec)
+        if isinstance(rec, ObservationRecord):
+            if rec.version < self._purged(rec.scope, rec.entity):
+                return False  # an entity tombstone newer than this observation hides it
+            stored = self.observation(rec.scope, rec.entity, rec.text)
+            if stored is not None and stored.version >= rec.version:
+                return False
+            self.conn.execute(
+                "INSERT INTO observations VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET version=excluded.version,"
+                " created=excluded.created, deleted=excluded.deleted",
+                (rec.scope, rec.entity, rec.text, rec.version, rec.created, int(rec.deleted)))
+            self.touched.add((rec.scope, rec.entity))
+            return True
+        if rec.version < max(self._purged(rec.scope, rec.source), self._purged(rec.scope, rec.target)):
+            return False
+        stored_rel = self.relation(rec.scope, rec.source, rec.relation_type, rec.target)
+        if stored_rel is not None and stored_rel.version >= rec.version:
+            return False
+        self.conn.execute(
+            "INSERT INTO relations VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET metadata=excluded.metadata,"
+            " version=excluded.version, deleted=excluded.deleted",
+            (rec.scope, rec.source, rec.relation_type, rec.target, _dump_meta(rec.metadata), rec.version,
+             int(rec.deleted)))
+        return True
+
+    def _apply_entity(self, rec: EntityRecord) -> bool:
+        stored = self.entity(rec.scope, rec.name)
+        old_purged = stored.purged if stored else 0
+        purged = max(old_purged, rec.purged)
+        replaced = stored is None or rec.version > stored.version
+        if replaced:
+            self.conn.execute(
+                "INSERT INTO entities (scope, name, entity_type, metadata, version, created, purged, deleted)"
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET entity_type=excluded.entity_type,"
+                " metadata=excluded.metadata, version=excluded.version, created=excluded.created,"
+                " purged=excluded.purged, deleted=excluded.deleted",
+                (rec.scope, rec.name, rec.entity_type, _dump_meta(rec.metadata), rec.version, rec.created, purged,
+                 int(rec.deleted)))
+        elif purged > old_purged:
+            # A late tombstone loses to a newer incarnation but still purges the children older than it.
+            self.conn.execute("UPDATE entities SET purged=? WHERE scope=? AND name=?", (purged, rec.scope, rec.name))
+        if purged > old_purged:
+            self.conn.execute(
+                "DELETE FROM observations WHERE scope=? AND entity=? AND version<?", (rec.scope, rec.name, purged))
+            self.conn.execute(
+                "DELETE FROM relations WHERE scope=? AND (source=? OR target=?) AND version<?",
+                (rec.scope, rec.name, rec.name, purged))
+        key = (rec.scope, rec.name)
+        if replaced and rec.deleted:
+            self.conn.execute(
+                "UPDATE entities SET embed_hash=NULL, vector_hash=NULL, vector=NULL WHERE scope=? AND name=?", key)
+            self.removed.add(key)
+            self.touched.discard(key)
+        elif replaced or purged > old_purged:
+            self.touched.add(key)
+        return replaced
+
+    def current_texts(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The embedding text of each live entity among `keys`."""
+        out: dict[tuple[str, str], str] = {}
+        for scope, name in sorted(keys):
+            ent = self.entity(scope, name)
+            if ent is None or ent.deleted:
+                continue
+            obs = tuple(r[0] for r in self.conn.execute(
+                "SELECT text FROM observations WHERE scope=? AND entity=? AND deleted=0 ORDER BY created, text",
+                (scope, name)))
+            out[(scope, name)] = embedding_text(name, ent.entity_type, obs)
+        return out
+
+    def embedding_texts(self) -> dict[tuple[str, str], str]:
+        """The texts of every touched live entity, each marked as wanting the vector of exactly that text."""
+        out = self.current_texts(self.touched)
+        for (scope, name), text in out.items():
+            self.conn.execute(
+                "UPDATE entities SET embed_hash=? WHERE scope=? AND name=?", (_text_hash(text), scope, name))
+        return out
+
+
+class EmbeddedBackend:
+    """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
+
+    def __init__(self, path: str | Path, embedder: Embedder) -> None:
+        self._path = str(path)
+        self._embedder = embedder
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._index = VectorIndex(embedder.info.dimension)
+
+    @property
+    def name(self) -> str:
+        return f"sqlite:{Path(self._path).name}"
+
+    @property
+    def embedding(self) -> EmbeddingInfo:
+        return self._embedder.info
+
+    # --- plumbing --------------------------------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._conn is None:
+            raise StoreUnavailable(f"{self.name} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _write(self, body: Callable[[_Txn], T]) -> tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]]:
+        assert self._conn is not None
+        txn = _Txn(self._conn)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(txn)
+            texts = txn.embedding_texts()
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        for scope, name in txn.removed:
+            self._index.remove(scope, name)
+        return result, texts, txn.removed
+
+    async def _write_and_embed(self, body: Callable[[_Txn], T], vectors: VectorMap | None = None) -> T:
+        written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(self._write, body)
+        await self._embed(written[1], vectors)
+        return written[0]
+
+    async def _embed(self, texts: dict[tuple[str, str], str], vectors: VectorMap | None = None) -> None:
+        if not texts:
+            return
+        ready: dict[tuple[str, str], tuple[str, Vector]] = {}
+        missing: list[tuple[str, str]] = []
+        for key, text in texts.items():
+            given = vectors.get(key) if vectors else None
+            if given is not None and given[0] == text and len(given[1]) == self.embedding.dimension:
+                ready[key] = (text, np.asarray(given[1], dtype=np.float32))
+            else:
+                missing.append(key)
+        if missing:
+            computed = await self._embedder.embed([texts[k] for k in missing])
+            for key, vec in zip(missing, computed, strict=True):
+                ready[key] = (texts[key], vec)
+        await self._call(self._store_vectors, ready)
+
+    def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
+        assert self._conn is not None
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for (scope, name), (text, vec) in ready.items():
+                h = _text_hash(text)
+                cur = self._conn.execute(
+                    "UPDATE entities SET vector=?, vector_hash=? WHERE scope=? AND name=? AND embed_hash=?"
+                    " AND deleted=0 RETURNING entity_type", (vec.astype(np.float32).tobytes(), h, scope, name, h))
+                row = cur.fetchone()
+                if row is not None:  # otherwise the text changed meanwhile; that write embeds its own text
+                    self._index.upsert(scope, name, row[0], vec)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        stale = await loop.run_in_executor(self._executor, self._open_sync)
+        await self._embed(stale)
+
+    def _open_sync(self) -> dict[tuple[str, str], str]:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+            conn.create_function("contains_ci", 2, lambda hay, needle: needle in hay.casefold(),
+                                 deterministic=True)
+            self._check_embedding(conn)
+        except Exception:
+            conn.close()
+            raise
+        self._conn = conn
+        stale: dict[tuple[str, str], str] = {}
+        dim = self.embedding.dimension
+        for scope, name, etype, vector, vhash, ehash in conn.execute(
+                "SELECT scope, name, entity_type, vector, vector_hash, embed_hash FROM entities WHERE deleted=0"):
+            if vector is not None and vhash == ehash:
+                self._index.upsert(scope, name, etype, np.frombuffer(vector, dtype=np.float32, count=dim))
+            else:
+                stale[(scope, name)] = ""
+        if stale:  # a crash between commit and embedding, or data written by a replication without vectors
+            txn = _Txn(conn, touched=set(stale))
+            conn.execute("BEGIN IMMEDIATE")
+            stale = txn.embedding_texts()
+            conn.execute("COMMIT")
+        return stale
+
+    def _check_embedding(self, conn: sqlite3.Connection) -> None:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        want = {"embedding_model": self.embedding.model, "embedding_dim": str(self.embedding.dimension)}
+        if "embedding_model" in meta:
+            if meta["embedding_model"] != want["embedding_model"] or meta["embedding_dim"] != want["embedding_dim"]:
+                raise EmbeddingMismatch(
+                    f"{self._path} was written with embedding model {meta['embedding_model']!r} "
+                    f"(dimension {meta['embedding_dim']}), but the configured model is {want['embedding_model']!r} "
+                    f"(dimension {want['embedding_dim']}); migrate with re-embedding instead of reusing this file")
+            return
+        want["schema_version"] = str(SCHEMA_VERSION)
+        conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(want.items()))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+    # --- the memory API --------------------------------------------------------------------------------------------
+    async def create_entities(
+        self, scope: str, entities: Sequence[Entity], version: int
+    ) -> WriteResult[tuple[Entity, ...]]:
+        def body(txn: _Txn) -> WriteResult[tuple[Entity, ...]]:
+            created: list[Entity] = []
+            effects: list[Record] = []
+            seen: set[str] = set()
+            for ent in entities:
+                if ent.name in seen:
+                    continue
+                seen.add(ent.name)
+                stored = txn.entity(scope, ent.name)
+                # Existing: skipped (MCP). A newer tombstone means this create is already superseded.
+                if stored is not None and (not stored.deleted or stored.version >= version):
+                    continue
+                rec = EntityRecord(scope, ent.name, ent.entity_type, version, version,
+                                   stored.purged if stored else 0, False, dict(ent.metadata))
+                txn.apply_record(rec)
+                effects.append(rec)
+                added: list[str] = []
+                for text in dict.fromkeys(ent.observations):
+                    obs = ObservationRecord(scope, ent.name, text, version, version)
+                    if txn.apply_record(obs):
+                        effects.append(obs)
+                        added.append(text)
+                created.append(replace(ent, observations=tuple(added)))
+            return WriteResult(tuple(created), tuple(effects))
+
+        return await self._write_and_embed(body)
+
+    async def create_relations(
+        self, scope: str, relations: Sequence[Relation], version: int
+    ) -> WriteResult[tuple[Relation, ...]]:
+        def body(txn: _Txn) -> WriteResult[tuple[Relation, ...]]:
+            created: list[Relation] = []
+            effects: list[Record] = []
+            for rel in _first_per_key(relations):
+                stored = txn.relation(scope, rel.source, rel.relation_type, rel.target)
+                if stored is not None and (not stored.deleted or stored.version >= version):
+                    continue
+                rec = RelationRecord(scope, rel.source, rel.relation_type, rel.target, version, False,
+                                     dict(rel.metadata))
+                if txn.apply_record(rec):
+                    effects.append(rec)
+                    created.append(rel)
+            return WriteResult(tuple(created), tuple(effects))
+
+        return await self._write_and_embed(body)
+
+    async def add_observations(
+        self, scope: str, additions: Sequence[ObservationAddition], version: int
+    ) -> WriteResult[tuple[ObservationAddition, ...]]:
+        def body(txn: _Txn) -> WriteResult[tuple[ObservationAddition, ...]]:
+            missing = [a.entity_name for a in additions
+                       if (e := txn.entity(scope, a.entity_name)) is None or e.deleted]
+            if missing:
+                raise EntityNotFound(list(dict.fromkeys(missing)))
+            results: list[ObservationAddition] = []
+            effects: list[Record] = []
+            for add in additions:
+                added: list[str] = []
+                for text in dict.fromkeys(add.contents):
+                    stored = txn.observation(scope, add.entity_name, text)
+                    if stored is not None and (not stored.deleted or stored.version >= version):
+                        continue
+                    rec = ObservationRecord(scope, add.entity_name, text, version, version)
+                    if txn.apply_record(rec):
+                        effects.append(rec)
+                        added.append(text)
+                results.append(ObservationAddition(add.entity_name, tuple(added)))
+            return WriteResult(tuple(results), tuple(effects))
+
+        return await self._write_and_embed(body)
+
+    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
+        # A tombstone is written even for a name this store lacks: the same call then has the same effects on
+        # every store, and a copy of the entity arriving late (backfill) is hidden.
+        recs = [EntityRecord(scope, n, "", version, 0, version, True) for n in dict.fromkeys(names)]
+        return await self._tombstones(recs)
+
+    async def delete_observations(
+        self, scope: str, deletions: Sequence[ObservationDeletion], version: int
+    ) -> WriteResult[None]:
+        recs = [ObservationRecord(scope, d.entity_name, text, version, 0, True)
+                for d in deletions for text in dict.fromkeys(d.observations)]
+        return await self._tombstones(recs)
+
+    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
+        recs = [RelationRecord(scope, r.source, r.relation_type, r.target, version, True)
+                for r in _first_per_key(relations)]
+        return await self._tombstones(recs)
+
+    async def _tombstones(self, recs: Sequence[Record]) -> WriteResult[None]:
+        def body(txn: _Txn) -> WriteResult[None]:
+            return WriteResult(None, tuple(r for r in recs if txn.apply_record(r)))
+
+        return await self._write_and_embed(body)
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:
+        """Live entities among `names`, with their observations, in name order."""
+        assert self._conn is not None
+        if not names:
+            return []
+        arg = json.dumps(list(names))
+        rows = self._conn.execute(
+            "SELECT name, entity_type, metadata FROM entities WHERE scope=? AND deleted=0"
+            " AND name IN (SELECT value FROM json_each(?)) ORDER BY name", (scope, arg)).fetchall()
+        obs: dict[str, list[str]] = {}
+        for entity, text in self._conn.execute(
+                "SELECT entity, text FROM observations WHERE scope=? AND deleted=0"
+                " AND entity IN (SELECT value FROM json_each(?)) ORDER BY created, text", (scope, arg)):
+            obs.setdefault(entity, []).append(text)
+        return [Entity(n, t, tuple(obs.get(n, ())), json.loads(m)) for n, t, m in rows]
+
+    def _relations_touching(self, scope: str, names: Sequence[str]) -> list[Relation]:
+        assert self._conn is not None
+        if not names:
+            return []
+        rows = self._conn.execute(
+            "SELECT source, relation_type, target, metadata FROM relations WHERE scope=:scope AND deleted=0 AND"
+            " (source IN (SELECT value FROM json_each(:names)) OR target IN (SELECT value FROM json_each(:names)))"
+            " ORDER BY source, relation_type, target", {"scope": scope, "names": json.dumps(list(names))}).fetchall()
+        return [Relation(s, t, r, json.loads(m)) for s, r, t, m in rows]
+
+    def _graph(self, scope: str, names: Sequence[str]) -> Graph:
+        entities = self._entities(scope, names)
+        return Graph(tuple(entities), tuple(self._relations_touching(scope, [e.name for e in entities])))
+
+    async def read_graph(self, scope: str, cursor: str | None, limit: int) -> GraphPage:
+        """Entities in name order, then relations in key order; a page may hold the end of one and the start of
+        the other. Names are never empty, so `name > ''` starts at the first."""
+        kind, after = decode_cursor(cursor) if cursor else (Kind.ENTITY, ("",))
+
+        def run() -> GraphPage:
+            assert self._conn is not None
+            entities: list[Entity] = []
+            if kind == Kind.ENTITY:
+                names = [r[0] for r in self._conn.execute(
+                    "SELECT name FROM entities WHERE scope=? AND deleted=0 AND name>? ORDER BY name LIMIT ?",
+                    (scope, after[0], limit + 1))]
+                entities = self._entities(scope, names[:limit])
+                if len(names) > limit:
+                    return GraphPage(tuple(entities), (), encode_cursor(Kind.ENTITY, [names[limit - 1]]))
+            room = limit - len(entities)
+            rel_after = after if kind == Kind.RELATION else ("", "", "")
+            rows = self._conn.execute(
+                "SELECT source, relation_type, target, metadata FROM relations WHERE scope=? AND deleted=0"
+                " AND (source, relation_type, target) > (?,?,?) ORDER BY source, relation_type, target LIMIT ?",
+                (scope, *rel_after, room + 1)).fetchall()
+            rels = [Relation(s, t, r, json.loads(m)) for s, r, t, m in rows[:room]]
+            nxt = None
+            if len(rows) > room:
+                # A page filled by entities alone resumes relations from where they would have started.
+                resume = (rels[-1].source, rels[-1].relation_type, rels[-1].target) if rels else rel_after
+                nxt = encode_cursor(Kind.RELATION, resume)
+            return GraphPage(tuple(entities), tuple(rels), nxt)
+
+        return await self._call(run)
+
+    async def search_nodes(self, scope: str, query: str) -> Graph:
+        needle = query.casefold()
+
+        def run() -> Graph:
+            assert self._conn is not None
+            names = [r[0] for r in self._conn.execute(
+                "SELECT name FROM entities e WHERE scope=?1 AND deleted=0 AND (contains_ci(name, ?2)"
+                " OR contains_ci(entity_type, ?2) OR EXISTS (SELECT 1 FROM observations o WHERE o.scope=?1"
+                " AND o.entity=e.name AND o.deleted=0 AND contains_ci(o.text, ?2))) ORDER BY name",
+                (scope, needle))]
+            return self._graph(scope, names)
+
+        return await self._call(run)
+
+    async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
+        return await self._call(self._graph, scope, list(dict.fromkeys(names)))
+
+    async def semantic_search(
+        self, scope: str, vector: Vector, limit: int, min_score: float | None, entity_types: Sequence[str]
+    ) -> SearchResult:
+        def run() -> SearchResult:
+            hits = self._index.search(scope, vector, limit, min_score, entity_types)
+            by_name = {e.name: e for e in self._entities(scope, [n for n, _ in hits])}
+            results = tuple(ScoredEntity(by_name[n], s) for n, s in hits if n in by_name)
+            return SearchResult(results, tuple(self._relations_touching(scope, [r.entity.name for r in results])))
+
+        return await self._call(run)
+
+    # --- replication -----------------------------------------------------------------------------------------------
+    async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        def body(txn: _Txn) -> int:
+            return sum(txn.apply_record(r) for r in records)
+
+        return await self._write_and_embed(body, vectors)
+
+    async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
+        def run() -> list[Record]:
+            assert self._conn is not None
+            txn = _Txn(self._conn)
+            out: list[Record] = []
+            for kind, scope, key in keys:
+                rec: Record | None
+                if kind == Kind.ENTITY:
+                    rec = txn.entity(scope, key[0])
+                elif kind == Kind.OBSERVATION:
+                    rec = txn.observation(scope, key[0], key[1])
+                else:
+                    rec = txn.relation(scope, key[0], key[1], key[2])
+                if rec is not None:
+                    out.append(rec)
+            return out
+
+        return await self._call(run)
+
+    async def list_records(self, after: RecordKey | None, limit: int) -> RecordPage:
+        def run() -> RecordPage:
+            assert self._conn is not None
+            out: list[Record] = []
+            start_kind = after[0] if after else Kind.ENTITY
+            for kind in Kind:
+                if kind < start_kind or len(out) >= limit:
+                    continue
+                pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
+                out.extend(self._list_kind(kind, pos, limit - len(out)))
+            nxt = out[-1].key if len(out) >= limit else None
+            return RecordPage(tuple(out), nxt)
+
+        return await self._call(run)
+
+    def _list_kind(self, kind: Kind, pos: tuple[str, ...], limit: int) -> list[Record]:
+        assert self._conn is not None
+        if kind == Kind.ENTITY:
+            where, args = ("AND (scope, name) > (?,?)", pos) if pos else ("", ())
+            return [EntityRecord(s, n, t, v, c, p, False, json.loads(m)) for s, n, t, m, v, c, p in self._conn.execute(
+                "SELECT scope, name, entity_type, metadata, version, created, purged FROM entities WHERE deleted=0 "
+                f"{where} ORDER BY scope, name LIMIT ?", (*args, limit))]
+        if kind == Kind.OBSERVATION:
+            where, args = ("AND (o.scope, o.entity, o.text) > (?,?,?)", pos) if pos else ("", ())
+            return [ObservationRecord(s, e, t, v, c) for s, e, t, v, c in self._conn.execute(
+                "SELECT o.scope, o.entity, o.text, o.version, o.created FROM observations o JOIN entities e"
+                " ON e.scope=o.scope AND e.name=o.entity AND e.deleted=0 WHERE o.deleted=0 "
+                f"{where} ORDER BY o.scope, o.entity, o.text LIMIT ?", (*args, limit))]
+        where, args = ("AND (scope, source, relation_type, target) > (?,?,?,?)", pos) if pos else ("", ())
+        return [RelationRecord(s, a, r, b, v, False, json.loads(m)) for s, a, r, b, m, v in self._conn.execute(
+            "SELECT scope, source, relation_type, target, metadata, version FROM relations WHERE deleted=0 "
+            f"{where} ORDER BY scope, source, relation_type, target LIMIT ?", (*args, limit))]
+
+    async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
+        def run() -> dict[tuple[str, str], tuple[str, Vector]]:
+            assert self._conn is not None
+            out: dict[tuple[str, str], tuple[str, Vector]] = {}
+            for (scope, name), text in _Txn(self._conn).current_texts(set(keys)).items():
+                row = self._conn.execute(
+                    "SELECT vector, vector_hash FROM entities WHERE scope=? AND name=?", (scope, name)).fetchone()
+                if row and row[0] is not None and row[1] == _text_hash(text):
+                    out[(scope, name)] = (text, np.frombuffer(row[0], dtype=np.float32).copy())
+            return out
+
+        return await self._call(run)
+
+    async def count(self, scope: str | None = None) -> Counts:
+        def run() -> Counts:
+            assert self._conn is not None
+            cond, args = ("AND scope=?", (scope,)) if scope is not None else ("", ())
+            ocond = "AND o.scope=?" if scope is not None else ""
+            e = self._conn.execute(f"SELECT count(*) FROM entities WHERE deleted=0 {cond}", args).fetchone()[0]
+            o = self._conn.execute(
+                "SELECT count(*) FROM observations o JOIN entities e ON e.scope=o.scope AND e.name=o.entity"
+                f" AND e.deleted=0 WHERE o.deleted=0 {ocond}", args).fetchone()[0]
+            r = self._conn.execute(f"SELECT count(*) FROM relations WHERE deleted=0 {cond}", args).fetchone()[0]
+            return Counts(e, o, r)
+
+        return await self._call(run)
+
+    async def purge_tombstones(self, before_version: int) -> int:
+        def run() -> int:
+            assert self._conn is not None
+            n = 0
+            for table in ("observations", "relations", "entities"):
+                n += self._conn.execute(
+                    f"DELETE FROM {table} WHERE deleted=1 AND version<?", (before_version,)).rowcount
+            return n
+
+        return await self._call(run)

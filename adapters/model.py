@@ -1,0 +1,84 @@
+"""Plain typed domain objects: what every store speaks. gRPC types never get below the servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+Metadata: TypeAlias = Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    name: str
+    entity_type: str
+    observations: tuple[str, ...] = ()
+    metadata: Metadata = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    source: str
+    target: str
+    relation_type: str
+    metadata: Metadata = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.source, self.relation_type, self.target)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationAddition:
+    entity_name: str
+    contents: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationDeletion:
+    entity_name: str
+    observations: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    entities: tuple[Entity, ...] = ()
+    relations: tuple[Relation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPage:
+    entities: tuple[Entity, ...]
+    relations: tuple[Relation, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredEntity:
+    entity: Entity
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    results: tuple[ScoredEntity, ...]
+    relations: tuple[Relation, ...]
+
+
+class StoreError(Exception):
+    """Base of the errors a store reports; the servicer maps each to a gRPC status."""
+
+
+class EntityNotFound(StoreError):
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"entity not found: {', '.join(names)}")
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or refused to work; nothing of the call was applied."""
+
+
+class EmbeddingMismatch(StoreError):
+    """The store's data was embedded with another model or dimension than the one configured."""

@@ -1,0 +1,124 @@
+"""Versioned records: the unit every replicated write, backfill batch and verify digest works on.
+
+An entity, each of its observations and each relation is its own record, so replicating a change never needs a
+read-back or a delta: every replicated write carries a whole record, applied only if newer (DESIGN.md, Versions).
+
+Entity records also carry `purged`, the highest version at which that entity key was ever deleted. It survives
+re-creation, and a child (observation or relation touching the entity) older than it is hidden. Because `purged`
+merges by max and everything else by highest version, applying the same records in any order converges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TypeAlias
+
+from adapters.model import Metadata
+
+
+class Kind(IntEnum):
+    """Record kinds, in the order `list_records` walks them."""
+
+    ENTITY = 0
+    OBSERVATION = 1
+    RELATION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRecord:
+    scope: str
+    name: str
+    entity_type: str
+    version: int
+    created: int  # version at which this incarnation was created; orders search results' ties, kept on restamp
+    purged: int = 0
+    deleted: bool = False
+    metadata: Metadata = field(default_factory=dict)
+
+    @property
+    def key(self) -> RecordKey:
+        return (Kind.ENTITY, self.scope, (self.name,))
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationRecord:
+    scope: str
+    entity: str
+    text: str
+    version: int
+    created: int  # first-added version: observations are listed in this order
+    deleted: bool = False
+
+    @property
+    def key(self) -> RecordKey:
+        return (Kind.OBSERVATION, self.scope, (self.entity, self.text))
+
+
+@dataclass(frozen=True, slots=True)
+class RelationRecord:
+    scope: str
+    source: str
+    relation_type: str
+    target: str
+    version: int
+    deleted: bool = False
+    metadata: Metadata = field(default_factory=dict)
+
+    @property
+    def key(self) -> RecordKey:
+        return (Kind.RELATION, self.scope, (self.source, self.relation_type, self.target))
+
+
+Record: TypeAlias = EntityRecord | ObservationRecord | RelationRecord
+# (kind, scope, natural key within the scope): the order of `list_records` and of verify's merge.
+RecordKey: TypeAlias = tuple[Kind, str, tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    records: tuple[Record, ...]
+    # Resume after this key; None when the walk is complete.
+    next_after: RecordKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    entities: int = 0
+    observations: int = 0
+    relations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.entities + self.observations + self.relations
+
+
+def record_digest(record: Record) -> str:
+    """A digest of a record's replicated content, version included: equal digests mean equal records."""
+    payload: list[object]
+    if isinstance(record, EntityRecord):
+        payload = [
+            "e", record.scope, record.name, record.entity_type, record.version, record.created,
+            record.purged, record.deleted, sorted(record.metadata.items()),
+        ]
+    elif isinstance(record, ObservationRecord):
+        payload = ["o", record.scope, record.entity, record.text, record.version, record.created, record.deleted]
+    else:
+        payload = [
+            "r", record.scope, record.source, record.relation_type, record.target, record.version,
+            record.deleted, sorted(record.metadata.items()),
+        ]
+    raw = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def is_newer(incoming_version: int, stored_version: int | None) -> bool:
+    """Apply-if-newer: a record replaces a stored one only when its version is strictly higher."""
+    return stored_version is None or incoming_version > stored_version
+
+
+def embedding_text(name: str, entity_type: str, observations: tuple[str, ...]) -> str:
+    """What an entity's embedding is computed from (DESIGN.md, Data model)."""
+    return f"{name} {entity_type} {' '.join(observations)}".strip()
