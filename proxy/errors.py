@@ -1,0 +1,16 @@
+"""Errors raised above the stores, each naming what was wrong; the servicer maps them to gRPC statuses."""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """Bad input: INVALID_ARGUMENT. `field` is the path of the offending field, e.g. `entities[2].name`."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class TooLarge(InvalidInput):
+    """A request over a size limit: RESOURCE_EXHAUSTED."""

@@ -1,0 +1,95 @@
+"""The domain entry point of every memory call: validate, stamp a version, send to the store(s).
+
+Below this point nothing knows about gRPC. Validation runs on the whole request before a version is stamped or any
+store is touched, so a rejected call stores nothing. The version is stamped before any store is touched
+(DESIGN.md, Versions), which is what lets the migration engine replay the same write anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from adapters.base import Backend
+from adapters.embedder import Embedder
+from adapters.model import (
+    Entity,
+    Graph,
+    GraphPage,
+    ObservationAddition,
+    ObservationDeletion,
+    Relation,
+    SearchResult,
+)
+from proxy import validation as check
+from proxy.clock import HybridClock
+from proxy.config import Limits
+from proxy.errors import InvalidInput
+
+
+class Router:
+    def __init__(self, primary: Backend, clock: HybridClock, embedder: Embedder, limits: Limits) -> None:
+        self.primary = primary
+        self._clock = clock
+        self._embedder = embedder
+        self._limits = limits
+
+    async def create_entities(self, scope: str, entities: Sequence[Entity]) -> tuple[Entity, ...]:
+        check.scope(scope)
+        check.entities(entities, self._limits)
+        return (await self.primary.create_entities(scope, entities, self._clock.now())).answer
+
+    async def create_relations(self, scope: str, relations: Sequence[Relation]) -> tuple[Relation, ...]:
+        check.scope(scope)
+        check.relations(relations, self._limits)
+        return (await self.primary.create_relations(scope, relations, self._clock.now())).answer
+
+    async def add_observations(
+        self, scope: str, additions: Sequence[ObservationAddition]
+    ) -> tuple[ObservationAddition, ...]:
+        check.scope(scope)
+        check.additions(additions, self._limits)
+        return (await self.primary.add_observations(scope, additions, self._clock.now())).answer
+
+    async def delete_entities(self, scope: str, names: Sequence[str]) -> None:
+        check.scope(scope)
+        check.names("entity_names", names, self._limits)
+        await self.primary.delete_entities(scope, names, self._clock.now())
+
+    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion]) -> None:
+        check.scope(scope)
+        check.deletions(deletions, self._limits)
+        await self.primary.delete_observations(scope, deletions, self._clock.now())
+
+    async def delete_relations(self, scope: str, relations: Sequence[Relation]) -> None:
+        check.scope(scope)
+        check.relations(relations, self._limits, with_metadata=False)
+        await self.primary.delete_relations(scope, relations, self._clock.now())
+
+    async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage:
+        check.scope(scope)
+        size = check.page_size(page_size, self._limits)
+        try:
+            return await self.primary.read_graph(scope, page_token or None, size)
+        except ValueError as exc:
+            raise InvalidInput("page_token", "is not a token returned by ReadGraph") from exc
+
+    async def search_nodes(self, scope: str, query: str) -> Graph:
+        check.scope(scope)
+        check.query(query, self._limits)
+        return await self.primary.search_nodes(scope, query)
+
+    async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
+        check.scope(scope)
+        check.names("names", names, self._limits)
+        return await self.primary.open_nodes(scope, names)
+
+    async def semantic_search(
+        self, scope: str, query: str, limit: int, min_score: float | None, entity_types: Sequence[str]
+    ) -> SearchResult:
+        check.scope(scope)
+        check.query(query, self._limits)
+        k = check.search_limit(limit, self._limits)
+        threshold = check.min_score(min_score)
+        check.entity_types(entity_types, self._limits)
+        vector = (await self._embedder.embed([query]))[0]
+        return await self.primary.semantic_search(scope, vector, k, threshold, entity_types)

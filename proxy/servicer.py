@@ -1,0 +1,121 @@
+"""The `memshift.v1.Memory` servicer: wire messages in, domain calls to the router, wire messages out.
+
+Each error becomes the status DESIGN.md names for it, with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
+from memshift.v1 import memory_pb2 as pb
+from memshift.v1 import memory_pb2_grpc as pb_grpc
+from proxy import convert
+from proxy.errors import InvalidInput, TooLarge
+from proxy.router import Router
+
+log = logging.getLogger("memshift.rpc")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a domain error maps to; None for an unexpected error."""
+    if isinstance(exc, TooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, EntityNotFound):
+        return grpc.StatusCode.NOT_FOUND, f"{exc}; nothing of this call was stored"
+    if isinstance(exc, StoreUnavailable | EmbeddingMismatch):
+        return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}"
+    return None
+
+
+def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            mapped = status_for(exc)
+            if mapped is None:
+                log.exception("internal error", extra={"rpc": method.__name__})
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see proxy logs")
+                raise  # unreachable: abort raises
+            log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name, "detail": mapped[1]})
+            await context.abort(*mapped)
+            raise
+
+    return wrapper
+
+
+class MemoryServicer(pb_grpc.MemoryServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    @rpc
+    async def CreateEntities(self, request: pb.CreateEntitiesRequest, context: Any) -> pb.CreateEntitiesResponse:
+        created = await self._router.create_entities(request.scope, [convert.entity_in(e) for e in request.entities])
+        return pb.CreateEntitiesResponse(created=[convert.entity_out(e) for e in created])
+
+    @rpc
+    async def CreateRelations(self, request: pb.CreateRelationsRequest, context: Any) -> pb.CreateRelationsResponse:
+        created = await self._router.create_relations(
+            request.scope, [convert.relation_in(r) for r in request.relations])
+        return pb.CreateRelationsResponse(created=[convert.relation_out(r) for r in created])
+
+    @rpc
+    async def AddObservations(self, request: pb.AddObservationsRequest, context: Any) -> pb.AddObservationsResponse:
+        results = await self._router.add_observations(
+            request.scope, [convert.addition_in(a) for a in request.observations])
+        return pb.AddObservationsResponse(results=[
+            pb.ObservationResult(entity_name=r.entity_name, added_observations=r.contents) for r in results])
+
+    @rpc
+    async def DeleteEntities(self, request: pb.DeleteEntitiesRequest, context: Any) -> pb.DeleteEntitiesResponse:
+        await self._router.delete_entities(request.scope, list(request.entity_names))
+        return pb.DeleteEntitiesResponse()
+
+    @rpc
+    async def DeleteObservations(
+        self, request: pb.DeleteObservationsRequest, context: Any
+    ) -> pb.DeleteObservationsResponse:
+        await self._router.delete_observations(request.scope, [convert.deletion_in(d) for d in request.deletions])
+        return pb.DeleteObservationsResponse()
+
+    @rpc
+    async def DeleteRelations(self, request: pb.DeleteRelationsRequest, context: Any) -> pb.DeleteRelationsResponse:
+        await self._router.delete_relations(request.scope, [convert.relation_in(r) for r in request.relations])
+        return pb.DeleteRelationsResponse()
+
+    @rpc
+    async def ReadGraph(self, request: pb.ReadGraphRequest, context: Any) -> pb.ReadGraphResponse:
+        page = await self._router.read_graph(request.scope, request.page_size, request.page_token)
+        return pb.ReadGraphResponse(
+            entities=[convert.entity_out(e) for e in page.entities],
+            relations=[convert.relation_out(r) for r in page.relations],
+            next_page_token=page.next_cursor or "")
+
+    @rpc
+    async def SearchNodes(self, request: pb.SearchNodesRequest, context: Any) -> pb.Graph:
+        return convert.graph_out(await self._router.search_nodes(request.scope, request.query))
+
+    @rpc
+    async def OpenNodes(self, request: pb.OpenNodesRequest, context: Any) -> pb.Graph:
+        return convert.graph_out(await self._router.open_nodes(request.scope, list(request.names)))
+
+    @rpc
+    async def SemanticSearch(self, request: pb.SemanticSearchRequest, context: Any) -> pb.SemanticSearchResponse:
+        result = await self._router.semantic_search(
+            request.scope, request.query, request.limit,
+            request.min_score if request.HasField("min_score") else None, list(request.entity_types))
+        return pb.SemanticSearchResponse(
+            results=[pb.ScoredEntity(entity=convert.entity_out(r.entity), score=r.score) for r in result.results],
+            relations=[convert.relation_out(r) for r in result.relations])

@@ -1,0 +1,40 @@
+"""Store specs: one URL-like string names a store, for the config and for `admin start --to`.
+
+    sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
+
+Other stores (postgresql://, bolt://, qdrant://, hybrid:) are added with their adapters.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from adapters.base import Backend
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import Embedder
+
+
+class StoreSpecError(ValueError):
+    pass
+
+
+def redact(spec: str) -> str:
+    """The spec without credentials, for logs and status."""
+    parts = urlsplit(spec)
+    if parts.password is None and parts.username is None:
+        return spec
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()
+
+
+def backend_for(spec: str, embedder: Embedder) -> Backend:
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2:
+            raise StoreSpecError(f"store spec {spec!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
+        return EmbeddedBackend(rest[1:], embedder)
+    raise StoreSpecError(f"store spec {spec!r}: unknown scheme {scheme!r}; supported: sqlite")
