@@ -4,9 +4,15 @@ Every write, from the API or from replication, goes through `_Txn.apply_record`,
 apply-if-newer, tombstones and entity purges are decided. The API operations only add MCP semantics on top.
 
 SQLite is synchronous, so one worker thread owns the connection and the in-memory vector index; coroutines hand it
-work through `_call`. Embeddings are computed after the write commits (the model must not run inside a
-transaction) and stored only if the entity's text has not changed since (`embed_hash` guard); a crash in between is
-healed at start-up, where every entity whose vector is stale is embedded again.
+work through `_call`.
+
+Embeddings are computed after the write commits (the model must not run inside a transaction), in the background:
+a write is acknowledged once committed, so the model is never idle waiting for clients to come back, and concurrent
+writers fill whole batches. Three rules keep that safe:
+- a semantic search in a scope first waits for that scope's pending embeddings (read-your-writes);
+- when more than `max_pending_texts` wait for the model, writers wait for their own (backpressure, bounded memory);
+- a vector is stored only if the entity's text has not changed since (`embed_hash` guard), and a crash before it is
+  stored is healed at start-up, where every entity whose vector is stale is embedded again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +61,7 @@ from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+log = logging.getLogger("memshift.store.embedded")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -225,9 +233,11 @@ class _Txn:
 class EmbeddedBackend:
     """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
 
-    def __init__(self, path: str | Path, embedder: Embedder) -> None:
+    def __init__(self, path: str | Path, embedder: Embedder, max_pending_texts: int = 128) -> None:
         self._path = str(path)
         self._embedder = embedder
+        self._max_pending = max_pending_texts
+        self._pending: dict[asyncio.Task[None], tuple[frozenset[str], int]] = {}  # task -> (scopes, texts)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._index = VectorIndex(embedder.info.dimension)
@@ -263,8 +273,26 @@ class EmbeddedBackend:
 
     async def _write_and_embed(self, body: Callable[[_Txn], T], vectors: VectorMap | None = None) -> T:
         written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(self._write, body)
-        await self._embed(written[1], vectors)
+        texts = written[1]
+        if texts:
+            task = asyncio.ensure_future(self._embed(texts, vectors))
+            self._pending[task] = (frozenset(scope for scope, _ in texts), len(texts))
+            task.add_done_callback(self._embedded)
+            if sum(n for _, n in self._pending.values()) > self._max_pending:
+                await asyncio.shield(task)
         return written[0]
+
+    def _embedded(self, task: asyncio.Task[None]) -> None:
+        self._pending.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            # The committed rows keep a stale vector hash and are embedded again at the next start.
+            log.error("embedding failed; vectors will be recomputed at next start", exc_info=task.exception())
+
+    async def _settled(self, scope: str | None = None) -> None:
+        """Wait for pending embeddings (of one scope, or all)."""
+        waits = [t for t, (scopes, _) in self._pending.items() if scope is None or scope in scopes]
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _embed(self, texts: dict[tuple[str, str], str], vectors: VectorMap | None = None) -> None:
         if not texts:
@@ -351,6 +379,7 @@ class EmbeddedBackend:
         conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(want.items()))
 
     async def close(self) -> None:
+        await self._settled()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
@@ -537,6 +566,8 @@ class EmbeddedBackend:
     async def semantic_search(
         self, scope: str, vector: Vector, limit: int, min_score: float | None, entity_types: Sequence[str]
     ) -> SearchResult:
+        await self._settled(scope)
+
         def run() -> SearchResult:
             hits = self._index.search(scope, vector, limit, min_score, entity_types)
             by_name = {e.name: e for e in self._entities(scope, [n for n, _ in hits])}
@@ -605,6 +636,8 @@ class EmbeddedBackend:
             f"{where} ORDER BY scope, source, relation_type, target LIMIT ?", (*args, limit))]
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
+        await self._settled()
+
         def run() -> dict[tuple[str, str], tuple[str, Vector]]:
             assert self._conn is not None
             out: dict[tuple[str, str], tuple[str, Vector]] = {}

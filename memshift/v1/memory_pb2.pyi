@@ -64,7 +64,9 @@ class Entity(_message.Message):
     entity_type: _builtins.str
     @_builtins.property
     def observations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """A set: duplicates are dropped. Returned in the order they were first added."""
+        """A set: duplicates are dropped. Returned in the order they were added (those added by one call in
+        alphabetical order), the same order on every store.
+        """
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real embedding model (loaded once), fresh stores of every kind, a running proxy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+from adapters.base import Backend
+from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
+from memshift.v1 import memory_pb2_grpc
+from proxy.config import Config
+from proxy.server import MemshiftServer
+from tests.stores import STORE_KINDS, make_store
+
+StoreFactory = Callable[[], Awaitable[Backend]]
+
+
+@pytest.fixture(scope="session")
+def embedder() -> BatchingEmbedder:
+    return BatchingEmbedder(SentenceTransformerModel())
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store_factory(request: pytest.FixtureRequest, embedder: BatchingEmbedder,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StoreFactory]:
+    """Makes fresh, opened stores of one kind; closes them after the test."""
+    opened: list[Backend] = []
+
+    async def make() -> Backend:
+        store = make_store(request.param, embedder, tmp_path_factory.mktemp(request.param))
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def backend(store_factory: StoreFactory) -> Backend:
+    return await store_factory()
+
+
+@pytest.fixture
+async def server(embedder: BatchingEmbedder, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MemshiftServer]:
+    path = tmp_path_factory.mktemp("proxy") / "memory.db"
+    srv = MemshiftServer(Config(listen="127.0.0.1:0", store=f"sqlite:///{path}", node_id=1), embedder)
+    await srv.start()
+    yield srv
+    await srv.stop(grace=1)
+
+
+@pytest.fixture
+async def stub(server: MemshiftServer) -> AsyncIterator[memory_pb2_grpc.MemoryStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield memory_pb2_grpc.MemoryStub(channel)

@@ -1,0 +1,286 @@
+"""Backend conformance: the same cases against every store kind (tests/stores.py), as qdrant-client's congruence
+tests do for its local and remote clients. A store that passes these behaves as an MCP memory server and honours
+the record rules migration relies on."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from adapters.base import Backend
+from adapters.embedder import BatchingEmbedder
+from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
+from adapters.records import EntityRecord, Kind, ObservationRecord, RelationRecord, record_digest
+from tests.conftest import StoreFactory
+
+S = "agent-1"
+
+
+@pytest.fixture
+def v() -> itertools.count[int]:
+    return itertools.count(1000)
+
+
+async def all_graph(b: Backend, scope: str = S, page: int = 1000) -> tuple[list[Entity], list[Relation]]:
+    ents: list[Entity] = []
+    rels: list[Relation] = []
+    cursor = None
+    while True:
+        p = await b.read_graph(scope, cursor, page)
+        ents += p.entities
+        rels += p.relations
+        if p.next_cursor is None:
+            return ents, rels
+        cursor = p.next_cursor
+
+
+async def seed(b: Backend, v: itertools.count[int]) -> None:
+    await b.create_entities(S, [
+        Entity("alice", "person", ("drinks green tea every morning", "lives in Paris"), {"source": "chat"}),
+        Entity("bob", "person", ("plays chess",)),
+        Entity("paris", "city", ("capital of France",)),
+    ], next(v))
+    await b.create_relations(S, [Relation("alice", "bob", "knows"), Relation("alice", "paris", "lives_in")], next(v))
+
+
+# --- MCP semantics ----------------------------------------------------------------------------------------------
+async def test_create_entities_skips_existing_and_reports_only_new(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    res = await backend.create_entities(S, [Entity("alice", "robot", ("x",)), Entity("carol", "person")], next(v))
+    assert [e.name for e in res.answer] == ["carol"]
+    ents, _ = await all_graph(backend)
+    alice = next(e for e in ents if e.name == "alice")
+    assert alice.entity_type == "person"  # the existing entity is untouched
+    assert alice.observations == ("drinks green tea every morning", "lives in Paris")
+    assert dict(alice.metadata) == {"source": "chat"}
+
+
+async def test_duplicate_names_and_observations_in_one_call(backend: Backend, v: itertools.count[int]) -> None:
+    res = await backend.create_entities(S, [Entity("a", "t", ("o1", "o1", "o2")), Entity("a", "u")], next(v))
+    assert res.answer == (Entity("a", "t", ("o1", "o2")),)
+    ents, _ = await all_graph(backend)
+    assert ents == [Entity("a", "t", ("o1", "o2"))]
+
+
+async def test_create_relations_skips_existing(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    res = await backend.create_relations(
+        S, [Relation("alice", "bob", "knows"), Relation("bob", "alice", "knows")], next(v))
+    assert res.answer == (Relation("bob", "alice", "knows"),)
+    _, rels = await all_graph(backend)
+    assert sorted(r.key for r in rels) == [
+        ("alice", "knows", "bob"), ("alice", "lives_in", "paris"), ("bob", "knows", "alice")]
+
+
+async def test_add_observations_to_missing_entity_is_not_found_and_stores_nothing(
+    backend: Backend, v: itertools.count[int]
+) -> None:
+    await seed(backend, v)
+    before = await all_graph(backend)
+    with pytest.raises(EntityNotFound) as err:
+        await backend.add_observations(S, [
+            ObservationAddition("alice", ("new fact",)), ObservationAddition("nobody", ("x",))], next(v))
+    assert err.value.names == ["nobody"]
+    assert await all_graph(backend) == before
+
+
+async def test_add_observations_skips_existing(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    res = await backend.add_observations(
+        S, [ObservationAddition("alice", ("lives in Paris", "speaks French"))], next(v))
+    assert res.answer == (ObservationAddition("alice", ("speaks French",)),)
+    g = await backend.open_nodes(S, ["alice"])
+    assert g.entities[0].observations == ("drinks green tea every morning", "lives in Paris", "speaks French")
+
+
+async def test_delete_entity_removes_its_observations_and_relations(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    await backend.delete_entities(S, ["alice"], next(v))
+    ents, rels = await all_graph(backend)
+    assert [e.name for e in ents] == ["bob", "paris"]
+    assert rels == []
+    # Re-creating the name starts empty: old observations and relations do not come back.
+    await backend.create_entities(S, [Entity("alice", "person")], next(v))
+    g = await backend.open_nodes(S, ["alice"])
+    assert g.entities == (Entity("alice", "person"),) and g.relations == ()
+
+
+async def test_deletes_are_idempotent(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    for _ in range(2):
+        await backend.delete_entities(S, ["bob", "nobody"], next(v))
+        await backend.delete_observations(S, [ObservationDeletion("alice", ("lives in Paris", "never said"))], next(v))
+        await backend.delete_relations(S, [Relation("alice", "paris", "lives_in")], next(v))
+    ents, rels = await all_graph(backend)
+    assert ents == [Entity("alice", "person", ("drinks green tea every morning",), {"source": "chat"}),
+                    Entity("paris", "city", ("capital of France",))]
+    assert rels == []
+
+
+async def test_read_graph_pages_cover_everything_once(backend: Backend, v: itertools.count[int]) -> None:
+    names = [f"e{i:03d}" for i in range(23)]
+    await backend.create_entities(S, [Entity(n, "thing", (f"fact {n}",)) for n in names], next(v))
+    await backend.create_relations(S, [Relation(a, b, "next") for a, b in itertools.pairwise(names)], next(v))
+    whole = await all_graph(backend, page=1000)
+    for size in (1, 5, 22, 23, 24, 45):
+        assert await all_graph(backend, page=size) == whole
+    assert [e.name for e in whole[0]] == names and len(whole[1]) == 22
+
+
+async def test_read_graph_rejects_a_forged_cursor(backend: Backend) -> None:
+    with pytest.raises(ValueError):
+        await backend.read_graph(S, "not-a-cursor", 10)
+
+
+async def test_search_nodes_is_case_insensitive_over_name_type_and_observations(
+    backend: Backend, v: itertools.count[int]
+) -> None:
+    await seed(backend, v)
+    assert [e.name for e in (await backend.search_nodes(S, "PARIS")).entities] == ["alice", "paris"]
+    assert [e.name for e in (await backend.search_nodes(S, "Person")).entities] == ["alice", "bob"]
+    g = await backend.search_nodes(S, "chess")
+    assert [e.name for e in g.entities] == ["bob"]
+    assert g.relations == (Relation("alice", "bob", "knows"),)  # relations touching the result
+    assert (await backend.search_nodes(S, "zebra")).entities == ()
+
+
+async def test_open_nodes_leaves_out_missing_names(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    g = await backend.open_nodes(S, ["paris", "ghost"])
+    assert [e.name for e in g.entities] == ["paris"]
+    assert g.relations == (Relation("alice", "paris", "lives_in"),)
+
+
+async def test_semantic_search_ranks_by_meaning(backend: Backend, embedder: BatchingEmbedder,
+                                                v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    q = (await embedder.embed(["who likes hot drinks in the morning?"]))[0]
+    res = await backend.semantic_search(S, q, 3, None, [])
+    assert res.results[0].entity.name == "alice"
+    scores = [r.score for r in res.results]
+    assert scores == sorted(scores, reverse=True)
+    assert {r.key for r in res.relations} >= {("alice", "knows", "bob")}
+    only_cities = await backend.semantic_search(S, q, 3, None, ["city"])
+    assert [r.entity.name for r in only_cities.results] == ["paris"]
+    strict = await backend.semantic_search(S, q, 3, scores[0] - 1e-4, [])
+    assert [r.entity.name for r in strict.results] == ["alice"]
+    assert len((await backend.semantic_search(S, q, 1, None, [])).results) == 1
+
+
+async def test_semantic_search_follows_observation_changes(backend: Backend, embedder: BatchingEmbedder,
+                                                           v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    q = (await embedder.embed(["astronaut who flew to the moon"]))[0]
+    await backend.add_observations(S, [ObservationAddition("bob", ("was an astronaut", "walked on the moon"))], next(v))
+    assert (await backend.semantic_search(S, q, 1, None, [])).results[0].entity.name == "bob"
+    await backend.delete_entities(S, ["bob"], next(v))
+    assert "bob" not in [r.entity.name for r in (await backend.semantic_search(S, q, 5, None, [])).results]
+
+
+async def test_scopes_never_see_each_other(backend: Backend, embedder: BatchingEmbedder,
+                                           v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    other = "agent-2"
+    await backend.create_entities(other, [Entity("alice", "cat", ("meows",))], next(v))
+    await backend.delete_entities(other, ["bob"], next(v))
+    assert [e.entity_type for e in (await all_graph(backend, other))[0]] == ["cat"]
+    assert (await backend.search_nodes(other, "chess")).entities == ()
+    q = (await embedder.embed(["chess player"]))[0]
+    assert [r.entity.name for r in (await backend.semantic_search(other, q, 5, None, [])).results] == ["alice"]
+    assert "bob" in [e.name for e in (await all_graph(backend))[0]]
+    assert (await backend.count(other)).entities == 1 and (await backend.count(S)).entities == 3
+
+
+# --- the record rules migration relies on -----------------------------------------------------------------------
+async def test_apply_is_if_newer(backend: Backend) -> None:
+    new = EntityRecord(S, "x", "new", version=20, created=20)
+    old = EntityRecord(S, "x", "old", version=10, created=10)
+    assert await backend.apply([new]) == 1
+    assert await backend.apply([old]) == 0
+    assert await backend.apply([new]) == 0  # same version again: no-op
+    assert (await backend.open_nodes(S, ["x"])).entities[0].entity_type == "new"
+
+
+async def test_entity_tombstone_hides_every_older_child_even_when_late(backend: Backend) -> None:
+    # The entity is re-created at 30 after a delete at 20 that arrives last; children from before 20 must go.
+    await backend.apply([EntityRecord(S, "x", "t", 30, 30), ObservationRecord(S, "x", "old", 10, 10),
+                         ObservationRecord(S, "x", "new", 35, 35), RelationRecord(S, "x", "r", "y", 15)])
+    await backend.apply([EntityRecord(S, "x", "", 20, 0, purged=20, deleted=True)])
+    g = await backend.open_nodes(S, ["x"])
+    assert g.entities == (Entity("x", "t", ("new",)),)
+    assert g.relations == ()
+    # A backfill batch carrying the old child later cannot bring it back.
+    assert await backend.apply([ObservationRecord(S, "x", "old", 10, 10), RelationRecord(S, "x", "r", "y", 15)]) == 0
+    assert (await backend.open_nodes(S, ["x"])).entities[0].observations == ("new",)
+
+
+async def test_list_records_walks_everything_in_stable_order(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    await backend.create_entities("agent-0", [Entity("z", "t", ("o",))], next(v))
+    full = await backend.list_records(None, 10_000)
+    assert full.next_after is None
+    keys = [r.key for r in full.records]
+    assert keys == sorted(keys)
+    counts = await backend.count()
+    assert (counts.entities, counts.observations, counts.relations) == (4, 5, 2)
+    assert len(keys) == counts.total
+    for size in (1, 3, 7):
+        walked, after = [], None
+        while True:
+            page = await backend.list_records(after, size)
+            walked += page.records
+            if page.next_after is None:
+                break
+            after = page.next_after
+        assert [record_digest(r) for r in walked] == [record_digest(r) for r in full.records]
+
+
+async def test_get_records_returns_tombstones(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    ver = next(v)
+    await backend.delete_entities(S, ["bob"], ver)
+    recs = await backend.get_records([(Kind.ENTITY, S, ("bob",)), (Kind.ENTITY, S, ("never",)),
+                                      (Kind.RELATION, S, ("alice", "lives_in", "paris"))])
+    assert recs[0] == EntityRecord(S, "bob", "", ver, 0, purged=ver, deleted=True)
+    assert isinstance(recs[1], RelationRecord) and not recs[1].deleted
+    assert len(recs) == 2
+
+
+async def test_effects_replayed_elsewhere_give_the_same_state(store_factory: StoreFactory,
+                                                              v: itertools.count[int]) -> None:
+    """What migration does: the records a write reports are enough to rebuild it on another store."""
+    a, b = await store_factory(), await store_factory()
+    effects = []
+    await seed(a, v)
+    effects += (await a.list_records(None, 1000)).records
+    effects += (await a.delete_entities(S, ["bob"], next(v))).effects
+    effects += (await a.add_observations(S, [ObservationAddition("paris", ("has the Louvre",))], next(v))).effects
+    effects += (await a.delete_observations(S, [ObservationDeletion("alice", ("lives in Paris",))], next(v))).effects
+    for rec in reversed(effects):  # worst order
+        await b.apply([rec])
+    assert await all_graph(a) == await all_graph(b)
+    assert (await a.list_records(None, 1000)).records == (await b.list_records(None, 1000)).records
+
+
+async def test_vectors_can_be_carried_instead_of_recomputed(store_factory: StoreFactory,
+                                                            embedder: BatchingEmbedder, v: itertools.count[int]) -> None:
+    a, b = await store_factory(), await store_factory()
+    await seed(a, v)
+    vectors = await a.get_vectors([(S, "alice"), (S, "bob")])
+    assert set(vectors) == {(S, "alice"), (S, "bob")}
+    q = (await embedder.embed(["green tea"]))[0]
+    encoded = embedder.texts_encoded
+    await b.apply((await a.list_records(None, 1000)).records, vectors)
+    ra = await a.semantic_search(S, q, 3, None, [])
+    rb = await b.semantic_search(S, q, 3, None, [])  # waits for b's pending embeddings
+    assert embedder.texts_encoded - encoded <= 1  # only paris, which came without a vector, was embedded
+    assert [(r.entity.name, round(r.score, 5)) for r in ra.results] == [
+        (r.entity.name, round(r.score, 5)) for r in rb.results]
+
+
+async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> None:
+    await seed(backend, v)
+    await backend.delete_entities(S, ["bob"], next(v))
+    assert await backend.purge_tombstones(next(v)) >= 1
+    assert await backend.get_records([(Kind.ENTITY, S, ("bob",))]) == []

@@ -1,0 +1,128 @@
+"""The proxy's smaller parts: clock, config, stubs, embedding batching, store start-up checks."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import BatchingEmbedder, EmbeddingInfo
+from adapters.model import EmbeddingMismatch, Entity
+from proxy.clock import MAX_NODE, HybridClock, unpack
+from proxy.config import ConfigError, load_config
+from proxy.stores import StoreSpecError, backend_for, redact
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_checked_in_stubs_match_proto(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "tools" / "gen_proto.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    generated = sorted(p.name for p in (tmp_path / "memshift" / "v1").glob("*_pb2*"))
+    assert generated, "nothing generated"
+    for name in generated:
+        assert filecmp.cmp(tmp_path / "memshift" / "v1" / name, ROOT / "memshift" / "v1" / name, shallow=False), (
+            f"memshift/v1/{name} is stale: run `make proto` and commit the result")
+
+
+@settings(max_examples=200)
+@given(walls=st.lists(st.integers(0, 2**40), min_size=1, max_size=200), node=st.integers(0, MAX_NODE),
+       seen=st.lists(st.integers(0, 2**62), max_size=5))
+def test_clock_versions_strictly_increase_and_carry_the_node(walls: list[int], node: int, seen: list[int]) -> None:
+    it = iter(walls)
+    clock = HybridClock(node, wall_ms=lambda: next(it, walls[-1]))
+    last = 0
+    for i in range(len(walls)):
+        if i < len(seen):
+            clock.observe(seen[i])
+            last = max(last, seen[i])
+        v = clock.now()
+        assert v > last and unpack(v)[2] == node and v < 2**63
+        last = v
+
+
+def test_clock_never_goes_back_when_the_wall_clock_does() -> None:
+    walls = iter([1000, 900, 900, 1200])
+    clock = HybridClock(3, wall_ms=lambda: next(walls))
+    versions = [clock.now() for _ in range(4)]
+    assert versions == sorted(versions) and len(set(versions)) == 4
+
+
+def test_config_layers_and_errors(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("listen: 0.0.0.0:6000\nlimits:\n  max_items_per_call: 10\n")
+    cfg = load_config(f, env={"MEMSHIFT_STORE": "sqlite:///x.db", "MEMSHIFT_NODE_ID": "7"})
+    assert (cfg.listen, cfg.store, cfg.node_id, cfg.limits.max_items_per_call) == ("0.0.0.0:6000", "sqlite:///x.db",
+                                                                                   7, 10)
+    assert load_config(env={}).store == "sqlite:///./data/memory.db"
+    f.write_text("limits:\n  max_itemz: 3\n")
+    with pytest.raises(ConfigError, match="limits: unknown setting.*max_itemz"):
+        load_config(f, env={})
+    with pytest.raises(ConfigError, match="node_id"):
+        load_config(env={"MEMSHIFT_NODE_ID": "5000"})
+    with pytest.raises(ConfigError, match="grace_seconds: expected float"):
+        load_config(env={"MEMSHIFT_GRACE_SECONDS": "soon"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", env={})
+
+
+def test_store_specs(embedder: BatchingEmbedder) -> None:
+    assert backend_for("sqlite:///./data/m.db", embedder).name == "sqlite:m.db"
+    with pytest.raises(StoreSpecError, match="unknown scheme"):
+        backend_for("mongodb://x", embedder)
+    with pytest.raises(StoreSpecError, match="no scheme"):
+        backend_for("memory.db", embedder)
+    assert redact("postgresql://user:secret@db:5432/mem") == "postgresql://***@db:5432/mem"
+
+
+async def test_concurrent_callers_share_model_batches(embedder: BatchingEmbedder) -> None:
+    batches = embedder.batches
+    texts = [f"unique sentence number {i} for batching" for i in range(48)]
+    out = await asyncio.gather(*(embedder.embed([t]) for t in texts))
+    assert embedder.batches - batches <= 3  # 48 single-text callers, a handful of model passes
+    alone = await embedder.embed([texts[5]])  # from the cache, identical
+    assert (out[5] == alone).all()
+
+
+class _OtherModel:
+    info = EmbeddingInfo("another-model", 384)
+
+    async def embed(self, texts: list[str]) -> None:
+        raise AssertionError("not used")
+
+
+async def test_store_refuses_data_written_with_another_model(embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    store = EmbeddedBackend(path, embedder)
+    await store.open()
+    await store.create_entities("s", [Entity("a", "t")], 1)
+    await store.close()
+    other = EmbeddedBackend(path, _OtherModel())  # type: ignore[arg-type]
+    with pytest.raises(EmbeddingMismatch, match="all-MiniLM-L6-v2.*another-model"):
+        await other.open()
+
+
+async def test_data_and_vectors_survive_a_restart_and_stale_vectors_heal(embedder: BatchingEmbedder,
+                                                                         tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    store = EmbeddedBackend(path, embedder)
+    await store.open()
+    await store.create_entities("s", [Entity("tea", "drink", ("green tea from Japan",)),
+                                      Entity("car", "vehicle", ("a red sports car",))], 1)
+    await store.close()
+    import sqlite3
+    with sqlite3.connect(path) as conn:  # as if the process died between commit and embedding
+        conn.execute("UPDATE entities SET vector=NULL, vector_hash=NULL WHERE name='tea'")
+    store = EmbeddedBackend(path, embedder)
+    await store.open()
+    q = (await embedder.embed(["a cup of green tea"]))[0]
+    res = await store.semantic_search("s", q, 2, None, [])
+    assert [r.entity.name for r in res.results] == ["tea", "car"]
+    await store.close()
