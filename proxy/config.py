@@ -72,6 +72,7 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_LOG_FORMAT": "log_format",
     "MEMSHIFT_GRACE_SECONDS": "grace_seconds",
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
+    "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
 }
 

@@ -263,8 +263,9 @@ async def test_effects_replayed_elsewhere_give_the_same_state(store_factory: Sto
     assert (await a.list_records(None, 1000)).records == (await b.list_records(None, 1000)).records
 
 
-async def test_vectors_can_be_carried_instead_of_recomputed(store_factory: StoreFactory,
-                                                            embedder: BatchingEmbedder, v: itertools.count[int]) -> None:
+async def test_vectors_can_be_carried_instead_of_recomputed(
+    store_factory: StoreFactory, embedder: BatchingEmbedder, v: itertools.count[int]
+) -> None:
     a, b = await store_factory(), await store_factory()
     await seed(a, v)
     vectors = await a.get_vectors([(S, "alice"), (S, "bob")])

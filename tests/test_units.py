@@ -63,7 +63,7 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
                                                                                    7, 10)
     assert load_config(env={}).store == "sqlite:///./data/memory.db"
     f.write_text("limits:\n  max_itemz: 3\n")
-    with pytest.raises(ConfigError, match="limits: unknown setting.*max_itemz"):
+    with pytest.raises(ConfigError, match=r"limits: unknown setting.*max_itemz"):
         load_config(f, env={})
     with pytest.raises(ConfigError, match="node_id"):
         load_config(env={"MEMSHIFT_NODE_ID": "5000"})
@@ -105,7 +105,7 @@ async def test_store_refuses_data_written_with_another_model(embedder: BatchingE
     await store.create_entities("s", [Entity("a", "t")], 1)
     await store.close()
     other = EmbeddedBackend(path, _OtherModel())  # type: ignore[arg-type]
-    with pytest.raises(EmbeddingMismatch, match="all-MiniLM-L6-v2.*another-model"):
+    with pytest.raises(EmbeddingMismatch, match=r"all-MiniLM-L6-v2.*another-model"):
         await other.open()
 
 
