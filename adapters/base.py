@@ -100,6 +100,12 @@ class Backend(Protocol):
         an entity is used when its text matches the entity's embedding text, instead of re-embedding."""
         ...
 
+    async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:
+        """Reconciliation, not replication: make each key hold exactly `record` (None: nothing at all), but only
+        where the stored version is still `expected` (None: nothing stored). Returns the keys whose stored version
+        had moved on meanwhile; the caller reads again and retries them. An entity's `purged` never decreases."""
+        ...
+
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
         """The stored records (tombstones included) for these keys; a key never written is left out."""
         ...

@@ -148,6 +148,30 @@ class _Txn:
             return None
         return RelationRecord(scope, source, rtype, target, row[1], bool(row[2]), json.loads(row[0]))
 
+    def get(self, key: RecordKey) -> Record | None:
+        kind, scope, parts = key
+        if kind == Kind.ENTITY:
+            return self.entity(scope, parts[0])
+        if kind == Kind.OBSERVATION:
+            return self.observation(scope, parts[0], parts[1])
+        return self.relation(scope, parts[0], parts[1], parts[2])
+
+    def remove(self, key: RecordKey) -> None:
+        """Drop a key's row outright (reconciliation only); an entity's `purged` mark is kept as a tombstone."""
+        kind, scope, parts = key
+        if kind == Kind.ENTITY:
+            self.conn.execute(
+                "UPDATE entities SET deleted=1, version=0, entity_type='', metadata='{}', embed_hash=NULL,"
+                " vector_hash=NULL, vector=NULL WHERE scope=? AND name=?", (scope, parts[0]))
+            self.removed.add((scope, parts[0]))
+            self.touched.discard((scope, parts[0]))
+        elif kind == Kind.OBSERVATION:
+            self.conn.execute("DELETE FROM observations WHERE scope=? AND entity=? AND text=?", (scope, *parts))
+            self.touched.add((scope, parts[0]))
+        else:
+            self.conn.execute(
+                "DELETE FROM relations WHERE scope=? AND source=? AND relation_type=? AND target=?", (scope, *parts))
+
     def apply_record(self, rec: Record) -> bool:
         """Apply-if-newer. Returns True when the record replaced (or created) the stored one."""
         if isinstance(rec, EntityRecord):
@@ -583,22 +607,28 @@ class EmbeddedBackend:
 
         return await self._write_and_embed(body, vectors)
 
+    async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:
+        def body(txn: _Txn) -> list[RecordKey]:
+            moved: list[RecordKey] = []
+            for key, record, expected in items:
+                stored = txn.get(key)
+                if (stored.version if stored else None) != expected:
+                    moved.append(key)
+                    continue
+                txn.remove(key)
+                if record is not None:
+                    if isinstance(record, EntityRecord) and isinstance(stored, EntityRecord):
+                        record = replace(record, purged=max(record.purged, stored.purged))
+                    txn.apply_record(record)
+            return moved
+
+        return await self._write_and_embed(body)
+
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
         def run() -> list[Record]:
             assert self._conn is not None
             txn = _Txn(self._conn)
-            out: list[Record] = []
-            for kind, scope, key in keys:
-                rec: Record | None
-                if kind == Kind.ENTITY:
-                    rec = txn.entity(scope, key[0])
-                elif kind == Kind.OBSERVATION:
-                    rec = txn.observation(scope, key[0], key[1])
-                else:
-                    rec = txn.relation(scope, key[0], key[1], key[2])
-                if rec is not None:
-                    out.append(rec)
-            return out
+            return [rec for key in keys if (rec := txn.get(key)) is not None]
 
         return await self._call(run)
 

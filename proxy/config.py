@@ -49,13 +49,31 @@ class EmbeddingConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:50051"
-    store: str = "sqlite:///./data/memory.db"
+    store: str = "sqlite:///./data/memory.db"  # the primary at first start; afterwards the control store decides
+    control: str = "sqlite:///./data/control.db"  # migration state: phase, history, checkpoints, repair queue
+    admin_listen: str = "127.0.0.1:50052"  # the MigrationAdmin service, on its own port
+    admin_token: str | None = None  # bearer token for admin calls (prefer admin_token_file)
+    admin_token_file: str | None = None
+    tls_cert_file: str | None = None  # with tls_key_file: serve both ports over TLS
+    tls_key_file: str | None = None
     node_id: int | None = None  # None: derived from host name and process id
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin bearer token: from admin_token_file if set, else admin_token."""
+        if self.admin_token_file:
+            try:
+                token = Path(self.admin_token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"admin_token_file: cannot read {self.admin_token_file}: {exc.strerror}") from None
+            if not token:
+                raise ConfigError(f"admin_token_file: {self.admin_token_file} is empty")
+            return token
+        return self.admin_token or None
 
     def resolved_node_id(self) -> int:
         if self.node_id is not None:
@@ -67,6 +85,12 @@ class Config:
 ENV_VARS: dict[str, str] = {
     "MEMSHIFT_LISTEN": "listen",
     "MEMSHIFT_STORE": "store",
+    "MEMSHIFT_CONTROL": "control",
+    "MEMSHIFT_ADMIN_LISTEN": "admin_listen",
+    "MEMSHIFT_ADMIN_TOKEN": "admin_token",
+    "MEMSHIFT_ADMIN_TOKEN_FILE": "admin_token_file",
+    "MEMSHIFT_TLS_CERT_FILE": "tls_cert_file",
+    "MEMSHIFT_TLS_KEY_FILE": "tls_key_file",
     "MEMSHIFT_NODE_ID": "node_id",
     "MEMSHIFT_LOG_LEVEL": "log_level",
     "MEMSHIFT_LOG_FORMAT": "log_format",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adapters.base import Backend
 from adapters.embedder import Embedder
 from adapters.model import (
     Entity,
@@ -20,68 +19,68 @@ from adapters.model import (
     Relation,
     SearchResult,
 )
+from proxy import ops
 from proxy import validation as check
-from proxy.clock import HybridClock
 from proxy.config import Limits
 from proxy.errors import InvalidInput
+from proxy.migration import MigrationEngine
 
 
 class Router:
-    def __init__(self, primary: Backend, clock: HybridClock, embedder: Embedder, limits: Limits) -> None:
-        self.primary = primary
-        self._clock = clock
+    def __init__(self, engine: MigrationEngine, embedder: Embedder, limits: Limits) -> None:
+        self._engine = engine
         self._embedder = embedder
         self._limits = limits
 
     async def create_entities(self, scope: str, entities: Sequence[Entity]) -> tuple[Entity, ...]:
         check.scope(scope)
         check.entities(entities, self._limits)
-        return (await self.primary.create_entities(scope, entities, self._clock.now())).answer
+        return (await self._engine.write(ops.CreateEntities(scope, entities))).answer
 
     async def create_relations(self, scope: str, relations: Sequence[Relation]) -> tuple[Relation, ...]:
         check.scope(scope)
         check.relations(relations, self._limits)
-        return (await self.primary.create_relations(scope, relations, self._clock.now())).answer
+        return (await self._engine.write(ops.CreateRelations(scope, relations))).answer
 
     async def add_observations(
         self, scope: str, additions: Sequence[ObservationAddition]
     ) -> tuple[ObservationAddition, ...]:
         check.scope(scope)
         check.additions(additions, self._limits)
-        return (await self.primary.add_observations(scope, additions, self._clock.now())).answer
+        return (await self._engine.write(ops.AddObservations(scope, additions))).answer
 
     async def delete_entities(self, scope: str, names: Sequence[str]) -> None:
         check.scope(scope)
         check.names("entity_names", names, self._limits)
-        await self.primary.delete_entities(scope, names, self._clock.now())
+        await self._engine.write(ops.DeleteEntities(scope, names))
 
     async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion]) -> None:
         check.scope(scope)
         check.deletions(deletions, self._limits)
-        await self.primary.delete_observations(scope, deletions, self._clock.now())
+        await self._engine.write(ops.DeleteObservations(scope, deletions))
 
     async def delete_relations(self, scope: str, relations: Sequence[Relation]) -> None:
         check.scope(scope)
         check.relations(relations, self._limits, with_metadata=False)
-        await self.primary.delete_relations(scope, relations, self._clock.now())
+        await self._engine.write(ops.DeleteRelations(scope, relations))
 
     async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage:
         check.scope(scope)
         size = check.page_size(page_size, self._limits)
         try:
-            return await self.primary.read_graph(scope, page_token or None, size)
+            return await self._engine.reader().read_graph(scope, page_token or None, size)
         except ValueError as exc:
             raise InvalidInput("page_token", "is not a token returned by ReadGraph") from exc
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         check.scope(scope)
         check.query(query, self._limits)
-        return await self.primary.search_nodes(scope, query)
+        return await self._engine.reader().search_nodes(scope, query)
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         check.scope(scope)
         check.names("names", names, self._limits)
-        return await self.primary.open_nodes(scope, names)
+        return await self._engine.reader().open_nodes(scope, names)
 
     async def semantic_search(
         self, scope: str, query: str, limit: int, min_score: float | None, entity_types: Sequence[str]
@@ -92,4 +91,4 @@ class Router:
         threshold = check.min_score(min_score)
         check.entity_types(entity_types, self._limits)
         vector = (await self._embedder.embed([query]))[0]
-        return await self.primary.semantic_search(scope, vector, k, threshold, entity_types)
+        return await self._engine.reader().semantic_search(scope, vector, k, threshold, entity_types)

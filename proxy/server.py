@@ -1,8 +1,8 @@
-"""The grpc.aio server: the Memory service, standard health checking and reflection, graceful shutdown.
+"""The grpc.aio servers: Memory (with health checking and reflection) and, on its own port, MigrationAdmin.
 
 Shutdown follows grpc's graceful-shutdown example: on SIGTERM or SIGINT the health status turns NOT_SERVING (so
-load balancers and Kubernetes stop sending), the server stops taking new calls, in-flight calls get `grace_seconds`
-to finish, then the stores close; the process exits 0.
+load balancers and Kubernetes stop sending), the servers stop taking new calls, in-flight calls get `grace_seconds`
+to finish, then the migration engine and the stores close; the process exits 0.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,15 +22,19 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
-from memshift.v1 import memory_pb2, memory_pb2_grpc
+from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
+from proxy.admin import AdminServicer, BearerTokenInterceptor
 from proxy.clock import HybridClock
 from proxy.config import Config, EmbeddingConfig
+from proxy.control import SqliteControlStore
+from proxy.migration import MigrationEngine
 from proxy.router import Router
 from proxy.servicer import MemoryServicer
-from proxy.stores import backend_for, redact
+from proxy.stores import backend_for, redact, sqlite_path
 
 log = logging.getLogger("memshift.server")
 MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["MigrationAdmin"].full_name
 
 
 def build_embedder(config: EmbeddingConfig) -> BatchingEmbedder:
@@ -35,49 +42,88 @@ def build_embedder(config: EmbeddingConfig) -> BatchingEmbedder:
     return BatchingEmbedder(model, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
 
 
+def admin_token(config: Config) -> str:
+    """The configured admin token; without one, a random token kept next to the control store (mode 0600)."""
+    token = config.resolved_admin_token()
+    if token:
+        return token
+    control = sqlite_path(config.control)
+    token = secrets.token_urlsafe(24)
+    if control == ":memory:":
+        log.warning("no admin token configured; generated one for this run only")
+        return token
+    path = Path(control).parent / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("generated admin token", extra={"token_file": str(path)})
+    return token
+
+
 @dataclass
 class MemshiftServer:
-    """One running proxy. `start()` returns the bound port (useful with listen port 0 in tests)."""
+    """One running proxy. `start()` returns the Memory port; `admin_port` is set too (port 0 picks free ones)."""
 
     config: Config
     embedder: BatchingEmbedder
-    backend: Backend | None = None
+    engine: MigrationEngine = field(init=False)
+
+    async def _open_store(self, spec: str) -> Backend:
+        store = backend_for(spec, self.embedder)
+        await store.open()
+        return store
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        if self.config.tls_cert_file and self.config.tls_key_file:
+            creds = grpc.ssl_server_credentials([(Path(self.config.tls_key_file).read_bytes(),
+                                                  Path(self.config.tls_cert_file).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return int(port)
 
     async def start(self) -> int:
-        if self.backend is None:
-            self.backend = backend_for(self.config.store, self.embedder)
-        await self.backend.open()
-        self.router = Router(self.backend, HybridClock(self.config.resolved_node_id()), self.embedder,
-                             self.config.limits)
-        limit = self.config.limits.max_message_bytes
-        self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ])
+        cfg = self.config
+        self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
+        self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()))
+        await self.engine.start()
+        self.router = Router(self.engine, self.embedder, cfg.limits)
+        limit = cfg.limits.max_message_bytes
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        self._server = grpc.aio.server(options=options)
         memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(self.router), self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (MEMORY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = int(self._server.add_insecure_port(self.config.listen))
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+        self.port = self._bind(self._server, cfg.listen)
+
+        self.admin_token = admin_token(cfg)
+        self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
+        admin_pb2_grpc.add_MigrationAdminServicer_to_server(AdminServicer(self.engine), self._admin)
+        self.admin_port = self._bind(self._admin, cfg.admin_listen)
+
         await self._server.start()
+        await self._admin.start()
         for service in ("", MEMORY_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"listen": self.config.listen, "port": self.port,
-                                   "store": redact(self.config.store), "node_id": self.config.resolved_node_id()})
+        log.info("serving", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
+                                   "primary": redact(self.engine.state.primary),
+                                   "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.config.grace_seconds if grace is None else grace)
-        if self.backend is not None:
-            await self.backend.close()
+        wait = self.config.grace_seconds if grace is None else grace
+        await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)))
+        await self.engine.stop()
+        await self.control.close()
         log.info("stopped")
-
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
 
 
 async def serve(config: Config) -> None:

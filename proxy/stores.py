@@ -29,12 +29,20 @@ def redact(spec: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-def backend_for(spec: str, embedder: Embedder) -> Backend:
+def sqlite_path(spec: str) -> str:
+    """The file of a sqlite:/// spec (":memory:" for sqlite:///:memory:)."""
     scheme, sep, rest = spec.partition("://")
     if not sep:
         raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
+    if scheme != "sqlite" or not rest.startswith("/") or len(rest) < 2:
+        raise StoreSpecError(f"store spec {spec!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
+    return rest[1:]
+
+
+def backend_for(spec: str, embedder: Embedder) -> Backend:
+    scheme, sep, _ = spec.partition("://")
+    if not sep:
+        raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
     if scheme == "sqlite":
-        if not rest.startswith("/") or len(rest) < 2:
-            raise StoreSpecError(f"store spec {spec!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
-        return EmbeddedBackend(rest[1:], embedder)
+        return EmbeddedBackend(sqlite_path(spec), embedder)
     raise StoreSpecError(f"store spec {spec!r}: unknown scheme {scheme!r}; supported: sqlite")

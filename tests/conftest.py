@@ -15,6 +15,7 @@ from proxy.server import MemshiftServer
 from tests.stores import STORE_KINDS, make_store
 
 StoreFactory = Callable[[], Awaitable[Backend]]
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +47,9 @@ async def backend(store_factory: StoreFactory) -> Backend:
 
 @pytest.fixture
 async def server(embedder: BatchingEmbedder, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MemshiftServer]:
-    path = tmp_path_factory.mktemp("proxy") / "memory.db"
-    srv = MemshiftServer(Config(listen="127.0.0.1:0", store=f"sqlite:///{path}", node_id=1), embedder)
+    d = tmp_path_factory.mktemp("proxy")
+    srv = MemshiftServer(Config(listen="127.0.0.1:0", store=f"sqlite:///{d}/memory.db", control=f"sqlite:///{d}/control.db",
+                                admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=1), embedder)
     await srv.start()
     yield srv
     await srv.stop(grace=1)

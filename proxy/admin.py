@@ -1,0 +1,195 @@
+"""The `memshift.v1.MigrationAdmin` servicer and its bearer-token guard."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from adapters.records import Record, RecordKey
+from memshift.v1 import admin_pb2 as pb
+from memshift.v1 import admin_pb2_grpc as pb_grpc
+from proxy.control import HistoryEntry, MigrationOptions, Phase
+from proxy.migration import IllegalTransition, MigrationEngine
+from proxy.stores import StoreSpecError, redact
+from proxy.verify import VerifyReport, verify
+
+log = logging.getLogger("memshift.admin")
+
+PHASE_TO_PB = {
+    Phase.NOT_STARTED: pb.NOT_STARTED, Phase.DATA_MIGRATION: pb.DATA_MIGRATION, Phase.DUAL_WRITE: pb.DUAL_WRITE,
+    Phase.COMPLETED: pb.COMPLETED, Phase.ROLLED_BACK: pb.ROLLED_BACK,
+}
+PHASE_FROM_PB = {v: k for k, v in PHASE_TO_PB.items()}
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every admin call needs `authorization: Bearer <token>`; anything else is UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "admin calls need metadata 'authorization: Bearer <token>' with the admin token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return await continuation(details)
+        log.warning("admin call refused: bad or missing token", extra={"method": details.method})
+        streaming = details.method.endswith(("/WatchStatus", "/Verify"))
+        return self._deny_stream if streaming else self._deny_unary
+
+
+def _actor(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    return str(dict(context.invocation_metadata() or ()).get("x-memshift-actor", "admin"))
+
+
+def _change_pb(h: HistoryEntry) -> pb.PhaseChange:
+    return pb.PhaseChange(at_unix=h.at, from_phase=PHASE_TO_PB[h.from_phase], to_phase=PHASE_TO_PB[h.to_phase],
+                          actor=h.actor, reason=h.reason, figures={k: str(v) for k, v in h.figures.items()})
+
+
+def _record_text(rec: Record | None) -> str:
+    if rec is None:
+        return ""
+    data = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+    return json.dumps(data, default=str, ensure_ascii=False)
+
+
+def _key_text(key: RecordKey) -> str:
+    return f"{key[0].name.lower()}:{key[1]}:{'/'.join(key[2])}"
+
+
+def _progress_pb(r: VerifyReport) -> pb.VerifyProgress:
+    return pb.VerifyProgress(
+        compared=r.compared, differences=r.differences, primary_records=r.primary_records,
+        secondary_records=r.secondary_records, done=r.done,
+        scopes=[pb.ScopeCounts(scope=s, primary_records=c[0], secondary_records=c[1], differences=c[2])
+                for s, c in sorted(r.per_scope.items())],
+        samples=[pb.DifferenceSample(key=_key_text(d.key), primary=_record_text(d.primary),
+                                     secondary=_record_text(d.secondary)) for d in r.samples])
+
+
+def admin_rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await method(self, request, context)
+        except IllegalTransition as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (ValueError, StoreSpecError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class AdminServicer(pb_grpc.MigrationAdminServicer):
+    def __init__(self, engine: MigrationEngine) -> None:
+        self._engine = engine
+
+    async def status(self) -> pb.MigrationStatus:
+        e = self._engine
+        s, p, c = e.state, e.progress(), e.counters
+        window = max(0.0, s.mirror_until - time.time()) if s.phase == Phase.COMPLETED and s.secondary else 0.0
+        return pb.MigrationStatus(
+            phase=PHASE_TO_PB[s.phase], primary=redact(s.primary), secondary=redact(s.secondary),
+            migration_id=s.migration_id,
+            backfill=pb.BackfillProgress(done=p.done, total=p.total, rate_per_second=p.rate, eta_seconds=p.eta_seconds,
+                                         complete=p.complete, paused=p.paused),
+            read_fraction=s.read_fraction, shadow_sample_rate=s.shadow_rate,
+            repair_queue_depth=await e.repair_depth(),
+            counters=pb.DualWriteCounters(
+                dual_writes=c.dual_writes, secondary_failures=c.secondary_failures, secondary_late=c.secondary_late,
+                effect_mismatches=c.effect_mismatches, repairs_done=c.repairs_done,
+                repair_failures=c.repair_failures),
+            recent_history=[_change_pb(h) for h in await e.history(10)],
+            rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences)
+
+    @admin_rpc
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:
+        return await self.status()
+
+    async def WatchStatus(self, request: pb.WatchStatusRequest, context: Any) -> AsyncIterator[pb.MigrationStatus]:
+        interval = max(0.1, request.interval_seconds or 1.0)
+        while True:
+            yield await self.status()
+            await asyncio.sleep(interval)
+
+    @admin_rpc
+    async def StartMigration(self, request: pb.StartMigrationRequest, context: Any) -> pb.MigrationStatus:
+        if not request.target:
+            raise ValueError("target: a store spec is required, e.g. sqlite:///./data/new.db")
+        options = MigrationOptions(
+            batch_size=request.batch_size or 500, rate_limit=request.rate_limit, workers=request.workers or 1,
+            reembed=request.reembed, mirror_seconds=request.mirror_seconds or 3600.0,
+            require_verify=request.require_verify)
+        await self._engine.start_migration(request.target, options, _actor(context), request.reason)
+        return await self.status()
+
+    @admin_rpc
+    async def Advance(self, request: pb.AdvanceRequest, context: Any) -> pb.MigrationStatus:
+        if request.expected_phase not in PHASE_FROM_PB:
+            raise ValueError("expected_phase: required (the phase you are advancing from)")
+        await self._engine.advance(PHASE_FROM_PB[request.expected_phase], _actor(context), request.reason)
+        return await self.status()
+
+    @admin_rpc
+    async def SetReadRouting(self, request: pb.SetReadRoutingRequest, context: Any) -> pb.MigrationStatus:
+        await self._engine.set_read_routing(request.read_fraction, request.shadow_sample_rate)
+        return await self.status()
+
+    @admin_rpc
+    async def PauseBackfill(self, request: pb.PauseBackfillRequest, context: Any) -> pb.MigrationStatus:
+        await self._engine.pause_backfill(_actor(context), request.reason)
+        return await self.status()
+
+    @admin_rpc
+    async def ResumeBackfill(self, request: pb.ResumeBackfillRequest, context: Any) -> pb.MigrationStatus:
+        await self._engine.resume_backfill(_actor(context))
+        return await self.status()
+
+    @admin_rpc
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.MigrationStatus:
+        if not request.reason:
+            raise ValueError("reason: say why you roll back; it is kept in the phase history")
+        await self._engine.rollback(request.reason, _actor(context))
+        return await self.status()
+
+    async def Verify(self, request: pb.VerifyRequest, context: Any) -> AsyncIterator[pb.VerifyProgress]:
+        engine = self._engine
+        secondary = engine.secondary
+        if secondary is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"nothing to verify: the migration is in {engine.state.phase.value} with no "
+                                "second store (verify runs in DataMigration, DualWrite and Completed's window)")
+        assert secondary is not None
+        start = engine.state.verify_cursor if request.resume else None
+        differing: list[RecordKey] | None = [] if request.repair else None
+        async for report in verify(engine.primary, secondary, start_after=start,
+                                   max_samples=request.max_samples or 20, differing=differing):
+            if report.done:
+                if start is None:  # a partial (resumed) run does not speak for the whole store
+                    await engine.record_verify(report.differences)
+            else:
+                await engine.save_verify_cursor(report.cursor)
+            if differing:
+                await engine.enqueue_repairs(differing)
+                differing.clear()
+            yield _progress_pb(report)
+
+    @admin_rpc
+    async def GetHistory(self, request: pb.GetHistoryRequest, context: Any) -> pb.GetHistoryResponse:
+        return pb.GetHistoryResponse(changes=[_change_pb(h) for h in await self._engine.history(request.limit or 100)])

@@ -1,0 +1,237 @@
+"""The control store: the migration's durable state, shared by everything that must survive a restart.
+
+It holds the phase (changed only by compare-and-set), the phase history with who, why and the figures, the
+backfill and verify checkpoints, and the repair queue. `SqliteControlStore` is the single-proxy default; a fleet
+uses a PostgreSQL implementation of the same `ControlStore` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from adapters.records import Kind, RecordKey
+
+
+class Phase(StrEnum):
+    NOT_STARTED = "NotStarted"
+    DATA_MIGRATION = "DataMigration"
+    DUAL_WRITE = "DualWrite"
+    COMPLETED = "Completed"
+    ROLLED_BACK = "RolledBack"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    batch_size: int = 500
+    rate_limit: float = 0.0  # records per second; 0 = unlimited
+    workers: int = 1
+    reembed: bool = False  # re-embed even when model and dimension match
+    mirror_seconds: float = 3600.0  # after Completed, keep writing the old store this long so Rollback stays possible
+    require_verify: bool = False  # DataMigration -> DualWrite only after a Verify with zero differences
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationState:
+    phase: Phase = Phase.NOT_STARTED
+    primary: str = ""  # store spec serving reads and deciding answers
+    secondary: str = ""  # the other store during a migration ("" when none)
+    migration_id: int = 0
+    options: MigrationOptions = field(default_factory=MigrationOptions)
+    read_fraction: float = 0.0
+    shadow_rate: float = 0.0
+    paused: bool = False
+    backfill_cursor: RecordKey | None = None
+    backfill_done: int = 0
+    backfill_total: int = 0
+    backfill_complete: bool = False
+    backfill_started_at: float = 0.0
+    verify_cursor: RecordKey | None = None
+    last_verify_differences: int = -1  # -1: never verified in this migration
+    mirror_until: float = 0.0  # Completed: wall-clock end of the rollback window
+    revision: int = 0  # bumped on every change; the compare-and-set token
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    at: float
+    from_phase: Phase
+    to_phase: Phase
+    actor: str
+    reason: str
+    figures: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RepairItem:
+    id: int
+    key: RecordKey
+    attempts: int
+    last_error: str
+
+
+class Conflict(Exception):
+    """The state changed since it was read (compare-and-set lost)."""
+
+
+class ControlStore(Protocol):
+    async def load(self) -> MigrationState: ...
+
+    async def save(self, state: MigrationState, expected_revision: int) -> MigrationState:
+        """Write `state` if the stored revision is `expected_revision`; raises Conflict otherwise."""
+        ...
+
+    async def record(self, entry: HistoryEntry) -> None: ...
+
+    async def history(self, limit: int = 100) -> list[HistoryEntry]: ...
+
+    async def enqueue_repairs(self, migration_id: int, keys: list[RecordKey]) -> None: ...
+
+    async def due_repairs(self, migration_id: int, limit: int) -> list[RepairItem]: ...
+
+    async def repaired(self, ids: list[int]) -> None: ...
+
+    async def repair_failed(self, item: RepairItem, error: str, retry_in: float) -> None: ...
+
+    async def repair_depth(self, migration_id: int) -> int: ...
+
+    async def pending_keys(self, migration_id: int) -> set[RecordKey]: ...
+
+    async def close(self) -> None: ...
+
+
+def _key_json(key: RecordKey | None) -> str | None:
+    return None if key is None else json.dumps([int(key[0]), key[1], list(key[2])])
+
+
+def _key_load(raw: str | None) -> RecordKey | None:
+    if raw is None:
+        return None
+    kind, scope, parts = json.loads(raw)
+    return (Kind(kind), scope, tuple(parts))
+
+
+def _state_json(state: MigrationState) -> str:
+    data = asdict(state)
+    data["phase"] = state.phase.value
+    data["backfill_cursor"] = _key_json(state.backfill_cursor)
+    data["verify_cursor"] = _key_json(state.verify_cursor)
+    return json.dumps(data)
+
+
+def _state_load(raw: str) -> MigrationState:
+    data = json.loads(raw)
+    data["phase"] = Phase(data["phase"])
+    data["options"] = MigrationOptions(**data["options"])
+    data["backfill_cursor"] = _key_load(data["backfill_cursor"])
+    data["verify_cursor"] = _key_load(data["verify_cursor"])
+    return MigrationState(**data)
+
+
+class SqliteControlStore:
+    """Control state in one SQLite file; calls are short, so they run in a thread one at a time."""
+
+    def __init__(self, path: str | Path, initial_primary: str) -> None:
+        self._path = str(path)
+        self._initial_primary = initial_primary
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript("""
+            CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, at REAL, from_phase TEXT, to_phase TEXT,
+                actor TEXT, reason TEXT, figures TEXT);
+            CREATE TABLE IF NOT EXISTS repairs (id INTEGER PRIMARY KEY, migration_id INTEGER NOT NULL,
+                key TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0,
+                last_error TEXT NOT NULL DEFAULT '', UNIQUE (migration_id, key));
+        """)
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args)
+
+    async def load(self) -> MigrationState:
+        def run() -> MigrationState:
+            row = self._conn.execute("SELECT body FROM state WHERE id=1").fetchone()
+            if row is None:
+                return MigrationState(primary=self._initial_primary)
+            return _state_load(row[0])
+
+        state: MigrationState = await self._run(run)
+        return state
+
+    async def save(self, state: MigrationState, expected_revision: int) -> MigrationState:
+        new = replace(state, revision=expected_revision + 1)
+
+        def run() -> None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            row = self._conn.execute("SELECT body FROM state WHERE id=1").fetchone()
+            current = _state_load(row[0]).revision if row else 0
+            if current != expected_revision:
+                self._conn.execute("ROLLBACK")
+                raise Conflict(f"state is at revision {current}, expected {expected_revision}")
+            self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (_state_json(new),))
+            self._conn.execute("COMMIT")
+
+        await self._run(run)
+        return new
+
+    async def record(self, entry: HistoryEntry) -> None:
+        await self._run(lambda: self._conn.execute(
+            "INSERT INTO history (at, from_phase, to_phase, actor, reason, figures) VALUES (?,?,?,?,?,?)",
+            (entry.at, entry.from_phase.value, entry.to_phase.value, entry.actor, entry.reason,
+             json.dumps(entry.figures, default=str))))
+
+    async def history(self, limit: int = 100) -> list[HistoryEntry]:
+        rows = await self._run(lambda: self._conn.execute(
+            "SELECT at, from_phase, to_phase, actor, reason, figures FROM history ORDER BY id DESC LIMIT ?",
+            (limit,)).fetchall())
+        return [HistoryEntry(a, Phase(f), Phase(t), who, why, json.loads(fig)) for a, f, t, who, why, fig in
+                reversed(rows)]
+
+    async def enqueue_repairs(self, migration_id: int, keys: list[RecordKey]) -> None:
+        if keys:
+            await self._run(lambda: self._conn.executemany(
+                "INSERT INTO repairs (migration_id, key) VALUES (?, ?) ON CONFLICT DO UPDATE SET next_at=0",
+                [(migration_id, _key_json(k)) for k in keys]))
+
+    async def due_repairs(self, migration_id: int, limit: int) -> list[RepairItem]:
+        rows = await self._run(lambda: self._conn.execute(
+            "SELECT id, key, attempts, last_error FROM repairs WHERE migration_id=? AND next_at<=? ORDER BY id"
+            " LIMIT ?", (migration_id, time.time(), limit)).fetchall())
+        out = []
+        for i, k, a, e in rows:
+            key = _key_load(k)
+            assert key is not None
+            out.append(RepairItem(i, key, a, e))
+        return out
+
+    async def repaired(self, ids: list[int]) -> None:
+        if ids:
+            await self._run(lambda: self._conn.executemany("DELETE FROM repairs WHERE id=?", [(i,) for i in ids]))
+
+    async def repair_failed(self, item: RepairItem, error: str, retry_in: float) -> None:
+        await self._run(lambda: self._conn.execute(
+            "UPDATE repairs SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
+            (time.time() + retry_in, error[:500], item.id)))
+
+    async def repair_depth(self, migration_id: int) -> int:
+        row = await self._run(lambda: self._conn.execute(
+            "SELECT count(*) FROM repairs WHERE migration_id=?", (migration_id,)).fetchone())
+        return int(row[0])
+
+    async def pending_keys(self, migration_id: int) -> set[RecordKey]:
+        rows = await self._run(lambda: self._conn.execute(
+            "SELECT key FROM repairs WHERE migration_id=?", (migration_id,)).fetchall())
+        return {k for (raw,) in rows if (k := _key_load(raw)) is not None}
+
+    async def close(self) -> None:
+        await self._run(self._conn.close)

@@ -1,0 +1,479 @@
+"""The hot-migration engine: phases, dual-write, repair queue, backfill (DESIGN.md, Phases).
+
+Writes. Every write is stamped with a version before any store is touched. With no migration running it goes to the
+primary alone. From the moment DataMigration starts (before the first backfill batch) it goes to primary and
+secondary in parallel; the primary's outcome is the caller's answer. The two outcomes are compared: when the
+secondary failed, was slower than `secondary_grace`, or wrote different records than the primary (a write the
+primary refused, data the backfill has not brought yet), the keys the write may touch go to the durable repair queue
+before the caller is answered.
+
+Repair. The repair loop reconciles queued keys from the primary: it reads both stores' records and makes the
+secondary hold exactly the primary's, by compare-and-set on the secondary's version, so a write racing the repair is
+never overwritten (the key is simply retried).
+
+Backfill. Streams the primary's live records in key order, in batches, apply-if-newer onto the secondary with their
+vectors (or without, to re-embed), checkpointing the cursor in the control store after every batch so a restarted
+proxy resumes where it stopped. It starts only once the writes that began before dual-writing have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from adapters.base import Backend, WriteResult
+from adapters.records import EntityRecord, Record, RecordKey, record_digest
+from proxy.clock import HybridClock
+from proxy.control import (
+    Conflict,
+    ControlStore,
+    HistoryEntry,
+    MigrationOptions,
+    MigrationState,
+    Phase,
+)
+from proxy.ops import WriteOp
+
+log = logging.getLogger("memshift.migration")
+T = TypeVar("T")
+StoreOpener = Callable[[str], Awaitable[Backend]]
+
+# What each phase may move to, for error messages and checks.
+NEXT: dict[Phase, tuple[Phase, ...]] = {
+    Phase.NOT_STARTED: (Phase.DATA_MIGRATION,),
+    Phase.DATA_MIGRATION: (Phase.DUAL_WRITE, Phase.ROLLED_BACK),
+    Phase.DUAL_WRITE: (Phase.COMPLETED, Phase.ROLLED_BACK),
+    Phase.COMPLETED: (Phase.DATA_MIGRATION, Phase.ROLLED_BACK),
+    Phase.ROLLED_BACK: (Phase.DATA_MIGRATION,),
+}
+
+
+class IllegalTransition(Exception):
+    """FAILED_PRECONDITION: says which phase it is in and what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillProgress:
+    done: int
+    total: int
+    rate: float  # records per second since the backfill started
+    eta_seconds: float  # -1 when unknown
+    complete: bool
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    dual_writes: int = 0
+    secondary_failures: int = 0
+    secondary_late: int = 0
+    effect_mismatches: int = 0
+    repairs_done: int = 0
+    repair_failures: int = 0
+
+
+def _same(a: Record | None, b: Record | None) -> bool:
+    """Two stores agree on a key when both have nothing live there, or the same record."""
+    a_live = a if a is not None and not a.deleted else None
+    b_live = b if b is not None and not b.deleted else None
+    if a_live is None or b_live is None:
+        return a_live is None and b_live is None
+    return record_digest(a_live) == record_digest(b_live)
+
+
+class MigrationEngine:
+    def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
+                 secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200) -> None:
+        self._control = control
+        self._open = open_store
+        self._clock = clock
+        self._grace = secondary_grace
+        self._repair_interval = repair_interval
+        self._repair_batch = repair_batch
+        self._lock = asyncio.Lock()  # serialises state changes within this proxy; CAS guards across proxies
+        self._stores: dict[str, Backend] = {}
+        self._solo_inflight = 0
+        self._solo_idle = asyncio.Event()
+        self._solo_idle.set()
+        self._repair_wakeup = asyncio.Event()
+        self._resume = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._backfill_task: asyncio.Task[None] | None = None
+        self._window_task: asyncio.Future[None] | None = None
+        self.counters = Counters()
+        self.state = MigrationState()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.state = await self._control.load()
+        await self._store(self.state.primary)
+        if self.state.secondary:
+            await self._store(self.state.secondary)
+        self._expire_mirror_if_due()
+        if not self.state.paused:
+            self._resume.set()
+        self._tasks.append(asyncio.create_task(self._repair_loop(), name="repair"))
+        if self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
+            self._start_backfill()
+        log.info("migration engine started", extra={"phase": self.state.phase.value,
+                                                    "migration_id": self.state.migration_id})
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else [])]:
+            task.cancel()
+        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for store in self._stores.values():
+            await store.close()
+        self._stores.clear()
+
+    async def _store(self, spec: str) -> Backend:
+        store = self._stores.get(spec)
+        if store is None:
+            store = await self._open(spec)
+            self._stores[spec] = store
+        return store
+
+    @property
+    def primary(self) -> Backend:
+        return self._stores[self.state.primary]
+
+    @property
+    def secondary(self) -> Backend | None:
+        """The store being written alongside the primary, or None."""
+        if not self.state.secondary or self.state.phase not in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE,
+                                                                 Phase.COMPLETED):
+            return None
+        return self._stores.get(self.state.secondary)
+
+    def reader(self) -> Backend:
+        return self.primary
+
+    # --- writes ----------------------------------------------------------------------------------------------------
+    async def write(self, op: WriteOp[T]) -> WriteResult[T]:
+        self._expire_mirror_if_due()
+        version = self._clock.now()
+        primary, secondary = self.primary, self.secondary
+        if secondary is None:
+            self._solo_inflight += 1
+            self._solo_idle.clear()
+            try:
+                return await op.run(primary, version)
+            finally:
+                self._solo_inflight -= 1
+                if self._solo_inflight == 0:
+                    self._solo_idle.set()
+        return await self._dual_write(op, version, primary, secondary)
+
+    async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
+                          secondary: Backend) -> WriteResult[T]:
+        migration_id = self.state.migration_id
+        s_task = asyncio.ensure_future(op.run(secondary, version))
+        try:
+            p_result = await op.run(primary, version)
+        except BaseException as p_exc:
+            # The primary refused: the caller gets that error, and whatever the secondary kept is undone.
+            s_done = (await asyncio.wait({s_task}, timeout=self._grace))[0]
+            if not s_done or s_task.exception() is not None or s_task.result().effects:
+                await self._enqueue(migration_id, op.keys())
+            if not s_done:
+                s_task.add_done_callback(_consume)
+            raise p_exc
+        done, _ = await asyncio.wait({s_task}, timeout=self._grace)
+        self._count(dual_writes=1)
+        if not done:
+            s_task.add_done_callback(_consume)
+            self._count(secondary_late=1)
+            await self._enqueue(migration_id, op.keys())
+        elif s_task.exception() is not None:
+            self._count(secondary_failures=1)
+            log.warning("secondary write failed; queued for repair",
+                        extra={"error": repr(s_task.exception()), "keys": len(op.keys())})
+            await self._enqueue(migration_id, op.keys())
+        else:
+            mine = sorted(record_digest(r) for r in p_result.effects)
+            theirs = sorted(record_digest(r) for r in s_task.result().effects)
+            if mine != theirs:
+                self._count(effect_mismatches=1)
+                await self._enqueue(migration_id, op.keys() + [r.key for r in p_result.effects])
+        return p_result
+
+    def _count(self, **inc: int) -> None:
+        self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
+
+    async def _enqueue(self, migration_id: int, keys: list[RecordKey]) -> None:
+        await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
+        self._repair_wakeup.set()
+
+    # --- repair ----------------------------------------------------------------------------------------------------
+    async def _repair_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._repair_wakeup.wait(), self._repair_interval)
+            self._repair_wakeup.clear()
+            try:
+                while await self.repair_once() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("repair pass failed")
+
+    async def repair_once(self) -> int:
+        """One batch of due repairs; returns how many keys were settled."""
+        secondary = self.secondary
+        if secondary is None:
+            return 0
+        items = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
+        if not items:
+            return 0
+        try:
+            moved = set(await self.reconcile([i.key for i in items], self.primary, secondary))
+        except Exception as exc:
+            self._count(repair_failures=len(items))
+            for item in items:
+                await self._control.repair_failed(item, repr(exc), min(30.0, 0.2 * 2 ** item.attempts))
+            log.warning("repair failed; will retry", extra={"error": repr(exc), "keys": len(items)})
+            return 0
+        for item in items:
+            if item.key in moved:  # a write raced the repair; read both sides again shortly
+                await self._control.repair_failed(item, "raced a write", 0.0)
+        settled = [i.id for i in items if i.key not in moved]
+        await self._control.repaired(settled)
+        self._count(repairs_done=len(settled))
+        return len(settled)
+
+    @staticmethod
+    async def reconcile(keys: list[RecordKey], primary: Backend, secondary: Backend) -> list[RecordKey]:
+        """Make the secondary hold exactly the primary's records for these keys; returns keys that raced."""
+        mine = {r.key: r for r in await primary.get_records(keys)}
+        theirs = {r.key: r for r in await secondary.get_records(keys)}
+        fixes: list[tuple[RecordKey, Record | None, int | None]] = []
+        for key in keys:
+            p, s = mine.get(key), theirs.get(key)
+            if not _same(p, s):
+                fixes.append((key, p, s.version if s is not None else None))
+        return await secondary.replace_if(fixes) if fixes else []
+
+    async def drain_repairs(self, within: float = 30.0) -> int:
+        """Repair until the queue is empty (or the time is up); returns what is left."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            await self.repair_once()
+            left = await self._control.repair_depth(self.state.migration_id)
+            if left == 0 or self.secondary is None:
+                return left
+            await asyncio.sleep(0.01)
+        return await self._control.repair_depth(self.state.migration_id)
+
+    # --- backfill --------------------------------------------------------------------------------------------------
+    def _start_backfill(self) -> None:
+        if self._backfill_task is None or self._backfill_task.done():
+            self._backfill_task = asyncio.create_task(self._backfill_loop(), name="backfill")
+
+    async def _backfill_loop(self) -> None:
+        # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
+        await self._solo_idle.wait()
+        while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
+            await self._resume.wait()
+            started = time.monotonic()
+            try:
+                copied = await self.backfill_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("backfill batch failed; retrying from the checkpoint")
+                await asyncio.sleep(1.0)
+                continue
+            rate = self.state.options.rate_limit
+            if rate > 0 and copied:
+                await asyncio.sleep(max(0.0, copied / rate - (time.monotonic() - started)))
+        if self.state.backfill_complete:
+            log.info("backfill complete", extra={"records": self.state.backfill_done})
+
+    async def backfill_step(self) -> int:
+        """Copy one batch and checkpoint it; returns how many records it copied."""
+        secondary = self.secondary
+        state = self.state
+        if secondary is None or state.backfill_complete:
+            return 0
+        page = await self.primary.list_records(state.backfill_cursor, state.options.batch_size)
+        vectors = None
+        if not state.options.reembed and self.primary.embedding == secondary.embedding:
+            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
+            vectors = await self.primary.get_vectors(ents) if ents else None
+        await secondary.apply(page.records, vectors)
+        async with self._lock:
+            cur = self.state
+            if cur.migration_id != state.migration_id or cur.backfill_cursor != state.backfill_cursor:
+                return 0  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
+            await self._save(replace(
+                cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),
+                backfill_total=max(cur.backfill_total, cur.backfill_done + len(page.records)),
+                backfill_complete=page.next_after is None))
+        return len(page.records)
+
+    def progress(self) -> BackfillProgress:
+        s = self.state
+        elapsed = max(1e-9, time.time() - s.backfill_started_at) if s.backfill_started_at else 0.0
+        rate = s.backfill_done / elapsed if elapsed else 0.0
+        left = max(0, s.backfill_total - s.backfill_done)
+        eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
+        return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
+                                s.backfill_complete, s.paused)
+
+    # --- phase changes ---------------------------------------------------------------------------------------------
+    async def _save(self, new: MigrationState) -> None:
+        try:
+            self.state = await self._control.save(new, self.state.revision)
+        except Conflict:
+            self.state = await self._control.load()
+            raise
+
+    async def _change(self, to: MigrationState, actor: str, reason: str, figures: dict[str, Any]) -> None:
+        before = self.state.phase
+        await self._save(to)
+        await self._control.record(HistoryEntry(time.time(), before, to.phase, actor, reason, figures))
+        log.info("phase change", extra={"from": before.value, "to": to.phase.value, "actor": actor,
+                                        "reason": reason, **figures})
+
+    def _illegal(self, wanted: str) -> IllegalTransition:
+        allowed = ", ".join(p.value for p in NEXT[self.state.phase])
+        return IllegalTransition(f"cannot {wanted}: the migration is in {self.state.phase.value}; "
+                                 f"from {self.state.phase.value} it can move to: {allowed}")
+
+    async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
+        async with self._lock:
+            phase = self.state.phase
+            if phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK, Phase.COMPLETED):
+                raise self._illegal("start a migration")
+            if phase == Phase.COMPLETED and self.state.secondary:
+                raise IllegalTransition("cannot start a migration while the rollback window of the last one is "
+                                        "open; Advance from Completed to close it, or Rollback")
+            if target == self.state.primary:
+                raise IllegalTransition(f"the target {target!r} is the current primary")
+            if options.batch_size < 1 or options.rate_limit < 0 or options.workers < 1:
+                raise ValueError("batch_size and workers must be at least 1, rate_limit not negative")
+            await self._store(target)
+            total = (await self.primary.count()).total
+            new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
+                          migration_id=self.state.migration_id + 1, options=options, paused=False,
+                          backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
+                          backfill_started_at=time.time(), verify_cursor=None, last_verify_differences=-1,
+                          read_fraction=0.0, mirror_until=0.0)
+            # Dual-writing starts with this save, before the first backfill batch.
+            await self._change(new, actor, reason or f"start migration to {target}",
+                               {"records_to_copy": total, "batch_size": options.batch_size})
+            self._resume.set()
+            self._start_backfill()
+
+    async def advance(self, expected: Phase, actor: str, reason: str = "") -> None:
+        async with self._lock:
+            s = self.state
+            if s.phase != expected:
+                raise IllegalTransition(f"expected phase {expected.value}, but the migration is in {s.phase.value}")
+            if s.phase == Phase.DATA_MIGRATION:
+                if not s.backfill_complete:
+                    p = self.progress()
+                    raise IllegalTransition(f"cannot advance to DualWrite: the backfill is at {p.done}/{p.total}")
+                if s.options.require_verify and s.last_verify_differences != 0:
+                    raise IllegalTransition("cannot advance to DualWrite: this migration requires a Verify with "
+                                            f"zero differences (last: {s.last_verify_differences}; -1 = none run)")
+                await self._change(replace(s, phase=Phase.DUAL_WRITE), actor, reason or "backfill complete",
+                                   {"records_copied": s.backfill_done})
+            elif s.phase == Phase.DUAL_WRITE:
+                left = await self.drain_repairs(within=10.0)
+                if left:
+                    raise IllegalTransition(f"cannot complete: {left} repairs are still pending on the new store")
+                await self._change(replace(s, phase=Phase.COMPLETED, primary=s.secondary, secondary=s.primary,
+                                           read_fraction=0.0, mirror_until=time.time() + s.options.mirror_seconds),
+                                   actor, reason or "cutover", {"new_primary": s.secondary,
+                                                                "mirror_seconds": s.options.mirror_seconds})
+            elif s.phase == Phase.COMPLETED and s.secondary:
+                await self._change(replace(s, secondary="", mirror_until=0.0), actor,
+                                   reason or "rollback window closed", {})
+            else:
+                raise self._illegal("advance")
+
+    async def rollback(self, reason: str, actor: str, figures: dict[str, Any] | None = None) -> None:
+        async with self._lock:
+            s = self.state
+            if s.phase in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE):
+                new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0)
+            elif s.phase == Phase.COMPLETED and s.secondary:
+                # Every write since cutover must be on the old store before it serves again.
+                left = await self.drain_repairs(within=10.0)
+                if left:
+                    raise IllegalTransition(f"cannot roll back yet: {left} writes are still being copied back to "
+                                            f"{s.secondary}; retry when the repair queue is empty")
+                new = replace(s, phase=Phase.ROLLED_BACK, primary=s.secondary, secondary=s.primary,
+                              read_fraction=0.0, mirror_until=0.0)
+            else:
+                raise self._illegal("roll back")
+            if self._backfill_task is not None:
+                self._backfill_task.cancel()
+            await self._change(new, actor, reason, figures or {})
+
+    async def pause_backfill(self, actor: str, reason: str = "") -> None:
+        async with self._lock:
+            if self.state.phase != Phase.DATA_MIGRATION:
+                raise self._illegal("pause the backfill (only in DataMigration)")
+            self._resume.clear()
+            await self._save(replace(self.state, paused=True))
+            log.info("backfill paused", extra={"actor": actor, "reason": reason})
+
+    async def resume_backfill(self, actor: str) -> None:
+        async with self._lock:
+            if self.state.phase != Phase.DATA_MIGRATION:
+                raise self._illegal("resume the backfill (only in DataMigration)")
+            await self._save(replace(self.state, paused=False))
+            self._resume.set()
+            self._start_backfill()
+            log.info("backfill resumed", extra={"actor": actor})
+
+    async def set_read_routing(self, read_fraction: float, shadow_rate: float) -> None:
+        if not (0.0 <= read_fraction <= 1.0 and 0.0 <= shadow_rate <= 1.0):
+            raise ValueError("read_fraction and shadow_sample_rate must be in [0, 1]")
+        async with self._lock:
+            if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
+                raise self._illegal("serve reads from the secondary (only in DualWrite)")
+            await self._save(replace(self.state, read_fraction=read_fraction, shadow_rate=shadow_rate))
+
+    async def record_verify(self, differences: int) -> None:
+        async with self._lock:
+            await self._save(replace(self.state, last_verify_differences=differences, verify_cursor=None))
+
+    async def save_verify_cursor(self, cursor: RecordKey | None) -> None:
+        async with self._lock:
+            await self._save(replace(self.state, verify_cursor=cursor))
+
+    def _expire_mirror_if_due(self) -> None:
+        s = self.state
+        due = s.phase == Phase.COMPLETED and bool(s.secondary) and 0 < s.mirror_until < time.time()
+        if due and (self._window_task is None or self._window_task.done()):
+            self._window_task = asyncio.ensure_future(self._close_window())
+
+    async def _close_window(self) -> None:
+        with contextlib.suppress(IllegalTransition, Conflict):
+            await self.advance(Phase.COMPLETED, "memshift", "rollback window expired")
+
+    async def enqueue_repairs(self, keys: list[RecordKey]) -> None:
+        await self._enqueue(self.state.migration_id, keys)
+
+    async def repair_depth(self) -> int:
+        return await self._control.repair_depth(self.state.migration_id)
+
+    async def history(self, limit: int = 100) -> list[HistoryEntry]:
+        return await self._control.history(limit)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a late secondary outcome so asyncio does not warn; its keys are already queued."""
+    if not task.cancelled():
+        task.exception()
