@@ -110,9 +110,10 @@ class Backend(Protocol):
         """The stored records (tombstones included) for these keys; a key never written is left out."""
         ...
 
-    async def list_records(self, after: RecordKey | None, limit: int) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
         """Live records in stable `RecordKey` order (entities, then observations of live entities, then
-        relations), across every scope; resume with `after=page.next_after`."""
+        relations), across every scope; resume with `after=page.next_after`. With `tombstones`, every stored record
+        (backfill sends them, so a target holding older data learns of deletions it missed)."""
         ...
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:

@@ -632,7 +632,7 @@ class EmbeddedBackend:
 
         return await self._call(run)
 
-    async def list_records(self, after: RecordKey | None, limit: int) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
         def run() -> RecordPage:
             assert self._conn is not None
             out: list[Record] = []
@@ -641,29 +641,35 @@ class EmbeddedBackend:
                 if kind < start_kind or len(out) >= limit:
                     continue
                 pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
-                out.extend(self._list_kind(kind, pos, limit - len(out)))
+                out.extend(self._list_kind(kind, pos, limit - len(out), tombstones))
             nxt = out[-1].key if len(out) >= limit else None
             return RecordPage(tuple(out), nxt)
 
         return await self._call(run)
 
-    def _list_kind(self, kind: Kind, pos: tuple[str, ...], limit: int) -> list[Record]:
+    def _list_kind(self, kind: Kind, pos: tuple[str, ...], limit: int, tombstones: bool) -> list[Record]:
         assert self._conn is not None
+        live = "" if tombstones else "AND deleted=0"
         if kind == Kind.ENTITY:
             where, args = ("AND (scope, name) > (?,?)", pos) if pos else ("", ())
-            return [EntityRecord(s, n, t, v, c, p, False, json.loads(m)) for s, n, t, m, v, c, p in self._conn.execute(
-                "SELECT scope, name, entity_type, metadata, version, created, purged FROM entities WHERE deleted=0 "
-                f"{where} ORDER BY scope, name LIMIT ?", (*args, limit))]
+            return [EntityRecord(s, n, t, v, c, p, bool(d), json.loads(m))
+                    for s, n, t, m, v, c, p, d in self._conn.execute(
+                        "SELECT scope, name, entity_type, metadata, version, created, purged, deleted FROM entities"
+                        f" WHERE 1=1 {live} {where} ORDER BY scope, name LIMIT ?", (*args, limit))]
         if kind == Kind.OBSERVATION:
             where, args = ("AND (o.scope, o.entity, o.text) > (?,?,?)", pos) if pos else ("", ())
-            return [ObservationRecord(s, e, t, v, c) for s, e, t, v, c in self._conn.execute(
-                "SELECT o.scope, o.entity, o.text, o.version, o.created FROM observations o JOIN entities e"
-                " ON e.scope=o.scope AND e.name=o.entity AND e.deleted=0 WHERE o.deleted=0 "
-                f"{where} ORDER BY o.scope, o.entity, o.text LIMIT ?", (*args, limit))]
+            join = "" if tombstones else (" JOIN entities e ON e.scope=o.scope AND e.name=o.entity AND e.deleted=0"
+                                          " WHERE o.deleted=0")
+            return [ObservationRecord(s, e, t, v, c, bool(d)) for s, e, t, v, c, d in self._conn.execute(
+                f"SELECT o.scope, o.entity, o.text, o.version, o.created, o.deleted FROM observations o{join} "
+                f"{'WHERE 1=1' if tombstones else ''} {where} ORDER BY o.scope, o.entity, o.text LIMIT ?",
+                (*args, limit))]
         where, args = ("AND (scope, source, relation_type, target) > (?,?,?,?)", pos) if pos else ("", ())
-        return [RelationRecord(s, a, r, b, v, False, json.loads(m)) for s, a, r, b, m, v in self._conn.execute(
-            "SELECT scope, source, relation_type, target, metadata, version FROM relations WHERE deleted=0 "
-            f"{where} ORDER BY scope, source, relation_type, target LIMIT ?", (*args, limit))]
+        return [RelationRecord(s, a, r, b, v, bool(d), json.loads(m))
+                for s, a, r, b, m, v, d in self._conn.execute(
+                    "SELECT scope, source, relation_type, target, metadata, version, deleted FROM relations"
+                    f" WHERE 1=1 {live} {where} ORDER BY scope, source, relation_type, target LIMIT ?",
+                    (*args, limit))]
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
         await self._settled()

@@ -97,6 +97,10 @@ class ControlStore(Protocol):
 
     async def repaired(self, ids: list[int]) -> None: ...
 
+    async def carry_over_repairs(self, migration_id: int) -> None:
+        """Move every pending repair of earlier migrations to this one."""
+        ...
+
     async def repair_failed(self, item: RepairItem, error: str, retry_in: float) -> None: ...
 
     async def repair_depth(self, migration_id: int) -> int: ...
@@ -217,6 +221,16 @@ class SqliteControlStore:
     async def repaired(self, ids: list[int]) -> None:
         if ids:
             await self._run(lambda: self._conn.executemany("DELETE FROM repairs WHERE id=?", [(i,) for i in ids]))
+
+    async def carry_over_repairs(self, migration_id: int) -> None:
+        def run() -> None:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("INSERT OR IGNORE INTO repairs (migration_id, key) SELECT ?, key FROM repairs"
+                               " WHERE migration_id<>?", (migration_id, migration_id))
+            self._conn.execute("DELETE FROM repairs WHERE migration_id<>?", (migration_id,))
+            self._conn.execute("COMMIT")
+
+        await self._run(run)
 
     async def repair_failed(self, item: RepairItem, error: str, retry_in: float) -> None:
         await self._run(lambda: self._conn.execute(

@@ -88,13 +88,15 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 class MigrationEngine:
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
-                 secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200) -> None:
+                 secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
+                 background: bool = True) -> None:
         self._control = control
         self._open = open_store
         self._clock = clock
         self._grace = secondary_grace
         self._repair_interval = repair_interval
         self._repair_batch = repair_batch
+        self._background = background  # False: tests drive backfill and repair step by step
         self._lock = asyncio.Lock()  # serialises state changes within this proxy; CAS guards across proxies
         self._stores: dict[str, Backend] = {}
         self._solo_inflight = 0
@@ -117,7 +119,8 @@ class MigrationEngine:
         self._expire_mirror_if_due()
         if not self.state.paused:
             self._resume.set()
-        self._tasks.append(asyncio.create_task(self._repair_loop(), name="repair"))
+        if self._background:
+            self._tasks.append(asyncio.create_task(self._repair_loop(), name="repair"))
         if self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
             self._start_backfill()
         log.info("migration engine started", extra={"phase": self.state.phase.value,
@@ -274,7 +277,7 @@ class MigrationEngine:
 
     # --- backfill --------------------------------------------------------------------------------------------------
     def _start_backfill(self) -> None:
-        if self._backfill_task is None or self._backfill_task.done():
+        if self._background and (self._backfill_task is None or self._backfill_task.done()):
             self._backfill_task = asyncio.create_task(self._backfill_loop(), name="backfill")
 
     async def _backfill_loop(self) -> None:
@@ -303,10 +306,10 @@ class MigrationEngine:
         state = self.state
         if secondary is None or state.backfill_complete:
             return 0
-        page = await self.primary.list_records(state.backfill_cursor, state.options.batch_size)
+        page = await self.primary.list_records(state.backfill_cursor, state.options.batch_size, tombstones=True)
         vectors = None
         if not state.options.reembed and self.primary.embedding == secondary.embedding:
-            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
+            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord) and not r.deleted]
             vectors = await self.primary.get_vectors(ents) if ents else None
         await secondary.apply(page.records, vectors)
         async with self._lock:
@@ -367,6 +370,9 @@ class MigrationEngine:
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
                           backfill_started_at=time.time(), verify_cursor=None, last_verify_differences=-1,
                           read_fraction=0.0, mirror_until=0.0)
+            # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
+            # any secondary, and a no-op where the stores agree).
+            await self._control.carry_over_repairs(new.migration_id)
             # Dual-writing starts with this save, before the first backfill batch.
             await self._change(new, actor, reason or f"start migration to {target}",
                                {"records_to_copy": total, "batch_size": options.batch_size})

@@ -1,0 +1,328 @@
+"""DESIGN.md's invariant, under random interleavings (hypothesis RuleBasedStateMachine).
+
+Client writes and deletes, backfill batches, a secondary that fails or stalls (a wrapper around the real store),
+proxy restarts from the control store, phase changes and rollbacks, in any order. At every quiescent point (writes
+stopped, faults cleared, backfill finished, repair queue drained) `verify(primary, secondary)` must find zero
+differences, and the primary must hold exactly what a plain model of MCP semantics says was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from adapters.base import Backend
+from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
+from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation, StoreUnavailable
+from proxy import ops
+from proxy.clock import HybridClock
+from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.migration import IllegalTransition, MigrationEngine
+from proxy.stores import backend_for
+from proxy.verify import verify
+
+SCOPES = ["s1", "s2"]
+NAMES = ["a", "b", "c"]
+TEXTS = ["likes tea", "plays chess", "owns a cat"]
+WRITE_METHODS = {"create_entities", "create_relations", "add_observations", "delete_entities",
+                 "delete_observations", "delete_relations", "apply", "replace_if"}
+
+
+@dataclass
+class Faults:
+    mode: str = "ok"  # ok | fail | stall
+
+
+class FaultyStore:
+    """A real store whose writes can be made to fail (before touching it) or stall past the dual-write grace."""
+
+    def __init__(self, inner: Backend, faults: Faults) -> None:
+        self._inner, self._faults = inner, faults
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in WRITE_METHODS:
+            return attr
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self._faults.mode == "fail":
+                raise StoreUnavailable("injected failure")
+            if self._faults.mode == "stall":
+                await asyncio.sleep(0.08)  # longer than the engine's grace below
+            return await attr(*args, **kwargs)
+
+        return guarded
+
+
+@dataclass
+class Model:
+    """MCP memory-server semantics, as plainly as possible: what was acknowledged to clients."""
+
+    entities: dict[tuple[str, str], tuple[str, set[str]]] = field(default_factory=dict)
+    relations: set[tuple[str, str, str, str]] = field(default_factory=set)
+
+
+_EMBEDDER: BatchingEmbedder | None = None
+
+
+def shared_embedder() -> BatchingEmbedder:
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        _EMBEDDER = BatchingEmbedder(SentenceTransformerModel())
+    return _EMBEDDER
+
+
+class MigrationMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = Path(tempfile.mkdtemp(prefix="memshift-sm-"))
+        self.a, self.b = f"sqlite:///{self.dir}/a.db", f"sqlite:///{self.dir}/b.db"
+        self.faults = Faults()
+        self.model = Model()
+        self.engine: MigrationEngine | None = None
+        self.control: SqliteControlStore | None = None
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    async def _open(self, spec: str) -> Backend:
+        store = backend_for(spec, shared_embedder())
+        await store.open()
+        return FaultyStore(store, self.faults) if spec == self.b else store  # type: ignore[return-value]
+
+    async def _boot(self) -> None:
+        self.control = SqliteControlStore(self.dir / "control.db", initial_primary=self.a)
+        self.engine = MigrationEngine(self.control, self._open, HybridClock(1), secondary_grace=0.03,
+                                      background=False)
+        await self.engine.start()
+
+    @initialize(data=st.data(), seed_writes=st.integers(0, 12),
+                start_in=st.sampled_from(["NotStarted", "DataMigration", "DualWrite", "Completed"]))
+    def boot(self, data: st.DataObject, seed_writes: int, start_in: str) -> None:
+        """Some memory first, then straight to a random phase, so every phase gets its share of the chaos."""
+        self.run(self._boot())
+        for _ in range(seed_writes):
+            self._random_write(data)
+        if start_in == "NotStarted":
+            return
+        self.run(self.eng.start_migration(self.b, MigrationOptions(batch_size=data.draw(st.sampled_from([1, 4, 50])),
+                                                                   mirror_seconds=600), "test"))
+        if start_in == "DataMigration":
+            return
+        self.backfill_all()
+        self.run(self.eng.advance(Phase.DATA_MIGRATION, "test"))
+        if start_in == "Completed":
+            self.run(self.eng.advance(Phase.DUAL_WRITE, "test"))
+
+    def teardown(self) -> None:
+        try:
+            if self.engine is not None:
+                self.quiesce_and_check()  # every run ends at a quiescent point
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        async def down() -> None:
+            if self.engine is not None:
+                await self.engine.stop()
+            if self.control is not None:
+                await self.control.close()
+            await shared_embedder().close()  # its worker task lives on this machine's loop
+
+        self.run(down())
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def eng(self) -> MigrationEngine:
+        assert self.engine is not None
+        return self.engine
+
+    # --- client writes (each checked against the model) -------------------------------------------------------
+    def _write(self, op: Any) -> tuple[bool, Any]:
+        """(acknowledged, answer). A failing primary means the caller got an error: nothing was acknowledged."""
+        try:
+            return True, self.run(self.eng.write(op)).answer
+        except StoreUnavailable:
+            return False, None
+
+    def create_entity(self, scope: str, name: str, etype: str, obs: set[str]) -> None:
+        ok, answer = self._write(ops.CreateEntities(scope, [Entity(name, etype, tuple(sorted(obs)))]))
+        if not ok:
+            return
+        exists = (scope, name) in self.model.entities
+        assert [e.name for e in answer] == ([] if exists else [name])
+        if not exists:
+            self.model.entities[(scope, name)] = (etype, set(obs))
+
+    def add_observation(self, scope: str, name: str, text: str) -> None:
+        try:
+            ok, answer = self._write(ops.AddObservations(scope, [ObservationAddition(name, (text,))]))
+        except EntityNotFound:
+            assert (scope, name) not in self.model.entities
+            return
+        if not ok:
+            return
+        assert (scope, name) in self.model.entities
+        added = text not in self.model.entities[(scope, name)][1]
+        assert answer[0].contents == ((text,) if added else ())
+        self.model.entities[(scope, name)][1].add(text)
+
+    def delete_observation(self, scope: str, name: str, text: str) -> None:
+        if not self._write(ops.DeleteObservations(scope, [ObservationDeletion(name, (text,))]))[0]:
+            return
+        if (scope, name) in self.model.entities:
+            self.model.entities[(scope, name)][1].discard(text)
+
+    def delete_entity(self, scope: str, name: str) -> None:
+        if not self._write(ops.DeleteEntities(scope, [name]))[0]:
+            return
+        self.model.entities.pop((scope, name), None)
+        self.model.relations = {r for r in self.model.relations if r[0] != scope or name not in (r[1], r[3])}
+
+    def relate(self, scope: str, src: str, dst: str) -> None:
+        ok, answer = self._write(ops.CreateRelations(scope, [Relation(src, dst, "knows")]))
+        if not ok:
+            return
+        key = (scope, src, "knows", dst)
+        assert len(answer) == (0 if key in self.model.relations else 1)
+        self.model.relations.add(key)
+
+    def unrelate(self, scope: str, src: str, dst: str) -> None:
+        if not self._write(ops.DeleteRelations(scope, [Relation(src, dst, "knows")]))[0]:
+            return
+        self.model.relations.discard((scope, src, "knows", dst))
+
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def client_writes(self, data: st.DataObject, n: int) -> None:
+        for _ in range(n):
+            self._random_write(data)
+
+    def _random_write(self, data: st.DataObject) -> None:
+        scope, name = data.draw(st.sampled_from(SCOPES)), data.draw(st.sampled_from(NAMES))
+        kind = data.draw(st.sampled_from(["create", "create", "observe", "unobserve", "delete", "relate", "relate",
+                                          "unrelate"]))
+        text, other = data.draw(st.sampled_from(TEXTS)), data.draw(st.sampled_from(NAMES))
+        if kind == "create":
+            self.create_entity(scope, name, data.draw(st.sampled_from(["person", "robot"])),
+                               data.draw(st.sets(st.sampled_from(TEXTS))))
+        elif kind == "observe":
+            self.add_observation(scope, name, text)
+        elif kind == "unobserve":
+            self.delete_observation(scope, name, text)
+        elif kind == "delete":
+            self.delete_entity(scope, name)
+        elif kind == "relate":
+            self.relate(scope, name, other)
+        else:
+            self.unrelate(scope, name, other)
+
+    # --- the operator, the background, the weather ---------------------------------------------------------------
+    @rule(mode=st.sampled_from(["ok", "fail", "stall"]))
+    def secondary_weather(self, mode: str) -> None:
+        self.faults.mode = mode
+
+    @rule()
+    def backfill_batch(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            self.run(self.eng.backfill_step())
+
+    @rule()
+    def backfill_all(self) -> None:
+        while self.eng.state.phase == Phase.DATA_MIGRATION and not self.eng.state.backfill_complete:
+            try:
+                self.run(self.eng.backfill_step())
+            except StoreUnavailable:
+                return
+
+    @rule()
+    def repair_batch(self) -> None:
+        self.run(self.eng.repair_once())
+
+    @rule()
+    def restart_proxy(self) -> None:
+        self.run(self.eng.stop())
+        assert self.control is not None
+        self.run(self.control.close())
+        self.run(self._boot())
+
+    @rule(batch=st.sampled_from([1, 3, 50]))
+    def start_migration(self, batch: int) -> None:
+        target = self.a if self.eng.state.primary == self.b else self.b
+        try:
+            self.run(self.eng.start_migration(target, MigrationOptions(batch_size=batch, mirror_seconds=600),
+                                              "test"))
+        except IllegalTransition:
+            assert self.eng.state.phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK)
+
+    @rule()
+    def advance(self) -> None:
+        before = self.eng.state.phase
+        with contextlib.suppress(IllegalTransition):
+            self.run(self.eng.advance(before, "test"))
+
+    @rule()
+    def rollback(self) -> None:
+        with contextlib.suppress(IllegalTransition):
+            self.run(self.eng.rollback("chaos", "test"))
+
+    # --- the invariant -------------------------------------------------------------------------------------------
+    @precondition(lambda self: self.engine is not None)
+    @rule()
+    def quiesce_and_check(self) -> None:
+        self.faults.mode = "ok"
+        eng = self.eng
+        event(f"checked in {eng.state.phase.value}")
+        if eng.secondary is not None:
+            self.backfill_all()
+            assert self.run(eng.drain_repairs(within=30)) == 0
+            if eng.state.phase != Phase.DATA_MIGRATION or eng.state.backfill_complete:
+                async def diff() -> int:
+                    last = 0
+                    assert eng.secondary is not None
+                    async for report in verify(eng.primary, eng.secondary):
+                        last = report.differences
+                    return last
+
+                assert self.run(diff()) == 0
+
+    @invariant()
+    def primary_holds_what_was_acknowledged(self) -> None:
+        if self.engine is None:
+            return
+
+        async def graph() -> tuple[dict[tuple[str, str], tuple[str, set[str]]], set[tuple[str, str, str, str]]]:
+            ents: dict[tuple[str, str], tuple[str, set[str]]] = {}
+            rels: set[tuple[str, str, str, str]] = set()
+            for scope in SCOPES:
+                page = await self.eng.reader().read_graph(scope, None, 1000)
+                ents.update({(scope, e.name): (e.entity_type, set(e.observations)) for e in page.entities})
+                rels.update((scope, r.source, r.relation_type, r.target) for r in page.relations)
+            return ents, rels
+
+        ents, rels = self.run(graph())
+        assert ents == self.model.entities
+        assert rels == self.model.relations
+
+
+MigrationMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_migration_invariant = MigrationMachine.TestCase
+
+
+@pytest.mark.slow
+class TestMigrationInvariantLong(MigrationMachine.TestCase):  # type: ignore[name-defined,misc]
+    settings = settings(max_examples=2000, stateful_step_count=60, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])
