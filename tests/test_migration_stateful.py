@@ -34,13 +34,17 @@ from proxy.verify import verify
 SCOPES = ["s1", "s2"]
 NAMES = ["a", "b", "c"]
 TEXTS = ["likes tea", "plays chess", "owns a cat"]
-WRITE_METHODS = {"create_entities", "create_relations", "add_observations", "delete_entities",
-                 "delete_observations", "delete_relations", "apply", "replace_if"}
+API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
+              "delete_observations", "delete_relations"}
+WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
 
 
 @dataclass
 class Faults:
     mode: str = "ok"  # ok | fail | stall
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
+    stalled: set[asyncio.Future[Any]] = field(default_factory=set)
+    is_secondary: Any = lambda: True  # a stall only makes sense where the engine does not wait
 
 
 class FaultyStore:
@@ -57,8 +61,11 @@ class FaultyStore:
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             if self._faults.mode == "fail":
                 raise StoreUnavailable("injected failure")
-            if self._faults.mode == "stall":
-                await asyncio.sleep(0.08)  # longer than the engine's grace below
+            # Held past the engine's grace, landing whenever the test says.
+            if self._faults.mode == "stall" and name in API_WRITES and self._faults.is_secondary():
+                waiter = asyncio.ensure_future(self._faults.gate.wait())
+                self._faults.stalled.add(waiter)
+                await waiter
             return await attr(*args, **kwargs)
 
         return guarded
@@ -89,6 +96,7 @@ class MigrationMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="memshift-sm-"))
         self.a, self.b = f"sqlite:///{self.dir}/a.db", f"sqlite:///{self.dir}/b.db"
         self.faults = Faults()
+        self.faults.is_secondary = lambda: self.engine is not None and self.engine.state.primary != self.b
         self.model = Model()
         self.engine: MigrationEngine | None = None
         self.control: SqliteControlStore | None = None
@@ -234,6 +242,14 @@ class MigrationMachine(RuleBasedStateMachine):
         self.faults.mode = mode
 
     @rule()
+    def release_stalled(self) -> None:
+        """Writes held by a stalled secondary land now, late, in whatever state the stores have reached."""
+        self.faults.gate.set()
+        self.run(asyncio.sleep(0.02))
+        self.faults.gate = asyncio.Event()
+        self.faults.stalled.clear()
+
+    @rule()
     def backfill_batch(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             self.run(self.eng.backfill_step())
@@ -282,20 +298,22 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def quiesce_and_check(self) -> None:
         self.faults.mode = "ok"
+        self.release_stalled()
         eng = self.eng
         event(f"checked in {eng.state.phase.value}")
         if eng.secondary is not None:
             self.backfill_all()
             assert self.run(eng.drain_repairs(within=30)) == 0
             if eng.state.phase != Phase.DATA_MIGRATION or eng.state.backfill_complete:
-                async def diff() -> int:
-                    last = 0
+                async def diff() -> list[object]:
+                    samples: list[object] = []
                     assert eng.secondary is not None
                     async for report in verify(eng.primary, eng.secondary):
-                        last = report.differences
-                    return last
+                        samples = list(report.samples)
+                    return samples
 
-                assert self.run(diff()) == 0
+                differences = self.run(diff())
+                assert differences == [], f"in {eng.state.phase.value}: {differences}"
 
     @invariant()
     def primary_holds_what_was_acknowledged(self) -> None:
