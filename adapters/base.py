@@ -103,7 +103,12 @@ class Backend(Protocol):
     async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:
         """Reconciliation, not replication: make each key hold exactly `record` (None: nothing at all), but only
         where the stored version is still `expected` (None: nothing stored). Returns the keys whose stored version
-        had moved on meanwhile; the caller reads again and retries them. An entity's `purged` never decreases."""
+        had moved on meanwhile; the caller reads again and retries them. An entity's `purged` becomes exactly the
+        given record's (it may go down: a purge the primary never made is undone by reconciling the children)."""
+        ...
+
+    async def child_keys(self, scope: str, name: str) -> list[RecordKey]:
+        """Every stored observation of entity `name` and relation touching it, tombstones included."""
         ...
 
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:

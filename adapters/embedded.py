@@ -157,12 +157,10 @@ class _Txn:
         return self.relation(scope, parts[0], parts[1], parts[2])
 
     def remove(self, key: RecordKey) -> None:
-        """Drop a key's row outright (reconciliation only); an entity's `purged` mark is kept as a tombstone."""
+        """Drop a key's row outright, `purged` mark included (reconciliation only)."""
         kind, scope, parts = key
         if kind == Kind.ENTITY:
-            self.conn.execute(
-                "UPDATE entities SET deleted=1, version=0, entity_type='', metadata='{}', embed_hash=NULL,"
-                " vector_hash=NULL, vector=NULL WHERE scope=? AND name=?", (scope, parts[0]))
+            self.conn.execute("DELETE FROM entities WHERE scope=? AND name=?", (scope, parts[0]))
             self.removed.add((scope, parts[0]))
             self.touched.discard((scope, parts[0]))
         elif kind == Kind.OBSERVATION:
@@ -617,12 +615,22 @@ class EmbeddedBackend:
                     continue
                 txn.remove(key)
                 if record is not None:
-                    if isinstance(record, EntityRecord) and isinstance(stored, EntityRecord):
-                        record = replace(record, purged=max(record.purged, stored.purged))
                     txn.apply_record(record)
             return moved
 
         return await self._write_and_embed(body)
+
+    async def child_keys(self, scope: str, name: str) -> list[RecordKey]:
+        def run() -> list[RecordKey]:
+            assert self._conn is not None
+            obs: list[RecordKey] = [(Kind.OBSERVATION, scope, (name, t)) for (t,) in self._conn.execute(
+                "SELECT text FROM observations WHERE scope=? AND entity=?", (scope, name)).fetchall()]
+            rels: list[RecordKey] = [(Kind.RELATION, scope, (a, r, b)) for a, r, b in self._conn.execute(
+                "SELECT source, relation_type, target FROM relations WHERE scope=?1 AND (source=?2 OR target=?2)",
+                (scope, name)).fetchall()]
+            return obs + rels
+
+        return await self._call(run)
 
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
         def run() -> list[Record]:

@@ -118,7 +118,8 @@ class BatchingEmbedder:
             self._ensure_worker()
             assert self._wakeup is not None
             self._wakeup.set()
-            done = iter(await asyncio.gather(*waits))
+            # Shielded: the futures are shared with other callers, whom one caller's cancellation must not reach.
+            done = iter(await asyncio.gather(*(asyncio.shield(f) for f in waits)))
             rows = [row if row is not None else next(done) for row in rows]
         return np.stack([r for r in rows if r is not None])
 

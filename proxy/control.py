@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -139,7 +140,8 @@ def _state_load(raw: str) -> MigrationState:
 
 
 class SqliteControlStore:
-    """Control state in one SQLite file; calls are short, so they run in a thread one at a time."""
+    """Control state in one SQLite file. Calls are short; one worker thread owns the connection, so calls stay
+    serialised even when a waiting coroutine is cancelled mid-call."""
 
     def __init__(self, path: str | Path, initial_primary: str) -> None:
         self._path = str(path)
@@ -156,15 +158,20 @@ class SqliteControlStore:
                 key TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0,
                 last_error TEXT NOT NULL DEFAULT '', UNIQUE (migration_id, key));
         """)
-        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        async with self._lock:
-            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _exec(self, sql: str, params: Any, many: bool = False) -> None:
+        """Run a statement in the worker thread and drop its cursor there: a cursor finalised later on another
+        thread resets its statement concurrently with the next call (SQLITE_MISUSE)."""
+        (self._conn.executemany if many else self._conn.execute)(sql, params).close()
 
     async def load(self) -> MigrationState:
         def run() -> MigrationState:
-            row = self._conn.execute("SELECT body FROM state WHERE id=1").fetchone()
+            rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
+            row = rows[0] if rows else None
             if row is None:
                 return MigrationState(primary=self._initial_primary)
             return _state_load(row[0])
@@ -177,7 +184,8 @@ class SqliteControlStore:
 
         def run() -> None:
             self._conn.execute("BEGIN IMMEDIATE")
-            row = self._conn.execute("SELECT body FROM state WHERE id=1").fetchone()
+            rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
+            row = rows[0] if rows else None
             current = _state_load(row[0]).revision if row else 0
             if current != expected_revision:
                 self._conn.execute("ROLLBACK")
@@ -189,10 +197,10 @@ class SqliteControlStore:
         return new
 
     async def record(self, entry: HistoryEntry) -> None:
-        await self._run(lambda: self._conn.execute(
-            "INSERT INTO history (at, from_phase, to_phase, actor, reason, figures) VALUES (?,?,?,?,?,?)",
+        await self._run(
+            self._exec, "INSERT INTO history (at, from_phase, to_phase, actor, reason, figures) VALUES (?,?,?,?,?,?)",
             (entry.at, entry.from_phase.value, entry.to_phase.value, entry.actor, entry.reason,
-             json.dumps(entry.figures, default=str))))
+             json.dumps(entry.figures, default=str)))
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         rows = await self._run(lambda: self._conn.execute(
@@ -203,9 +211,9 @@ class SqliteControlStore:
 
     async def enqueue_repairs(self, migration_id: int, keys: list[RecordKey]) -> None:
         if keys:
-            await self._run(lambda: self._conn.executemany(
-                "INSERT INTO repairs (migration_id, key) VALUES (?, ?) ON CONFLICT DO UPDATE SET next_at=0",
-                [(migration_id, _key_json(k)) for k in keys]))
+            await self._run(
+                self._exec, "INSERT INTO repairs (migration_id, key) VALUES (?, ?) ON CONFLICT DO UPDATE SET next_at=0",
+                [(migration_id, _key_json(k)) for k in keys], True)
 
     async def due_repairs(self, migration_id: int, limit: int) -> list[RepairItem]:
         rows = await self._run(lambda: self._conn.execute(
@@ -220,7 +228,7 @@ class SqliteControlStore:
 
     async def repaired(self, ids: list[int]) -> None:
         if ids:
-            await self._run(lambda: self._conn.executemany("DELETE FROM repairs WHERE id=?", [(i,) for i in ids]))
+            await self._run(self._exec, "DELETE FROM repairs WHERE id=?", [(i,) for i in ids], True)
 
     async def carry_over_repairs(self, migration_id: int) -> None:
         def run() -> None:
@@ -233,13 +241,12 @@ class SqliteControlStore:
         await self._run(run)
 
     async def repair_failed(self, item: RepairItem, error: str, retry_in: float) -> None:
-        await self._run(lambda: self._conn.execute(
-            "UPDATE repairs SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
-            (time.time() + retry_in, error[:500], item.id)))
+        await self._run(self._exec, "UPDATE repairs SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
+                        (time.time() + retry_in, error[:500], item.id))
 
     async def repair_depth(self, migration_id: int) -> int:
         row = await self._run(lambda: self._conn.execute(
-            "SELECT count(*) FROM repairs WHERE migration_id=?", (migration_id,)).fetchone())
+            "SELECT count(*) FROM repairs WHERE migration_id=?", (migration_id,)).fetchall()[0])
         return int(row[0])
 
     async def pending_keys(self, migration_id: int) -> set[RecordKey]:
@@ -249,3 +256,4 @@ class SqliteControlStore:
 
     async def close(self) -> None:
         await self._run(self._conn.close)
+        self._executor.shutdown(wait=True)
