@@ -8,6 +8,7 @@
     memshift remember NAME TYPE [OBSERVATION...]
     memshift relate FROM RELATION TO
     memshift forget NAME...
+    memshift admin ...                  drive a migration (see `memshift admin --help`)
 
 Client commands take --target (default $MEMSHIFT_TARGET or 127.0.0.1:50051) and --scope (default $MEMSHIFT_SCOPE
 or "default").
@@ -25,6 +26,7 @@ import grpc
 
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
+from proxy import admin_cli
 
 
 def _print_graph(entities: Iterable[pb.Entity], relations: Iterable[pb.Relation],
@@ -51,7 +53,8 @@ def _client_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], nam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memshift", description="Hot-migrating gRPC proxy for AI-agent memory.")
+    parser = argparse.ArgumentParser(prog="memshift", description="Hot-migrating gRPC proxy for AI-agent memory.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="YAML config file (default $MEMSHIFT_CONFIG)")
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target_entity")
     p = _client_parser(sub, "forget", "delete entities")
     p.add_argument("names", nargs="+")
+    admin_cli.add_parser(sub)
     return parser
 
 
@@ -129,6 +133,12 @@ async def _client(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        try:
+            return admin_cli.run(args)
+        except grpc.RpcError as exc:
+            print(f"memshift: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
     if args.command == "serve":
         from proxy import logs
         from proxy.config import ConfigError, load_config

@@ -1,0 +1,173 @@
+"""`memshift admin ...`: the operator's side of a migration, over the MigrationAdmin API.
+
+    memshift admin start --to SPEC [--batch-size N] [--rate-limit R] [--reembed] [--mirror-seconds S]
+    memshift admin status [--watch]
+    memshift admin advance [--from PHASE]
+    memshift admin route --read-fraction F [--shadow-rate R]
+    memshift admin pause | resume
+    memshift admin rollback --reason R
+    memshift admin verify [--resume] [--repair]
+    memshift admin history
+
+The admin token comes from --token, $MEMSHIFT_ADMIN_TOKEN, or --token-file (default ./data/admin.token, which a
+proxy without a configured token writes on first start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from memshift.v1 import admin_pb2 as pb
+from memshift.v1 import admin_pb2_grpc as pb_grpc
+
+PHASES = {"NotStarted": pb.NOT_STARTED, "DataMigration": pb.DATA_MIGRATION, "DualWrite": pb.DUAL_WRITE,
+          "Completed": pb.COMPLETED, "RolledBack": pb.ROLLED_BACK}
+PHASE_NAMES = {v: k for k, v in PHASES.items()}
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    admin = sub.add_parser("admin", help="drive a migration (MigrationAdmin API)", allow_abbrev=False)
+    admin.add_argument("--admin-target", default=os.environ.get("MEMSHIFT_ADMIN_TARGET", "127.0.0.1:50052"))
+    admin.add_argument("--token", default=os.environ.get("MEMSHIFT_ADMIN_TOKEN"))
+    admin.add_argument("--token-file", default=os.environ.get("MEMSHIFT_ADMIN_TOKEN_FILE", "./data/admin.token"))
+    admin.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who acts, for the history")
+    cmds = admin.add_subparsers(dest="admin_command", required=True)
+    p = cmds.add_parser("start", help="start migrating to a new store", allow_abbrev=False)
+    p.add_argument("--to", required=True, dest="target", help="store spec, e.g. sqlite:///./data/new.db")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--rate-limit", type=float, default=0.0, help="records per second (0: unlimited)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--reembed", action="store_true", help="re-embed even when the models match")
+    p.add_argument("--mirror-seconds", type=float, default=3600.0, help="rollback window after cutover")
+    p.add_argument("--require-verify", action="store_true")
+    p.add_argument("--reason", default="")
+    p = cmds.add_parser("status", help="phase, backfill progress, repair queue")
+    p.add_argument("--watch", action="store_true", help="keep showing it (Ctrl-C to stop)")
+    p.add_argument("--interval", type=float, default=1.0)
+    p = cmds.add_parser("advance", help="move to the next phase")
+    p.add_argument("--from", dest="expected", choices=sorted(PHASES), help="the phase you expect to leave "
+                   "(default: the current one, read first)")
+    p.add_argument("--reason", default="")
+    p = cmds.add_parser("route", help="shift reads to the secondary / set shadow sampling")
+    p.add_argument("--read-fraction", type=float, required=True)
+    p.add_argument("--shadow-rate", type=float, default=0.0)
+    p = cmds.add_parser("pause", help="pause the backfill")
+    p.add_argument("--reason", default="")
+    cmds.add_parser("resume", help="resume the backfill")
+    p = cmds.add_parser("rollback", help="return reads and writes to the old primary")
+    p.add_argument("--reason", required=True)
+    p = cmds.add_parser("verify", help="full diff of primary and secondary")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--repair", action="store_true", help="queue every differing key for repair")
+    cmds.add_parser("history", help="every phase change with who, why and the figures")
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    try:
+        return Path(args.token_file).read_text().strip()
+    except OSError:
+        raise SystemExit(f"memshift: no admin token: pass --token, set MEMSHIFT_ADMIN_TOKEN, or make "
+                         f"{args.token_file} readable") from None
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    frac = min(1.0, done / total) if total else 1.0
+    filled = int(frac * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {frac * 100:5.1f}%"
+
+
+def _eta(seconds: float) -> str:
+    if seconds < 0:
+        return "?"
+    m, s = divmod(int(seconds + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def render(st: pb.MigrationStatus) -> str:
+    b, c = st.backfill, st.counters
+    lines = [f"phase      {PHASE_NAMES.get(st.phase, '?')}  (migration {st.migration_id})",
+             f"primary    {st.primary}"]
+    if st.secondary:
+        lines.append(f"secondary  {st.secondary}")
+    if st.phase == pb.DATA_MIGRATION or b.total:
+        state = "complete" if b.complete else "paused" if b.paused else f"ETA {_eta(b.eta_seconds)}"
+        lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
+                     f"{state}")
+    lines.append(f"repairs    {st.repair_queue_depth} pending; dual writes {c.dual_writes} ({c.secondary_failures} "
+                 f"failed, {c.secondary_late} late, {c.effect_mismatches} differed), {c.repairs_done} repaired")
+    if st.read_fraction or st.shadow_sample_rate:
+        lines.append(f"reads      {st.read_fraction:.0%} from secondary, shadow sample {st.shadow_sample_rate:.0%}")
+    if st.rollback_window_seconds_left:
+        lines.append(f"rollback   possible for {_eta(st.rollback_window_seconds_left)}")
+    if st.last_verify_differences >= 0:
+        lines.append(f"verify     last run: {st.last_verify_differences} differences")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    metadata = (("authorization", f"Bearer {_token(args)}"), ("x-memshift-actor", args.actor))
+    with grpc.insecure_channel(args.admin_target) as channel:
+        stub = pb_grpc.MigrationAdminStub(channel)
+        cmd = args.admin_command
+        if cmd == "status" and args.watch:
+            try:
+                for st in stub.WatchStatus(pb.WatchStatusRequest(interval_seconds=args.interval), metadata=metadata):
+                    print("\033[2J\033[H" + render(st) if sys.stdout.isatty() else render(st) + "\n", flush=True)
+            except KeyboardInterrupt:
+                return 0
+            return 0
+        if cmd == "status":
+            print(render(stub.GetStatus(pb.GetStatusRequest(), metadata=metadata)))
+        elif cmd == "start":
+            st = stub.StartMigration(pb.StartMigrationRequest(
+                target=args.target, batch_size=args.batch_size, rate_limit=args.rate_limit, workers=args.workers,
+                reembed=args.reembed, mirror_seconds=args.mirror_seconds, require_verify=args.require_verify,
+                reason=args.reason), metadata=metadata)
+            print(render(st))
+        elif cmd == "advance":
+            expected = PHASES[args.expected] if args.expected else stub.GetStatus(
+                pb.GetStatusRequest(), metadata=metadata).phase
+            print(render(stub.Advance(pb.AdvanceRequest(expected_phase=expected, reason=args.reason),
+                                      metadata=metadata)))
+        elif cmd == "route":
+            print(render(stub.SetReadRouting(pb.SetReadRoutingRequest(
+                read_fraction=args.read_fraction, shadow_sample_rate=args.shadow_rate), metadata=metadata)))
+        elif cmd == "pause":
+            print(render(stub.PauseBackfill(pb.PauseBackfillRequest(reason=args.reason), metadata=metadata)))
+        elif cmd == "resume":
+            print(render(stub.ResumeBackfill(pb.ResumeBackfillRequest(), metadata=metadata)))
+        elif cmd == "rollback":
+            print(render(stub.Rollback(pb.RollbackRequest(reason=args.reason), metadata=metadata)))
+        elif cmd == "verify":
+            started = time.monotonic()
+            last = None
+            for last in stub.Verify(pb.VerifyRequest(resume=args.resume, repair=args.repair), metadata=metadata):
+                if not last.done:
+                    print(f"verified {last.compared} records, {last.differences} differences so far", flush=True)
+            if last is None:
+                return 1
+            print(f"verified {last.compared} records in {time.monotonic() - started:.1f}s: "
+                  f"{last.differences} differences")
+            for s in last.scopes:
+                print(f"  {s.scope}: primary {s.primary_records}, secondary {s.secondary_records}, "
+                      f"differences {s.differences}")
+            for d in last.samples:
+                print(f"  differs {d.key}\n    primary:   {d.primary or '(missing)'}\n"
+                      f"    secondary: {d.secondary or '(missing)'}")
+            return 0 if last.differences == 0 else 3
+        elif cmd == "history":
+            for h in stub.GetHistory(pb.GetHistoryRequest(), metadata=metadata).changes:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.at_unix))
+                figures = ", ".join(f"{k}={v}" for k, v in sorted(h.figures.items()))
+                print(f"{when}  {PHASE_NAMES.get(h.from_phase)} -> {PHASE_NAMES.get(h.to_phase)}  by {h.actor}: "
+                      f"{h.reason}" + (f"  ({figures})" if figures else ""))
+    return 0
