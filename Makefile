@@ -35,6 +35,7 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.migration $(MIGRATION_ARGS)
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -97,7 +97,12 @@ class Backend(Protocol):
     # --- replication: whole versioned records ------------------------------------------------------------------
     async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
         """Apply-if-newer, in one transaction; returns how many records replaced stored state. A vector given for
-        an entity is used when its text matches the entity's embedding text, instead of re-embedding."""
+        an entity is used when its text matches the entity's embedding text, instead of re-embedding; when it does
+        not match yet (the entity's observations are still to come), embedding is deferred to `embed_stale`."""
+        ...
+
+    async def embed_stale(self) -> int:
+        """Embed every live entity whose vector does not match its current text; returns how many."""
         ...
 
     async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:

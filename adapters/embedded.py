@@ -323,10 +323,11 @@ class EmbeddedBackend:
         missing: list[tuple[str, str]] = []
         for key, text in texts.items():
             given = vectors.get(key) if vectors else None
-            if given is not None and given[0] == text and len(given[1]) == self.embedding.dimension:
-                ready[key] = (text, np.asarray(given[1], dtype=np.float32))
-            else:
+            if given is None:
                 missing.append(key)
+            elif given[0] == text and len(given[1]) == self.embedding.dimension:
+                ready[key] = (text, np.asarray(given[1], dtype=np.float32))
+            # else: the source's text has more to it than has arrived; embed_stale() settles what never matches
         if missing:
             computed = await self._embedder.embed([texts[k] for k in missing])
             for key, vec in zip(missing, computed, strict=True):
@@ -632,6 +633,20 @@ class EmbeddedBackend:
 
         return await self._call(run)
 
+    async def embed_stale(self) -> int:
+        await self._settled()
+
+        def run() -> dict[tuple[str, str], str]:
+            assert self._conn is not None
+            stale = {(s, n) for s, n in self._conn.execute(
+                "SELECT scope, name FROM entities WHERE deleted=0 AND (vector IS NULL OR vector_hash IS NOT embed_hash"
+                " OR embed_hash IS NULL)").fetchall()}
+            return self._write(lambda txn: txn.touched.update(stale))[1]
+
+        texts = await self._call(run)
+        await self._embed(texts)
+        return len(texts)
+
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
         def run() -> list[Record]:
             assert self._conn is not None
@@ -681,15 +696,28 @@ class EmbeddedBackend:
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
         await self._settled()
+        by_scope: dict[str, list[str]] = {}
+        for scope, name in keys:
+            by_scope.setdefault(scope, []).append(name)
 
         def run() -> dict[tuple[str, str], tuple[str, Vector]]:
+            # Two queries per scope, whatever the number of entities: backfill calls this for every page.
             assert self._conn is not None
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
-            for (scope, name), text in _Txn(self._conn).current_texts(set(keys)).items():
-                row = self._conn.execute(
-                    "SELECT vector, vector_hash FROM entities WHERE scope=? AND name=?", (scope, name)).fetchone()
-                if row and row[0] is not None and row[1] == _text_hash(text):
-                    out[(scope, name)] = (text, np.frombuffer(row[0], dtype=np.float32).copy())
+            for scope, names in by_scope.items():
+                arg = json.dumps(names)
+                obs: dict[str, list[str]] = {}
+                for entity, text in self._conn.execute(
+                        "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
+                        " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
+                    obs.setdefault(entity, []).append(text)
+                for name, etype, vector, vhash in self._conn.execute(
+                        "SELECT name, entity_type, vector, vector_hash FROM entities WHERE scope=? AND deleted=0"
+                        " AND vector IS NOT NULL AND name IN (SELECT value FROM json_each(?))",
+                        (scope, arg)).fetchall():
+                    text = embedding_text(name, etype, tuple(obs.get(name, ())))
+                    if vhash == _text_hash(text):
+                        out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32).copy())
             return out
 
         return await self._call(run)

@@ -26,9 +26,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from adapters.base import Backend, WriteResult
+from adapters.base import Backend, VectorMap, WriteResult
 from adapters.model import EntityNotFound
-from adapters.records import EntityRecord, Kind, Record, RecordKey, record_digest
+from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, record_digest
 from proxy.clock import HybridClock
 from proxy.control import (
     Conflict,
@@ -76,6 +76,13 @@ class Counters:
     effect_mismatches: int = 0
     repairs_done: int = 0
     repair_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    records: tuple[Record, ...]
+    next_after: RecordKey | None
+    vectors: VectorMap | None
 
 
 def _purge_point(r: Record | None) -> int:
@@ -197,7 +204,7 @@ class MigrationEngine:
             if not s_done:
                 s_task.add_done_callback(_consume)
             raise p_exc
-        done, _ = await asyncio.wait({s_task}, timeout=self._grace)
+        done = {s_task} if s_task.done() else (await asyncio.wait({s_task}, timeout=self._grace))[0]
         self._count(dual_writes=1)
         if not done:
             s_task.add_done_callback(_consume)
@@ -305,15 +312,26 @@ class MigrationEngine:
     async def _backfill_loop(self) -> None:
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
         await self._solo_idle.wait()
+        ahead: asyncio.Future[_Page] | None = None  # the next page, read while the current one is written
+        ahead_cursor: RecordKey | None = None
         while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
             await self._resume.wait()
             started = time.monotonic()
             try:
-                copied = await self.backfill_step()
+                cursor = self.state.backfill_cursor
+                page = await ahead if ahead is not None and ahead_cursor == cursor else await self._read_page(cursor)
+                ahead = None
+                if page.next_after is not None:
+                    ahead_cursor = page.next_after
+                    ahead = asyncio.ensure_future(self._read_page(page.next_after))
+                copied = await self._write_page(page, cursor)
             except asyncio.CancelledError:
+                if ahead is not None:
+                    ahead.cancel()
                 raise
             except Exception:
                 log.exception("backfill batch failed; retrying from the checkpoint")
+                ahead = None
                 await asyncio.sleep(1.0)
                 continue
             rate = self.state.options.rate_limit
@@ -324,19 +342,35 @@ class MigrationEngine:
 
     async def backfill_step(self) -> int:
         """Copy one batch and checkpoint it; returns how many records it copied."""
+        if self.secondary is None or self.state.backfill_complete:
+            return 0
+        cursor = self.state.backfill_cursor
+        return await self._write_page(await self._read_page(cursor), cursor)
+
+    async def _read_page(self, cursor: RecordKey | None) -> _Page:
         secondary = self.secondary
         state = self.state
-        if secondary is None or state.backfill_complete:
-            return 0
-        page = await self.primary.list_records(state.backfill_cursor, state.options.batch_size, tombstones=True)
+        page = await self.primary.list_records(cursor, state.options.batch_size, tombstones=True)
         vectors = None
-        if not state.options.reembed and self.primary.embedding == secondary.embedding:
-            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord) and not r.deleted]
-            vectors = await self.primary.get_vectors(ents) if ents else None
-        await secondary.apply(page.records, vectors)
+        if secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding:
+            # Entities come before their observations in record order, so a page's observations need their
+            # owners' vectors too; the target keeps a vector once the entity's text has caught up with it.
+            owners = [(r.scope, r.name if isinstance(r, EntityRecord) else r.entity) for r in page.records
+                      if isinstance(r, EntityRecord | ObservationRecord) and not r.deleted]
+            vectors = await self.primary.get_vectors(list(dict.fromkeys(owners))) if owners else None
+        return _Page(page.records, page.next_after, vectors)
+
+    async def _write_page(self, page: _Page, cursor: RecordKey | None) -> int:
+        secondary = self.secondary
+        state = self.state
+        if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
+            return 0
+        await secondary.apply(page.records, page.vectors)
+        if page.next_after is None:
+            await secondary.embed_stale()  # anything whose text never matched a copied vector
         async with self._lock:
             cur = self.state
-            if cur.migration_id != state.migration_id or cur.backfill_cursor != state.backfill_cursor:
+            if cur.migration_id != state.migration_id or cur.backfill_cursor != cursor:
                 return 0  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
             await self._save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),

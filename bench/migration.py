@@ -1,0 +1,250 @@
+"""`make bench` (second table): the migration engine on identical embedded stores, baselines from the same run.
+
+    python -m bench.migration [--entities 20000] [--memory-entities 200000] [--writes 2000]
+
+- write latency with no migration vs while dual-writing (parallel) — measured at the engine, without gRPC, which
+  is the harsher ratio (the transport would add the same constant to both);
+- backfill with vectors kept vs the target store's own bulk path (`apply` of whole pages with their vectors);
+- the process's memory growth while backfilling a large store, next to the target's own vector index (state the
+  store keeps whether data arrives by backfill or by clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from adapters.base import Backend
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
+from adapters.model import ObservationAddition, Relation
+from adapters.records import EntityRecord, ObservationRecord, Record, embedding_text
+from bench.__main__ import Table, free_port, wait_ready
+from bench.__main__ import start as start_process
+from memshift.v1 import admin_pb2 as apb
+from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
+from memshift.v1 import memory_pb2 as pb
+from proxy import ops
+from proxy.clock import HybridClock
+from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.migration import MigrationEngine
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def fill(store: Backend, n: int, dim: int, scope: str = "bench") -> None:
+    """n entities with one observation each, with ready vectors (random, unit length): loading 200k entities
+    through the model would take most of an hour on this machine, and vector values do not change copy speed."""
+    rng = np.random.default_rng(7)
+    for start in range(0, n, 2000):
+        recs: list[Record] = []
+        vectors = {}
+        for i in range(start, min(n, start + 2000)):
+            name, obs = f"e{i:07d}", f"fact {i} about topic {i % 97}"
+            recs += [EntityRecord(scope, name, "thing", 1 + i, 1 + i),
+                     ObservationRecord(scope, name, obs, 1 + i, 1 + i)]
+            vec = rng.standard_normal(dim).astype(np.float32)
+            vectors[(scope, name)] = (embedding_text(name, "thing", (obs,)), vec / np.linalg.norm(vec))
+        await store.apply(recs, vectors)
+
+
+async def engine_on(work: Path, embedder: BatchingEmbedder, a: str) -> tuple[MigrationEngine, SqliteControlStore]:
+    async def open_store(spec: str) -> Backend:
+        store = EmbeddedBackend(spec.removeprefix("sqlite:///"), embedder)
+        await store.open()
+        return store
+
+    control = SqliteControlStore(work / f"control-{time.monotonic_ns()}.db", initial_primary=a)
+    engine = MigrationEngine(control, open_store, HybridClock(5))
+    await engine.start()
+    return engine, control
+
+
+async def settle(engine: MigrationEngine) -> None:
+    """Let background embeddings finish, so the model does not compete with the next measurement."""
+    for store in (engine.primary, engine.secondary):
+        if store is not None:
+            await store.semantic_search("bench", np.ones(384, dtype=np.float32) / np.sqrt(384), 1, None, [])
+
+
+async def write_latency(engine: MigrationEngine, n: int, kind: str) -> list[float]:
+    await settle(engine)
+    lat = []
+    counter = itertools.count()
+    for _ in range(n + 50):
+        i = next(counter)
+        op: ops.WriteOp[object]
+        if kind == "relation":
+            op = ops.CreateRelations("bench", [Relation(f"e{i % 1000:07d}", f"e{(i * 7) % 1000:07d}", f"r{i}")])
+        else:
+            op = ops.AddObservations("bench", [ObservationAddition(f"e{i % 1000:07d}", (f"note {i} {kind}",))])
+        t = time.perf_counter()
+        await engine.write(op)
+        lat.append(time.perf_counter() - t)
+    return lat[50:]
+
+
+async def wait_backfill(engine: MigrationEngine) -> float:
+    t = time.perf_counter()
+    while not engine.state.backfill_complete:  # noqa: ASYNC110 - polling the engine's state, as an operator does
+        await asyncio.sleep(0.005)
+    return time.perf_counter() - t
+
+
+async def through_proxy(work: Path, table: Table, writes: int) -> None:
+    """What an agent sees: write latency through the proxy (its own process), before and during dual-write."""
+    port, admin_port = free_port(), free_port()
+    proc = start_process(["-m", "proxy.cli", "serve"], {
+        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "MEMSHIFT_STORE": f"sqlite:///{work}/p-a.db", "MEMSHIFT_CONTROL": f"sqlite:///{work}/p-control.db",
+        "MEMSHIFT_ADMIN_TOKEN": "bench", "MEMSHIFT_LOG_LEVEL": "WARNING"})
+    auth = (("authorization", "Bearer bench"),)
+    try:
+        await wait_ready(f"127.0.0.1:{port}", proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ach:
+            memory, admin = memory_pb2_grpc.MemoryStub(mch), admin_pb2_grpc.MigrationAdminStub(ach)
+            await memory.CreateEntities(pb.CreateEntitiesRequest(scope="bench", entities=[
+                pb.Entity(name=f"e{i:04d}", entity_type="thing", observations=[f"fact {i}"]) for i in range(500)]))
+            counter = itertools.count()
+
+            async def measure(label: str) -> list[float]:
+                lat = []
+                for _ in range(writes + 50):
+                    i = next(counter)
+                    rel = pb.Relation(**{"from": f"e{i % 500:04d}"}, to=f"e{(i * 7) % 500:04d}", relation_type=label)
+                    t = time.perf_counter()
+                    await memory.CreateRelations(pb.CreateRelationsRequest(scope="bench", relations=[rel]))
+                    lat.append(time.perf_counter() - t)
+                return lat[50:]
+
+            solo = await measure("solo")
+            await admin.StartMigration(apb.StartMigrationRequest(target=f"sqlite:///{work}/p-b.db"), metadata=auth)
+            while not (await admin.GetStatus(apb.GetStatusRequest(), metadata=auth)).backfill.complete:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=auth)
+            await memory.SemanticSearch(pb.SemanticSearchRequest(scope="bench", query="settle"))
+            dual = await measure("dual")
+            ratio = statistics.median(dual) / statistics.median(solo)
+            table.add("proxy CreateRelations over gRPC, NotStarted", solo)
+            table.add("proxy CreateRelations over gRPC, DualWrite", dual, note=f"{ratio:.2f} x NotStarted p50")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def main(n: int, mem_n: int, writes: int) -> None:
+    table = Table()
+    work = Path(tempfile.mkdtemp(prefix="memshift-mbench-"))
+    embedder = BatchingEmbedder(SentenceTransformerModel())
+    dim = embedder.info.dimension
+    await through_proxy(work, table, writes)
+
+    # --- dual-write latency ----------------------------------------------------------------------------------------
+    a, b = f"sqlite:///{work}/a.db", f"sqlite:///{work}/b.db"
+    seed = EmbeddedBackend(work / "a.db", embedder)
+    await seed.open()
+    await fill(seed, 1000, dim)
+    await seed.close()
+    engine, control = await engine_on(work, embedder, a)
+    solo = {k: await write_latency(engine, writes, k) for k in ("relation", "observation")}
+    await engine.start_migration(b, MigrationOptions(batch_size=1000), "bench")
+    await wait_backfill(engine)
+    await engine.advance(Phase.DATA_MIGRATION, "bench")
+    dual = {k: await write_latency(engine, writes, k + "-dual") for k in ("relation", "observation")}
+    for k, label in (("relation", "CreateRelations"), ("observation", "AddObservations")):
+        ratio = statistics.median(dual[k]) / statistics.median(solo[k])
+        table.add(f"engine {label}, NotStarted (no gRPC)", solo[k])
+        table.add(f"engine {label}, DualWrite (no gRPC)", dual[k], note=f"{ratio:.2f} x NotStarted p50")
+    await engine.stop()
+    await control.close()
+
+    # --- backfill rate vs the target's raw bulk path ------------------------------------------------------------
+    src = EmbeddedBackend(work / "src.db", embedder)
+    await src.open()
+    await fill(src, n, dim)
+    pages, after = [], None
+    while True:
+        page = await src.list_records(after, 500, tombstones=True)
+        owners = list(dict.fromkeys((r.scope, r.name if isinstance(r, EntityRecord) else r.entity)
+                                    for r in page.records if isinstance(r, EntityRecord | ObservationRecord)))
+        pages.append((page.records, await src.get_vectors(owners)))
+        if page.next_after is None:
+            break
+        after = page.next_after
+    await src.close()
+    raw = EmbeddedBackend(work / "raw.db", embedder)
+    await raw.open()
+    t = time.perf_counter()
+    for recs, vecs in pages:
+        await raw.apply(recs, vecs)
+    await raw.embed_stale()
+    raw_rate = sum(len(r) for r, _ in pages) / (time.perf_counter() - t)
+    await raw.close()
+    table.add(f"target raw bulk apply, {n} entities + vectors (baseline)", rate=raw_rate)
+    engine, control = await engine_on(work, embedder, f"sqlite:///{work}/src.db")
+    await engine.start_migration(f"sqlite:///{work}/dst.db", MigrationOptions(batch_size=500), "bench")
+    secs = await wait_backfill(engine)
+    rate = engine.state.backfill_done / secs
+    table.add(f"backfill, {n} entities, vectors kept", rate=rate, note=f"{rate / raw_rate:.2f} x raw bulk apply")
+    naive = EmbeddedBackend(work / "naive.db", embedder)
+    await naive.open()
+    flat = [r for recs, _ in pages for r in recs][: 20_000]
+    t = time.perf_counter()
+    for i in range(0, len(flat), 10):  # what one-off migration scripts do
+        await naive.apply(flat[i:i + 10])
+    naive_rate = len(flat) / (time.perf_counter() - t)
+    await naive.close()
+    table.add("naive copy, 10 records per call, re-embedding (one-off script)", rate=naive_rate,
+              note=f"backfill is {rate / naive_rate:.1f} x faster")
+    await engine.stop()
+    await control.close()
+
+    # --- memory while backfilling a large store -------------------------------------------------------------------
+    if mem_n:
+        big = EmbeddedBackend(work / "big.db", embedder)
+        await big.open()
+        await fill(big, mem_n, dim)
+        await big.close()
+        engine, control = await engine_on(work, embedder, f"sqlite:///{work}/big.db")
+        before = rss_mb()
+        await engine.start_migration(f"sqlite:///{work}/big-dst.db", MigrationOptions(batch_size=1000), "bench")
+        peak = before
+        t = time.perf_counter()
+        while not engine.state.backfill_complete:
+            await asyncio.sleep(0.05)
+            peak = max(peak, rss_mb())
+        secs = time.perf_counter() - t
+        index_mb = mem_n * dim * 4 / 2**20
+        growth = peak - before
+        table.add(f"backfill of {mem_n} entities: RSS growth {growth:.0f} MB, of which the target's own vector "
+                  f"index {index_mb:.0f} MB", rate=engine.state.backfill_done / secs,
+                  note=f"{growth - index_mb:+.0f} MB beyond the index")
+        await engine.stop()
+        await control.close()
+    print()
+    table.print()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=20_000)
+    parser.add_argument("--memory-entities", type=int, default=200_000)
+    parser.add_argument("--writes", type=int, default=2000)
+    ns = parser.parse_args()
+    asyncio.run(main(ns.entities, ns.memory_entities, ns.writes))
+    sys.exit(0)
