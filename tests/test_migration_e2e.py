@@ -14,6 +14,7 @@ import pytest
 
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
+from adapters.records import Kind
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
@@ -268,3 +269,54 @@ async def test_admin_needs_the_token_and_refuses_illegal_changes(cluster: Cluste
     first = await anext(aiter(watch))
     assert first.phase == apb.DATA_MIGRATION
     watch.cancel()
+
+
+async def test_tls_on_both_ports(embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await proc.wait() == 0
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/m.db", control=f"sqlite:///{tmp_path}/c.db",
+                    admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, tls_cert_file=str(cert),
+                    tls_key_file=str(key))
+    server = MemshiftServer(config, embedder)
+    await server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:
+            created = await memory_pb2_grpc.MemoryStub(ch).CreateEntities(pb.CreateEntitiesRequest(
+                scope="tls", entities=[pb.Entity(name="x", entity_type="t")]))
+            assert len(created.created) == 1
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.admin_port}", creds) as ch:
+            st = await admin_pb2_grpc.MigrationAdminStub(ch).GetStatus(apb.GetStatusRequest(), metadata=AUTH)
+            assert st.phase == apb.NOT_STARTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # plaintext is refused
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await memory_pb2_grpc.MemoryStub(ch).OpenNodes(pb.OpenNodesRequest(scope="tls", names=["x"]),
+                                                               timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(grace=1)
+
+
+async def test_verify_reports_differences_and_repair_fixes_them(cluster: Cluster, embedder: BatchingEmbedder) -> None:
+    await seed(cluster, 120)
+    await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, batch_size=50), metadata=AUTH)
+    await wait_for(cluster, lambda s: s.backfill.complete)
+    # Damage the secondary behind the proxy's back, as a buggy store or an operator mistake would: s0010 vanishes.
+    secondary = cluster.server.engine.secondary
+    assert secondary is not None
+    key = (Kind.ENTITY, "seed", ("s0010",))
+    await secondary.replace_if([(key, None, (await secondary.get_records([key]))[0].version)])
+    found = await run_verify(cluster)
+    assert found.differences == 2  # the entity, and its observation (listed only under a live entity)
+    assert any("s0010" in d.key for d in found.samples)
+    assert [s.scope for s in found.scopes] == ["seed"]
+    status_after = await status(cluster)
+    assert status_after.last_verify_differences == found.differences
+    repaired = await run_verify(cluster, repair=True)
+    assert repaired.differences == found.differences
+    await wait_for(cluster, lambda s: s.repair_queue_depth == 0)
+    assert (await run_verify(cluster)).differences == 0
