@@ -85,6 +85,10 @@ class _Page:
     vectors: VectorMap | None
 
 
+def _key_of(r: Record) -> RecordKey:
+    return r.key
+
+
 def _purge_point(r: Record | None) -> int:
     return r.purged if isinstance(r, EntityRecord) else 0
 
@@ -220,8 +224,9 @@ class MigrationEngine:
                             extra={"error": repr(exc), "keys": len(op.keys())})
             await self._enqueue(migration_id, op.keys())
         else:
-            mine = sorted(record_digest(r) for r in p_result.effects)
-            theirs = sorted(record_digest(r) for r in s_task.result().effects)
+            # Plain record equality (in key order): cheaper than digests on the hot path, and the same test.
+            mine = sorted(p_result.effects, key=_key_of)
+            theirs = sorted(s_task.result().effects, key=_key_of)
             if mine != theirs:
                 self._count(effect_mismatches=1)
                 await self._enqueue(migration_id, op.keys() + [r.key for r in p_result.effects])
