@@ -722,13 +722,13 @@ class EmbeddedBackend:
                         "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
                         " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
                     obs.setdefault(entity, []).append(text)
-                for name, etype, vector, vhash in self._conn.execute(
-                        "SELECT name, entity_type, vector, vector_hash FROM entities WHERE scope=? AND deleted=0"
-                        " AND vector IS NOT NULL AND name IN (SELECT value FROM json_each(?))",
+                # vector_hash = embed_hash means the vector is of the current text (the store keeps it so).
+                for name, etype, vector in self._conn.execute(
+                        "SELECT name, entity_type, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
+                        " NULL AND vector_hash = embed_hash AND name IN (SELECT value FROM json_each(?))",
                         (scope, arg)).fetchall():
                     text = embedding_text(name, etype, tuple(obs.get(name, ())))
-                    if vhash == _text_hash(text):
-                        out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32).copy())
+                    out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32))  # read-only, no copy
             return out
 
         return await self._call(run)

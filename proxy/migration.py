@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -317,26 +318,35 @@ class MigrationEngine:
     async def _backfill_loop(self) -> None:
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
         await self._solo_idle.wait()
-        ahead: asyncio.Future[_Page] | None = None  # the next page, read while the current one is written
-        ahead_cursor: RecordKey | None = None
+        # Up to `workers` pages are in flight: read in order, applied concurrently (apply-if-newer makes their
+        # order irrelevant), and checkpointed strictly in order, so a restart never skips a page.
+        in_flight: deque[tuple[RecordKey | None, _Page, asyncio.Future[int]]] = deque()
+        next_cursor, exhausted = self.state.backfill_cursor, False
         while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
             await self._resume.wait()
             started = time.monotonic()
             try:
-                cursor = self.state.backfill_cursor
-                page = await ahead if ahead is not None and ahead_cursor == cursor else await self._read_page(cursor)
-                ahead = None
-                if page.next_after is not None:
-                    ahead_cursor = page.next_after
-                    ahead = asyncio.ensure_future(self._read_page(page.next_after))
-                copied = await self._write_page(page, cursor)
+                secondary = self.secondary
+                if secondary is None:
+                    return
+                while len(in_flight) < max(1, self.state.options.workers) and not exhausted:
+                    page = await self._read_page(next_cursor)
+                    in_flight.append((next_cursor, page, asyncio.ensure_future(secondary.apply(page.records,
+                                                                                                page.vectors))))
+                    next_cursor, exhausted = page.next_after, page.next_after is None
+                cursor, page, applying = in_flight.popleft()
+                await applying
+                copied = await self._checkpoint(page, cursor)
             except asyncio.CancelledError:
-                if ahead is not None:
-                    ahead.cancel()
+                for _, _, task in in_flight:
+                    task.cancel()
                 raise
             except Exception:
                 log.exception("backfill batch failed; retrying from the checkpoint")
-                ahead = None
+                for _, _, task in in_flight:
+                    task.cancel()
+                in_flight.clear()
+                next_cursor, exhausted = self.state.backfill_cursor, False
                 await asyncio.sleep(1.0)
                 continue
             rate = self.state.options.rate_limit
@@ -347,10 +357,13 @@ class MigrationEngine:
 
     async def backfill_step(self) -> int:
         """Copy one batch and checkpoint it; returns how many records it copied."""
-        if self.secondary is None or self.state.backfill_complete:
+        secondary = self.secondary
+        if secondary is None or self.state.backfill_complete:
             return 0
         cursor = self.state.backfill_cursor
-        return await self._write_page(await self._read_page(cursor), cursor)
+        page = await self._read_page(cursor)
+        await secondary.apply(page.records, page.vectors)
+        return await self._checkpoint(page, cursor)
 
     async def _read_page(self, cursor: RecordKey | None) -> _Page:
         secondary = self.secondary
@@ -365,12 +378,12 @@ class MigrationEngine:
             vectors = await self.primary.get_vectors(list(dict.fromkeys(owners))) if owners else None
         return _Page(page.records, page.next_after, vectors)
 
-    async def _write_page(self, page: _Page, cursor: RecordKey | None) -> int:
-        secondary = self.secondary
+    async def _checkpoint(self, page: _Page, cursor: RecordKey | None) -> int:
+        """Record that the page starting after `cursor` is on the secondary; returns its size (0 if stale)."""
         state = self.state
+        secondary = self.secondary
         if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
             return 0
-        await secondary.apply(page.records, page.vectors)
         if page.next_after is None:
             await secondary.embed_stale()  # anything whose text never matched a copied vector
         async with self._lock:

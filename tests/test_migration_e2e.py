@@ -197,7 +197,7 @@ async def test_restart_mid_backfill_resumes_from_the_checkpoint(embedder: Batchi
     c = await boot(embedder, tmp_path)
     await seed(c, 600)
     records = 600 * 2  # an entity and its observation each
-    await c.admin.StartMigration(apb.StartMigrationRequest(target=c.target, batch_size=50, rate_limit=400),
+    await c.admin.StartMigration(apb.StartMigrationRequest(target=c.target, batch_size=50, rate_limit=400, workers=3),
                                  metadata=AUTH)
     before = await wait_for(c, lambda s: s.backfill.done >= 200)
     await shutdown(c)
