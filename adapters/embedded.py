@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,7 @@ from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+SMALL_JOB = 16  # records (or names) a job may touch and still run inline on the event loop
 log = logging.getLogger("memshift.store.embedded")
 
 _SCHEMA = """
@@ -273,6 +275,7 @@ class EmbeddedBackend:
         self._max_pending = max_pending_texts
         self._pending: dict[asyncio.Task[None], tuple[frozenset[str], int]] = {}  # task -> (scopes, texts)
         self._executor = _sqlite_thread()
+        self._conn_lock = threading.Lock()  # the connection is used by the worker thread and, for small jobs, inline
         self._conn: sqlite3.Connection | None = None
         self._index = VectorIndex(embedder.info.dimension)
 
@@ -285,10 +288,27 @@ class EmbeddedBackend:
         return self._embedder.info
 
     # --- plumbing --------------------------------------------------------------------------------------------------
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, small: bool = False) -> T:
+        """Run `fn` against the connection. A small job (a few rows: an agent's typical write) runs right here on
+        the event loop when the connection is free — a thread hand-off costs more than the job; anything else, or
+        a small job that finds the connection busy, goes to the worker thread, so the loop never waits for a bulk
+        job's lock."""
         if self._conn is None:
             raise StoreUnavailable(f"{self.name} is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if small and self._conn_lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                self._conn_lock.release()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, fn, *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        assert self._conn is not None
+        return self._conn
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._conn_lock:
+            return fn(*args)
 
     def _write(self, body: Callable[[_Txn], T]) -> tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]]:
         assert self._conn is not None
@@ -305,8 +325,10 @@ class EmbeddedBackend:
             self._index.remove(scope, name)
         return result, texts, txn.removed
 
-    async def _write_and_embed(self, body: Callable[[_Txn], T], vectors: VectorMap | None = None) -> T:
-        written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(self._write, body)
+    async def _write_and_embed(self, body: Callable[[_Txn], T], vectors: VectorMap | None = None,
+                               size: int = SMALL_JOB + 1) -> T:
+        written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(
+            self._write, body, small=size <= SMALL_JOB)
         texts = written[1]
         if texts:
             task = asyncio.ensure_future(self._embed(texts, vectors))
@@ -344,7 +366,7 @@ class EmbeddedBackend:
             computed = await self._embedder.embed([texts[k] for k in missing])
             for key, vec in zip(missing, computed, strict=True):
                 ready[key] = (texts[key], vec)
-        await self._call(self._store_vectors, ready)
+        await self._call(self._store_vectors, ready, small=len(ready) <= SMALL_JOB)
 
     def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
         assert self._conn is not None
@@ -417,7 +439,8 @@ class EmbeddedBackend:
         await self._settled()
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, conn.close)
+
 
     # --- the memory API --------------------------------------------------------------------------------------------
     async def create_entities(
@@ -448,7 +471,7 @@ class EmbeddedBackend:
                 created.append(replace(ent, observations=tuple(added)))
             return WriteResult(tuple(created), tuple(effects))
 
-        return await self._write_and_embed(body)
+        return await self._write_and_embed(body, size=sum(1 + len(e.observations) for e in entities))
 
     async def create_relations(
         self, scope: str, relations: Sequence[Relation], version: int
@@ -467,7 +490,7 @@ class EmbeddedBackend:
                     created.append(rel)
             return WriteResult(tuple(created), tuple(effects))
 
-        return await self._write_and_embed(body)
+        return await self._write_and_embed(body, size=len(relations))
 
     async def add_observations(
         self, scope: str, additions: Sequence[ObservationAddition], version: int
@@ -492,7 +515,7 @@ class EmbeddedBackend:
                 results.append(ObservationAddition(add.entity_name, tuple(added)))
             return WriteResult(tuple(results), tuple(effects))
 
-        return await self._write_and_embed(body)
+        return await self._write_and_embed(body, size=sum(len(a.contents) for a in additions))
 
     async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
         # A tombstone is written even for a name this store lacks: the same call then has the same effects on
@@ -516,7 +539,7 @@ class EmbeddedBackend:
         def body(txn: _Txn) -> WriteResult[None]:
             return WriteResult(None, tuple(r for r in recs if txn.apply_record(r)))
 
-        return await self._write_and_embed(body)
+        return await self._write_and_embed(body, size=len(recs))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:
@@ -595,7 +618,7 @@ class EmbeddedBackend:
         return await self._call(run)
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
-        return await self._call(self._graph, scope, list(dict.fromkeys(names)))
+        return await self._call(self._graph, scope, list(dict.fromkeys(names)), small=len(names) <= SMALL_JOB)
 
     async def semantic_search(
         self, scope: str, vector: Vector, limit: int, min_score: float | None, entity_types: Sequence[str]
@@ -667,40 +690,40 @@ class EmbeddedBackend:
         return await self._call(run)
 
     async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
-        def run() -> RecordPage:
-            assert self._conn is not None
+        def run(conn: sqlite3.Connection) -> RecordPage:
             out: list[Record] = []
             start_kind = after[0] if after else Kind.ENTITY
             for kind in Kind:
                 if kind < start_kind or len(out) >= limit:
                     continue
                 pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
-                out.extend(self._list_kind(kind, pos, limit - len(out), tombstones))
+                out.extend(self._list_kind(conn, kind, pos, limit - len(out), tombstones))
             nxt = out[-1].key if len(out) >= limit else None
             return RecordPage(tuple(out), nxt)
 
-        return await self._call(run)
+        return await self._call(lambda: run(self._connection()))
 
-    def _list_kind(self, kind: Kind, pos: tuple[str, ...], limit: int, tombstones: bool) -> list[Record]:
-        assert self._conn is not None
+    @staticmethod
+    def _list_kind(conn: sqlite3.Connection, kind: Kind, pos: tuple[str, ...], limit: int,
+                   tombstones: bool) -> list[Record]:
         live = "" if tombstones else "AND deleted=0"
         if kind == Kind.ENTITY:
             where, args = ("AND (scope, name) > (?,?)", pos) if pos else ("", ())
             return [EntityRecord(s, n, t, v, c, p, bool(d), json.loads(m))
-                    for s, n, t, m, v, c, p, d in self._conn.execute(
+                    for s, n, t, m, v, c, p, d in conn.execute(
                         "SELECT scope, name, entity_type, metadata, version, created, purged, deleted FROM entities"
                         f" WHERE 1=1 {live} {where} ORDER BY scope, name LIMIT ?", (*args, limit))]
         if kind == Kind.OBSERVATION:
             where, args = ("AND (o.scope, o.entity, o.text) > (?,?,?)", pos) if pos else ("", ())
             join = "" if tombstones else (" JOIN entities e ON e.scope=o.scope AND e.name=o.entity AND e.deleted=0"
                                           " WHERE o.deleted=0")
-            return [ObservationRecord(s, e, t, v, c, bool(d)) for s, e, t, v, c, d in self._conn.execute(
+            return [ObservationRecord(s, e, t, v, c, bool(d)) for s, e, t, v, c, d in conn.execute(
                 f"SELECT o.scope, o.entity, o.text, o.version, o.created, o.deleted FROM observations o{join} "
                 f"{'WHERE 1=1' if tombstones else ''} {where} ORDER BY o.scope, o.entity, o.text LIMIT ?",
                 (*args, limit))]
         where, args = ("AND (scope, source, relation_type, target) > (?,?,?,?)", pos) if pos else ("", ())
         return [RelationRecord(s, a, r, b, v, bool(d), json.loads(m))
-                for s, a, r, b, m, v, d in self._conn.execute(
+                for s, a, r, b, m, v, d in conn.execute(
                     "SELECT scope, source, relation_type, target, metadata, version, deleted FROM relations"
                     f" WHERE 1=1 {live} {where} ORDER BY scope, source, relation_type, target LIMIT ?",
                     (*args, limit))]
@@ -711,19 +734,18 @@ class EmbeddedBackend:
         for scope, name in keys:
             by_scope.setdefault(scope, []).append(name)
 
-        def run() -> dict[tuple[str, str], tuple[str, Vector]]:
+        def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
             # Two queries per scope, whatever the number of entities: backfill calls this for every page.
-            assert self._conn is not None
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
             for scope, names in by_scope.items():
                 arg = json.dumps(names)
                 obs: dict[str, list[str]] = {}
-                for entity, text in self._conn.execute(
+                for entity, text in conn.execute(
                         "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
                         " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
                     obs.setdefault(entity, []).append(text)
                 # vector_hash = embed_hash means the vector is of the current text (the store keeps it so).
-                for name, etype, vector in self._conn.execute(
+                for name, etype, vector in conn.execute(
                         "SELECT name, entity_type, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
                         " NULL AND vector_hash = embed_hash AND name IN (SELECT value FROM json_each(?))",
                         (scope, arg)).fetchall():
@@ -731,7 +753,7 @@ class EmbeddedBackend:
                     out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32))  # read-only, no copy
             return out
 
-        return await self._call(run)
+        return await self._call(lambda: run(self._connection()))
 
     async def count(self, scope: str | None = None) -> Counts:
         def run() -> Counts:
