@@ -97,8 +97,9 @@ class Backend(Protocol):
     # --- replication: whole versioned records ------------------------------------------------------------------
     async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
         """Apply-if-newer, in one transaction; returns how many records replaced stored state. A vector given for
-        an entity is used when its text matches the entity's embedding text, instead of re-embedding; when it does
-        not match yet (the entity's observations are still to come), embedding is deferred to `embed_stale`."""
+        an entity is used when its text matches the entity's embedding text, instead of re-embedding. An apply that
+        carries vectors (a backfill) embeds nothing itself: an entity whose vector has not matched yet (its
+        observations are still to come) waits, and `embed_stale` settles what never matches."""
         ...
 
     async def embed_stale(self) -> int:
@@ -126,8 +127,11 @@ class Backend(Protocol):
         (backfill sends them, so a target holding older data learns of deletions it missed)."""
         ...
 
-    async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
-        """The stored vectors of these (scope, entity) keys with the text each was computed from."""
+    async def get_vectors(self, keys: Sequence[tuple[str, str]],
+                          childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
+        """The stored vectors of these (scope, entity) keys with the text each was computed from. With
+        `childless_only`, only entities without live observations: in record order an entity comes before its
+        observations, so only theirs can already match when the entity record alone is copied."""
         ...
 
     async def count(self, scope: str | None = None) -> Counts:

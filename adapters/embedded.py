@@ -356,12 +356,12 @@ class EmbeddedBackend:
         ready: dict[tuple[str, str], tuple[str, Vector]] = {}
         missing: list[tuple[str, str]] = []
         for key, text in texts.items():
-            given = vectors.get(key) if vectors else None
-            if given is None:
-                missing.append(key)
-            elif given[0] == text and len(given[1]) == self.embedding.dimension:
+            given = vectors.get(key) if vectors is not None else None
+            if given is not None and given[0] == text and len(given[1]) == self.embedding.dimension:
                 ready[key] = (text, np.asarray(given[1], dtype=np.float32))
-            # else: the source's text has more to it than has arrived; embed_stale() settles what never matches
+            elif vectors is None:
+                missing.append(key)
+            # else: a backfill page whose entity has more text to come; embed_stale() settles what never matches
         if missing:
             computed = await self._embedder.embed([texts[k] for k in missing])
             for key, vec in zip(missing, computed, strict=True):
@@ -728,7 +728,8 @@ class EmbeddedBackend:
                     f" WHERE 1=1 {live} {where} ORDER BY scope, source, relation_type, target LIMIT ?",
                     (*args, limit))]
 
-    async def get_vectors(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, Vector]]:
+    async def get_vectors(self, keys: Sequence[tuple[str, str]],
+                          childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
         await self._settled()
         by_scope: dict[str, list[str]] = {}
         for scope, name in keys:
@@ -740,14 +741,16 @@ class EmbeddedBackend:
             for scope, names in by_scope.items():
                 arg = json.dumps(names)
                 obs: dict[str, list[str]] = {}
-                for entity, text in conn.execute(
+                childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
+                             " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
+                for entity, text in [] if childless_only else conn.execute(
                         "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
                         " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
                     obs.setdefault(entity, []).append(text)
                 # vector_hash = embed_hash means the vector is of the current text (the store keeps it so).
                 for name, etype, vector in conn.execute(
                         "SELECT name, entity_type, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
-                        " NULL AND vector_hash = embed_hash AND name IN (SELECT value FROM json_each(?))",
+                        f" NULL AND vector_hash = embed_hash AND name IN (SELECT value FROM json_each(?)){childless}",
                         (scope, arg)).fetchall():
                     text = embedding_text(name, etype, tuple(obs.get(name, ())))
                     out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32))  # read-only, no copy

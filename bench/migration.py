@@ -180,9 +180,10 @@ async def main(n: int, mem_n: int, writes: int) -> None:
     pages, after = [], None
     while True:
         page = await src.list_records(after, 500, tombstones=True)
-        owners = list(dict.fromkeys((r.scope, r.name if isinstance(r, EntityRecord) else r.entity)
-                                    for r in page.records if isinstance(r, EntityRecord | ObservationRecord)))
-        pages.append((page.records, await src.get_vectors(owners)))
+        ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
+        owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records if isinstance(r, ObservationRecord)))
+        pages.append((page.records, {**await src.get_vectors(ents, childless_only=True),
+                                     **await src.get_vectors(owners)}))
         if page.next_after is None:
             break
         after = page.next_after

@@ -371,11 +371,13 @@ class MigrationEngine:
         page = await self.primary.list_records(cursor, state.options.batch_size, tombstones=True)
         vectors = None
         if secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding:
-            # Entities come before their observations in record order, so a page's observations need their
-            # owners' vectors too; the target keeps a vector once the entity's text has caught up with it.
-            owners = [(r.scope, r.name if isinstance(r, EntityRecord) else r.entity) for r in page.records
-                      if isinstance(r, EntityRecord | ObservationRecord) and not r.deleted]
-            vectors = await self.primary.get_vectors(list(dict.fromkeys(owners))) if owners else None
+            # Entities come before their observations in record order. An entity record alone can only match the
+            # vector of an entity without observations; the others get theirs with their observations' page.
+            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord) and not r.deleted]
+            owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records
+                                        if isinstance(r, ObservationRecord) and not r.deleted))
+            vectors = {**(await self.primary.get_vectors(ents, childless_only=True) if ents else {}),
+                       **(await self.primary.get_vectors(owners) if owners else {})}
         return _Page(page.records, page.next_after, vectors)
 
     async def _checkpoint(self, page: _Page, cursor: RecordKey | None) -> int:
