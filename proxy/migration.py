@@ -204,7 +204,12 @@ class MigrationEngine:
         except BaseException as p_exc:
             # The primary refused: the caller gets that error, and whatever the secondary kept is undone.
             s_done = (await asyncio.wait({s_task}, timeout=self._grace))[0]
-            if not s_done or s_task.exception() is not None or s_task.result().effects:
+            # Agreement: nothing written on the secondary either, or both refused definitively (NOT_FOUND). An
+            # "unavailable" can hide a committed write on a network store, so it never counts as agreement.
+            s_exc = s_task.exception() if s_done else None
+            agreed = s_done and (isinstance(s_exc, EntityNotFound) and isinstance(p_exc, EntityNotFound)
+                                 if s_exc is not None else not s_task.result().effects)
+            if not agreed:
                 await self._enqueue(migration_id, op.keys())
             if not s_done:
                 s_task.add_done_callback(_consume)
