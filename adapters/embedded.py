@@ -26,7 +26,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -234,17 +234,28 @@ class _Txn:
             self.touched.add(key)
         return replaced
 
-    def current_texts(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The embedding text of each live entity among `keys`."""
+    def current_texts(self, keys: Iterable[tuple[str, str]],
+                      childless_only: bool = False) -> dict[tuple[str, str], str]:
+        """The embedding text of each live entity among `keys` (with `childless_only`, of those without live
+        observations): two queries per scope, whatever the number of entities."""
+        by_scope: dict[str, list[str]] = {}
+        for scope, name in keys:
+            by_scope.setdefault(scope, []).append(name)
         out: dict[tuple[str, str], str] = {}
-        for scope, name in sorted(keys):
-            ent = self.entity(scope, name)
-            if ent is None or ent.deleted:
-                continue
-            obs = tuple(r[0] for r in self.conn.execute(
-                "SELECT text FROM observations WHERE scope=? AND entity=? AND deleted=0 ORDER BY created, text",
-                (scope, name)))
-            out[(scope, name)] = embedding_text(name, ent.entity_type, obs)
+        for scope, names in by_scope.items():
+            arg = json.dumps(names)
+            obs: dict[str, list[str]] = {}
+            if not childless_only:
+                for entity, text in self.conn.execute(
+                        "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
+                        " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
+                    obs.setdefault(entity, []).append(text)
+            childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
+                         " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
+            for name, etype in self.conn.execute(
+                    "SELECT name, entity_type FROM entities WHERE scope=? AND deleted=0"
+                    f" AND name IN (SELECT value FROM json_each(?)){childless}", (scope, arg)).fetchall():
+                out[(scope, name)] = embedding_text(name, etype, tuple(obs.get(name, ())))
         return out
 
     def embedding_texts(self) -> dict[tuple[str, str], str]:
@@ -731,29 +742,17 @@ class EmbeddedBackend:
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
         await self._settled()
-        by_scope: dict[str, list[str]] = {}
-        for scope, name in keys:
-            by_scope.setdefault(scope, []).append(name)
 
         def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
-            # Two queries per scope, whatever the number of entities: backfill calls this for every page.
+            texts = _Txn(conn).current_texts(keys, childless_only)
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
-            for scope, names in by_scope.items():
-                arg = json.dumps(names)
-                obs: dict[str, list[str]] = {}
-                childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
-                             " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
-                for entity, text in [] if childless_only else conn.execute(
-                        "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
-                        " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
-                    obs.setdefault(entity, []).append(text)
+            for scope in {scope for scope, _ in texts}:
                 # vector_hash = embed_hash means the vector is of the current text (the store keeps it so).
-                for name, etype, vector in conn.execute(
-                        "SELECT name, entity_type, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
-                        f" NULL AND vector_hash = embed_hash AND name IN (SELECT value FROM json_each(?)){childless}",
-                        (scope, arg)).fetchall():
-                    text = embedding_text(name, etype, tuple(obs.get(name, ())))
-                    out[(scope, name)] = (text, np.frombuffer(vector, dtype=np.float32))  # read-only, no copy
+                for name, vector in conn.execute(
+                        "SELECT name, vector FROM entities WHERE scope=? AND vector IS NOT NULL AND vector_hash ="
+                        " embed_hash AND name IN (SELECT value FROM json_each(?))",
+                        (scope, json.dumps([n for s, n in texts if s == scope]))).fetchall():
+                    out[(scope, name)] = (texts[(scope, name)], np.frombuffer(vector, dtype=np.float32))  # no copy
             return out
 
         return await self._call(lambda: run(self._connection()))

@@ -78,7 +78,8 @@ async def settle(engine: MigrationEngine) -> None:
     """Let background embeddings finish, so the model does not compete with the next measurement."""
     for store in (engine.primary, engine.secondary):
         if store is not None:
-            await store.semantic_search("bench", np.ones(384, dtype=np.float32) / np.sqrt(384), 1, None, [])
+            dim = store.embedding.dimension
+            await store.semantic_search("bench", np.ones(dim, dtype=np.float32) / np.sqrt(dim), 1, None, [])
 
 
 async def write_latency(engine: MigrationEngine, n: int, kind: str) -> list[float]:

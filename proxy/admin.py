@@ -16,8 +16,10 @@ from adapters.records import Record, RecordKey
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from proxy.control import HistoryEntry, MigrationOptions, Phase
-from proxy.migration import IllegalTransition, MigrationEngine
-from proxy.stores import StoreSpecError, redact
+from proxy.errors import InvalidInput
+from proxy.migration import MigrationEngine
+from proxy.servicer import rpc
+from proxy.stores import redact
 from proxy.verify import VerifyReport, verify
 
 log = logging.getLogger("memshift.admin")
@@ -82,20 +84,6 @@ def _progress_pb(r: VerifyReport) -> pb.VerifyProgress:
                                      secondary=_record_text(d.secondary)) for d in r.samples])
 
 
-def admin_rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await method(self, request, context)
-        except IllegalTransition as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except (ValueError, StoreSpecError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        raise AssertionError("unreachable")
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
 class AdminServicer(pb_grpc.MigrationAdminServicer):
     def __init__(self, engine: MigrationEngine) -> None:
         self._engine = engine
@@ -118,7 +106,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             recent_history=[_change_pb(h) for h in await e.history(10)],
             rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences)
 
-    @admin_rpc
+    @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:
         return await self.status()
 
@@ -128,10 +116,10 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             yield await self.status()
             await asyncio.sleep(interval)
 
-    @admin_rpc
+    @rpc
     async def StartMigration(self, request: pb.StartMigrationRequest, context: Any) -> pb.MigrationStatus:
         if not request.target:
-            raise ValueError("target: a store spec is required, e.g. sqlite:///./data/new.db")
+            raise InvalidInput("target", "a store spec is required, e.g. sqlite:///./data/new.db")
         options = MigrationOptions(
             batch_size=request.batch_size or 500, rate_limit=request.rate_limit, workers=request.workers or 1,
             reembed=request.reembed, mirror_seconds=request.mirror_seconds or 3600.0,
@@ -139,32 +127,32 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         await self._engine.start_migration(request.target, options, _actor(context), request.reason)
         return await self.status()
 
-    @admin_rpc
+    @rpc
     async def Advance(self, request: pb.AdvanceRequest, context: Any) -> pb.MigrationStatus:
         if request.expected_phase not in PHASE_FROM_PB:
-            raise ValueError("expected_phase: required (the phase you are advancing from)")
+            raise InvalidInput("expected_phase", "required (the phase you are advancing from)")
         await self._engine.advance(PHASE_FROM_PB[request.expected_phase], _actor(context), request.reason)
         return await self.status()
 
-    @admin_rpc
+    @rpc
     async def SetReadRouting(self, request: pb.SetReadRoutingRequest, context: Any) -> pb.MigrationStatus:
         await self._engine.set_read_routing(request.read_fraction, request.shadow_sample_rate)
         return await self.status()
 
-    @admin_rpc
+    @rpc
     async def PauseBackfill(self, request: pb.PauseBackfillRequest, context: Any) -> pb.MigrationStatus:
         await self._engine.pause_backfill(_actor(context), request.reason)
         return await self.status()
 
-    @admin_rpc
+    @rpc
     async def ResumeBackfill(self, request: pb.ResumeBackfillRequest, context: Any) -> pb.MigrationStatus:
         await self._engine.resume_backfill(_actor(context))
         return await self.status()
 
-    @admin_rpc
+    @rpc
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.MigrationStatus:
         if not request.reason:
-            raise ValueError("reason: say why you roll back; it is kept in the phase history")
+            raise InvalidInput("reason", "say why you roll back; it is kept in the phase history")
         await self._engine.rollback(request.reason, _actor(context))
         return await self.status()
 
@@ -190,6 +178,6 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                 differing.clear()
             yield _progress_pb(report)
 
-    @admin_rpc
+    @rpc
     async def GetHistory(self, request: pb.GetHistoryRequest, context: Any) -> pb.GetHistoryResponse:
         return pb.GetHistoryResponse(changes=[_change_pb(h) for h in await self._engine.history(request.limit or 100)])

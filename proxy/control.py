@@ -106,8 +106,6 @@ class ControlStore(Protocol):
 
     async def repair_depth(self, migration_id: int) -> int: ...
 
-    async def pending_keys(self, migration_id: int) -> set[RecordKey]: ...
-
     async def close(self) -> None: ...
 
 
@@ -248,11 +246,6 @@ class SqliteControlStore:
         row = await self._run(lambda: self._conn.execute(
             "SELECT count(*) FROM repairs WHERE migration_id=?", (migration_id,)).fetchall()[0])
         return int(row[0])
-
-    async def pending_keys(self, migration_id: int) -> set[RecordKey]:
-        rows = await self._run(lambda: self._conn.execute(
-            "SELECT key FROM repairs WHERE migration_id=?", (migration_id,)).fetchall())
-        return {k for (raw,) in rows if (k := _key_load(raw)) is not None}
 
     async def close(self) -> None:
         await self._run(self._conn.close)

@@ -14,3 +14,7 @@ class InvalidInput(ValueError):
 
 class TooLarge(InvalidInput):
     """A request over a size limit: RESOURCE_EXHAUSTED."""
+
+
+class IllegalTransition(Exception):
+    """A phase change that is not allowed now: FAILED_PRECONDITION, saying which phase it is in and what is allowed."""

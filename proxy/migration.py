@@ -39,6 +39,7 @@ from proxy.control import (
     MigrationState,
     Phase,
 )
+from proxy.errors import IllegalTransition, InvalidInput
 from proxy.ops import WriteOp
 
 log = logging.getLogger("memshift.migration")
@@ -53,10 +54,6 @@ NEXT: dict[Phase, tuple[Phase, ...]] = {
     Phase.COMPLETED: (Phase.DATA_MIGRATION, Phase.ROLLED_BACK),
     Phase.ROLLED_BACK: (Phase.DATA_MIGRATION,),
 }
-
-
-class IllegalTransition(Exception):
-    """FAILED_PRECONDITION: says which phase it is in and what is allowed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,8 +439,12 @@ class MigrationEngine:
                                         "open; Advance from Completed to close it, or Rollback")
             if target == self.state.primary:
                 raise IllegalTransition(f"the target {target!r} is the current primary")
-            if options.batch_size < 1 or options.rate_limit < 0 or options.workers < 1:
-                raise ValueError("batch_size and workers must be at least 1, rate_limit not negative")
+            if options.batch_size < 1:
+                raise InvalidInput("batch_size", "must be at least 1")
+            if options.workers < 1:
+                raise InvalidInput("workers", "must be at least 1")
+            if options.rate_limit < 0:
+                raise InvalidInput("rate_limit", "must not be negative (0 means unlimited)")
             await self._store(target)
             total = (await self.primary.count()).total
             new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
@@ -525,8 +526,10 @@ class MigrationEngine:
             log.info("backfill resumed", extra={"actor": actor})
 
     async def set_read_routing(self, read_fraction: float, shadow_rate: float) -> None:
-        if not (0.0 <= read_fraction <= 1.0 and 0.0 <= shadow_rate <= 1.0):
-            raise ValueError("read_fraction and shadow_sample_rate must be in [0, 1]")
+        if not 0.0 <= read_fraction <= 1.0:
+            raise InvalidInput("read_fraction", f"is {read_fraction}, must be in [0, 1]")
+        if not 0.0 <= shadow_rate <= 1.0:
+            raise InvalidInput("shadow_sample_rate", f"is {shadow_rate}, must be in [0, 1]")
         async with self._lock:
             if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
                 raise self._illegal("serve reads from the secondary (only in DualWrite)")

@@ -16,8 +16,9 @@ from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
-from proxy.errors import InvalidInput, TooLarge
+from proxy.errors import IllegalTransition, InvalidInput, TooLarge
 from proxy.router import Router
+from proxy.stores import StoreSpecError
 
 log = logging.getLogger("memshift.rpc")
 Req = TypeVar("Req")
@@ -29,8 +30,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a domain error maps to; None for an unexpected error."""
     if isinstance(exc, TooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, InvalidInput):
+    if isinstance(exc, InvalidInput | StoreSpecError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, IllegalTransition):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, EntityNotFound):
         return grpc.StatusCode.NOT_FOUND, f"{exc}; nothing of this call was stored"
     if isinstance(exc, StoreUnavailable | EmbeddingMismatch):
@@ -39,6 +42,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Maps domain errors to their status (`status_for`) for the Memory and MigrationAdmin servicers alike;
+    anything else is logged and INTERNAL."""
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:

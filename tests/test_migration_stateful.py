@@ -43,7 +43,6 @@ WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
 class Faults:
     mode: str = "ok"  # ok | fail | stall
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
-    stalled: set[asyncio.Future[Any]] = field(default_factory=set)
     is_secondary: Any = lambda: True  # a stall only makes sense where the engine does not wait
 
 
@@ -63,9 +62,7 @@ class FaultyStore:
                 raise StoreUnavailable("injected failure")
             # Held past the engine's grace, landing whenever the test says.
             if self._faults.mode == "stall" and name in API_WRITES and self._faults.is_secondary():
-                waiter = asyncio.ensure_future(self._faults.gate.wait())
-                self._faults.stalled.add(waiter)
-                await waiter
+                await self._faults.gate.wait()
             return await attr(*args, **kwargs)
 
         return guarded
@@ -247,7 +244,6 @@ class MigrationMachine(RuleBasedStateMachine):
         self.faults.gate.set()
         self.run(asyncio.sleep(0.02))
         self.faults.gate = asyncio.Event()
-        self.faults.stalled.clear()
 
     @rule()
     def backfill_batch(self) -> None:
