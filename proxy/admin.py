@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -15,10 +16,15 @@ import grpc
 from adapters.records import Record, RecordKey
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
+from policies.loader import PolicyError, ramp_schedule
+from policies.rules import RuleResult
 from proxy.control import HistoryEntry, MigrationOptions, Phase
 from proxy.errors import InvalidInput
+from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
+from proxy.read_routing import ReadRouting
 from proxy.servicer import rpc
+from proxy.shadow import ShadowReader
 from proxy.stores import redact
 from proxy.verify import VerifyReport, verify
 
@@ -54,6 +60,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return self._deny_stream if streaming else self._deny_unary
 
 
+def _rule_pb(r: RuleResult) -> pb.RuleStatus:
+    return pb.RuleStatus(name=r.rule.name, metric=r.rule.metric.value, verdict=r.verdict.value, value=r.value,
+                         threshold=r.rule.threshold, samples=r.samples, min_samples=r.rule.min_samples,
+                         streak=r.streak, consecutive=r.rule.consecutive, action=r.rule.action.value,
+                         window_seconds=r.rule.window_seconds)
+
+
 def _actor(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return str(dict(context.invocation_metadata() or ()).get("x-memshift-actor", "admin"))
 
@@ -84,9 +97,21 @@ def _progress_pb(r: VerifyReport) -> pb.VerifyProgress:
                                      secondary=_record_text(d.secondary)) for d in r.samples])
 
 
+@dataclass(frozen=True, slots=True)
+class Watchers:
+    """What watches a migration besides the engine: shadow reads, read routing and the rollback policy."""
+    shadow: ShadowReader
+    reads: ReadRouting
+    guard: PolicyGuard
+
+
 class AdminServicer(pb_grpc.MigrationAdminServicer):
-    def __init__(self, engine: MigrationEngine) -> None:
+    SERVICE = "memshift.v1.MigrationAdmin"
+
+    def __init__(self, engine: MigrationEngine, watchers: Watchers) -> None:
         self._engine = engine
+        self._watchers = watchers
+        self.telemetry = engine.telemetry
 
     async def status(self) -> pb.MigrationStatus:
         e = self._engine
@@ -104,7 +129,13 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                 effect_mismatches=c.effect_mismatches, repairs_done=c.repairs_done,
                 repair_failures=c.repair_failures),
             recent_history=[_change_pb(h) for h in await e.history(10)],
-            rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences)
+            rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences,
+            policy=[_rule_pb(r) for r in self._watchers.guard.last],
+            ramp=pb.RampStatus(running=s.ramp_step >= 0, steps=s.ramp_steps, step=s.ramp_step,
+                               interval_seconds=s.ramp_interval, step_started_unix=s.ramp_step_started_at,
+                               note=s.ramp_note),
+            shadow=pb.ShadowCounters(**asdict(self._watchers.shadow.counters)),
+            reads=pb.ReadCounters(**asdict(self._watchers.reads.counters)))
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:
@@ -136,8 +167,33 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
 
     @rpc
     async def SetReadRouting(self, request: pb.SetReadRoutingRequest, context: Any) -> pb.MigrationStatus:
-        await self._engine.set_read_routing(request.read_fraction, request.shadow_sample_rate)
+        if request.ramp or request.ramp_steps:
+            default = self._watchers.guard.default_ramp()
+            try:
+                schedule = ramp_schedule(list(request.ramp_steps) or list(default.steps),
+                                         request.ramp_interval_seconds or default.interval_seconds)
+            except PolicyError as exc:
+                raise InvalidInput("ramp_steps", str(exc).partition(": ")[2]) from None
+            if request.ramp_interval_seconds < 0:
+                raise InvalidInput("ramp_interval_seconds", "must not be negative (0 means the policy's interval)")
+            await self._engine.start_ramp(schedule.steps, schedule.interval_seconds, request.shadow_sample_rate,
+                                          _actor(context))
+        else:
+            await self._engine.set_read_routing(request.read_fraction, request.shadow_sample_rate)
         return await self.status()
+
+    @rpc
+    async def ListMismatches(self, request: pb.ListMismatchesRequest, context: Any) -> pb.ListMismatchesResponse:
+        if request.limit < 0:
+            raise InvalidInput("limit", "must not be negative (0 means 20)")
+        shadow = self._watchers.shadow
+        picked = [m for m in reversed(shadow.samples)
+                  if (not request.operation or m.operation == request.operation)
+                  and (not request.scope or m.scope == request.scope)][:request.limit or 20]
+        return pb.ListMismatchesResponse(
+            samples=[pb.MismatchSample(at_unix=m.at, operation=m.operation, scope=m.scope, request=m.request,
+                                       primary=m.primary, secondary=m.secondary, detail=m.detail) for m in picked],
+            total_mismatches=shadow.counters.mismatched)
 
     @rpc
     async def PauseBackfill(self, request: pb.PauseBackfillRequest, context: Any) -> pb.MigrationStatus:

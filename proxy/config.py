@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from proxy.clock import MAX_NODE
+from proxy.telemetry import TelemetryConfig
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,8 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     grace_seconds: float = 10.0
+    policy_file: str | None = None  # shadow-read and rollback policy (YAML); None: policies/default.yaml
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
@@ -98,6 +101,10 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
+    "MEMSHIFT_POLICY_FILE": "policy_file",
+    "MEMSHIFT_OTLP_ENDPOINT": "telemetry.otlp_endpoint",
+    "MEMSHIFT_PROMETHEUS_LISTEN": "telemetry.prometheus_listen",
+    "MEMSHIFT_TELEMETRY_CONSOLE": "telemetry.console",
 }
 
 

@@ -56,6 +56,11 @@ class MigrationState:
     verify_cursor: RecordKey | None = None
     last_verify_differences: int = -1  # -1: never verified in this migration
     mirror_until: float = 0.0  # Completed: wall-clock end of the rollback window
+    ramp_steps: tuple[float, ...] = ()  # the read ramp being followed; () = none
+    ramp_interval: float = 0.0  # seconds each step is analysed before the next
+    ramp_step: int = -1  # index into ramp_steps being served; -1 = no ramp running
+    ramp_step_started_at: float = 0.0
+    ramp_note: str = ""  # why the ramp holds, stopped or finished
     revision: int = 0  # bumped on every change; the compare-and-set token
 
 
@@ -106,6 +111,10 @@ class ControlStore(Protocol):
 
     async def repair_depth(self, migration_id: int) -> int: ...
 
+    async def repair_scopes(self, migration_id: int) -> set[str]:
+        """Scopes with at least one pending repair: reads of these stay on the primary."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -134,6 +143,7 @@ def _state_load(raw: str) -> MigrationState:
     data["options"] = MigrationOptions(**data["options"])
     data["backfill_cursor"] = _key_load(data["backfill_cursor"])
     data["verify_cursor"] = _key_load(data["verify_cursor"])
+    data["ramp_steps"] = tuple(data.get("ramp_steps", ()))
     return MigrationState(**data)
 
 
@@ -246,6 +256,11 @@ class SqliteControlStore:
         row = await self._run(lambda: self._conn.execute(
             "SELECT count(*) FROM repairs WHERE migration_id=?", (migration_id,)).fetchall()[0])
         return int(row[0])
+
+    async def repair_scopes(self, migration_id: int) -> set[str]:
+        rows = await self._run(lambda: self._conn.execute(
+            "SELECT DISTINCT json_extract(key, '$[1]') FROM repairs WHERE migration_id=?", (migration_id,)).fetchall())
+        return {str(r[0]) for r in rows}
 
     async def close(self) -> None:
         await self._run(self._conn.close)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from adapters.base import Backend, VectorMap, WriteResult
 from adapters.model import EntityNotFound
 from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, record_digest
+from policies.rules import Observations
 from proxy.clock import HybridClock
 from proxy.control import (
     Conflict,
@@ -41,6 +42,8 @@ from proxy.control import (
 )
 from proxy.errors import IllegalTransition, InvalidInput
 from proxy.ops import WriteOp
+from proxy.stores import system_of
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 T = TypeVar("T")
@@ -107,7 +110,8 @@ def _same(a: Record | None, b: Record | None) -> bool:
 class MigrationEngine:
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
-                 background: bool = True) -> None:
+                 background: bool = True, telemetry: Telemetry | None = None,
+                 observations: Observations | None = None) -> None:
         self._control = control
         self._open = open_store
         self._clock = clock
@@ -117,6 +121,13 @@ class MigrationEngine:
         self._background = background  # False: tests drive backfill and repair step by step
         self._lock = asyncio.Lock()  # serialises state changes within this proxy; CAS guards across proxies
         self._stores: dict[str, Backend] = {}
+        self._systems: dict[int, str] = {}  # id(store) -> db.system.name
+        self.telemetry = telemetry or Telemetry()
+        self.observations = observations  # secondary outcomes for the rollback policy, when one watches
+        # Scopes with a pending repair: their reads stay on the primary (read-your-writes, DESIGN.md, Phases).
+        self._dirty: set[str] = set()
+        self._dirty_added: set[str] | None = None
+        self.last_repair_depth = 0  # for the metrics gauge, which cannot await
         self._solo_inflight = 0
         self._solo_idle = asyncio.Event()
         self._solo_idle.set()
@@ -135,6 +146,7 @@ class MigrationEngine:
         if self.state.secondary:
             await self._store(self.state.secondary)
         self._expire_mirror_if_due()
+        await self._refresh_dirty()
         if not self.state.paused:
             self._resume.set()
         if self._background:
@@ -159,6 +171,7 @@ class MigrationEngine:
         if store is None:
             store = await self._open(spec)
             self._stores[spec] = store
+            self._systems[id(store)] = system_of(spec)
         return store
 
     @property
@@ -173,8 +186,16 @@ class MigrationEngine:
             return None
         return self._stores.get(self.state.secondary)
 
-    def reader(self) -> Backend:
-        return self.primary
+    def system(self, store: Backend) -> str:
+        return self._systems.get(id(store), "other")
+
+    def scope_pending(self, scope: str) -> bool:
+        """True while the scope has a repair pending: the secondary may lack an acknowledged write there."""
+        return scope in self._dirty
+
+    async def _run(self, op: WriteOp[T], store: Backend, role: str, version: int) -> WriteResult[T]:
+        with self.telemetry.store_call(role, self.system(store), type(op).__name__):
+            return await op.run(store, version)
 
     # --- writes ----------------------------------------------------------------------------------------------------
     async def write(self, op: WriteOp[T]) -> WriteResult[T]:
@@ -185,7 +206,7 @@ class MigrationEngine:
             self._solo_inflight += 1
             self._solo_idle.clear()
             try:
-                return await op.run(primary, version)
+                return await self._run(op, primary, "primary", version)
             finally:
                 self._solo_inflight -= 1
                 if self._solo_inflight == 0:
@@ -195,9 +216,9 @@ class MigrationEngine:
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
         migration_id = self.state.migration_id
-        s_task = asyncio.ensure_future(op.run(secondary, version))
+        s_task = asyncio.ensure_future(self._run(op, secondary, "secondary", version))
         try:
-            p_result = await op.run(primary, version)
+            p_result = await self._run(op, primary, "primary", version)
         except BaseException as p_exc:
             # The primary refused: the caller gets that error, and whatever the secondary kept is undone.
             s_done = (await asyncio.wait({s_task}, timeout=self._grace))[0]
@@ -216,31 +237,53 @@ class MigrationEngine:
         if not done:
             s_task.add_done_callback(_consume)
             self._count(secondary_late=1)
+            self.telemetry.dual_write_failures.add(1, {"memshift.reason": "late"})
             await self._enqueue(migration_id, op.keys())
         elif s_task.exception() is not None:
             exc = s_task.exception()
             if isinstance(exc, EntityNotFound):  # the backfill has not brought that entity yet: expected
                 self._count(effect_mismatches=1)
+                self._secondary_outcome(error=False)
             else:
                 self._count(secondary_failures=1)
+                self._secondary_outcome(error=True)
+                self.telemetry.dual_write_failures.add(1, {"memshift.reason": "error"})
                 log.warning("secondary write failed; queued for repair",
                             extra={"error": repr(exc), "keys": len(op.keys())})
             await self._enqueue(migration_id, op.keys())
         else:
+            self._secondary_outcome(error=False)
             # Plain record equality (in key order): cheaper than digests on the hot path, and the same test.
             mine = sorted(p_result.effects, key=_key_of)
             theirs = sorted(s_task.result().effects, key=_key_of)
             if mine != theirs:
                 self._count(effect_mismatches=1)
+                self.telemetry.dual_write_failures.add(1, {"memshift.reason": "mismatch"})
                 await self._enqueue(migration_id, op.keys() + [r.key for r in p_result.effects])
         return p_result
 
     def _count(self, **inc: int) -> None:
         self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
 
+    def _secondary_outcome(self, error: bool) -> None:
+        if self.observations is not None:
+            self.observations.secondary_call(time.time(), error)
+
     async def _enqueue(self, migration_id: int, keys: list[RecordKey]) -> None:
         await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
+        scopes = {k[1] for k in keys}  # after the insert, so a concurrent refresh cannot drop them
+        self._dirty |= scopes
+        if self._dirty_added is not None:
+            self._dirty_added |= scopes
         self._repair_wakeup.set()
+
+    async def _refresh_dirty(self) -> None:
+        self._dirty_added = set()
+        try:
+            found = await self._control.repair_scopes(self.state.migration_id)
+            self._dirty = found | self._dirty_added
+        finally:
+            self._dirty_added = None
 
     # --- repair ----------------------------------------------------------------------------------------------------
     async def _repair_loop(self) -> None:
@@ -251,6 +294,8 @@ class MigrationEngine:
             try:
                 while await self.repair_once() > 0:
                     pass
+                await self._refresh_dirty()
+                await self.repair_depth()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -308,6 +353,7 @@ class MigrationEngine:
             await self.repair_once()
             left = await self._control.repair_depth(self.state.migration_id)
             if left == 0 or self.secondary is None:
+                await self._refresh_dirty()
                 return left
             await asyncio.sleep(0.01)
         return await self._control.repair_depth(self.state.migration_id)
@@ -398,6 +444,7 @@ class MigrationEngine:
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),
                 backfill_total=max(cur.backfill_total, cur.backfill_done + len(page.records)),
                 backfill_complete=page.next_after is None))
+        self.telemetry.backfill_records.add(len(page.records))
         return len(page.records)
 
     def progress(self) -> BackfillProgress:
@@ -451,7 +498,7 @@ class MigrationEngine:
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
                           backfill_started_at=time.time(), verify_cursor=None, last_verify_differences=-1,
-                          read_fraction=0.0, mirror_until=0.0)
+                          read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
             # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)
@@ -480,7 +527,8 @@ class MigrationEngine:
                 if left:
                     raise IllegalTransition(f"cannot complete: {left} repairs are still pending on the new store")
                 await self._change(replace(s, phase=Phase.COMPLETED, primary=s.secondary, secondary=s.primary,
-                                           read_fraction=0.0, mirror_until=time.time() + s.options.mirror_seconds),
+                                           read_fraction=0.0, ramp_step=-1,
+                                           mirror_until=time.time() + s.options.mirror_seconds),
                                    actor, reason or "cutover", {"new_primary": s.secondary,
                                                                 "mirror_seconds": s.options.mirror_seconds})
             elif s.phase == Phase.COMPLETED and s.secondary:
@@ -493,7 +541,7 @@ class MigrationEngine:
         async with self._lock:
             s = self.state
             if s.phase in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE):
-                new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0)
+                new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0, ramp_step=-1)
             elif s.phase == Phase.COMPLETED and s.secondary:
                 # Every write since cutover must be on the old store before it serves again.
                 left = await self.drain_repairs(within=10.0)
@@ -501,7 +549,7 @@ class MigrationEngine:
                     raise IllegalTransition(f"cannot roll back yet: {left} writes are still being copied back to "
                                             f"{s.secondary}; retry when the repair queue is empty")
                 new = replace(s, phase=Phase.ROLLED_BACK, primary=s.secondary, secondary=s.primary,
-                              read_fraction=0.0, mirror_until=0.0)
+                              read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
             else:
                 raise self._illegal("roll back")
             if self._backfill_task is not None:
@@ -533,7 +581,59 @@ class MigrationEngine:
         async with self._lock:
             if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
                 raise self._illegal("serve reads from the secondary (only in DualWrite)")
-            await self._save(replace(self.state, read_fraction=read_fraction, shadow_rate=shadow_rate))
+            # Routing by hand overrides a running ramp.
+            note = "stopped: read fraction set by hand" if self.state.ramp_step >= 0 else self.state.ramp_note
+            await self._save(replace(self.state, read_fraction=read_fraction, shadow_rate=shadow_rate,
+                                     ramp_step=-1, ramp_note=note))
+
+    # --- read ramp and policy actions (decided by proxy.guard, applied here) ----------------------------------------
+    async def start_ramp(self, steps: tuple[float, ...], interval: float, shadow_rate: float, actor: str) -> None:
+        async with self._lock:
+            if self.state.phase != Phase.DUAL_WRITE:
+                raise self._illegal("ramp reads onto the secondary (only in DualWrite)")
+            if not 0.0 <= shadow_rate <= 1.0:
+                raise InvalidInput("shadow_sample_rate", f"is {shadow_rate}, must be in [0, 1]")
+            plan = ", ".join(f"{f:.0%}" for f in steps)
+            await self._save(replace(self.state, ramp_steps=steps, ramp_interval=interval, ramp_step=0,
+                                     ramp_step_started_at=time.time(), read_fraction=steps[0],
+                                     shadow_rate=shadow_rate, ramp_note=f"serving {steps[0]:.0%}"))
+            await self._note(actor, f"read ramp started: {plan}, {interval:g}s per step",
+                             {"steps": plan, "interval_seconds": interval})
+
+    async def ramp_to(self, step: int, reason: str, figures: dict[str, Any]) -> None:
+        async with self._lock:
+            s = self.state
+            if s.phase != Phase.DUAL_WRITE or s.ramp_step < 0 or step >= len(s.ramp_steps):
+                return  # the ramp was stopped or the phase moved on meanwhile
+            await self._save(replace(s, ramp_step=step, ramp_step_started_at=time.time(),
+                                     read_fraction=s.ramp_steps[step], ramp_note=reason))
+            await self._note("memshift-policy", reason, figures)
+
+    async def ramp_note(self, note: str, stop: bool = False) -> None:
+        async with self._lock:
+            if self.state.ramp_note != note or (stop and self.state.ramp_step >= 0):
+                await self._save(replace(self.state, ramp_note=note,
+                                         ramp_step=-1 if stop else self.state.ramp_step))
+
+    async def policy_pause(self, reason: str, figures: dict[str, Any]) -> None:
+        """The policy's `pause`: the ramp stops where it is and the backfill pauses, until an operator acts."""
+        async with self._lock:
+            s = self.state
+            backfilling = s.phase == Phase.DATA_MIGRATION and not s.backfill_complete
+            if backfilling:
+                self._resume.clear()
+            await self._save(replace(s, paused=s.paused or backfilling, ramp_step=-1,
+                                     ramp_note=f"stopped by policy: {reason}" if s.ramp_step >= 0 else s.ramp_note))
+            await self._note("memshift-policy", f"paused: {reason}", figures)
+
+    async def note(self, actor: str, reason: str, figures: dict[str, Any]) -> None:
+        """Record an action that does not change the phase (an alert, a ramp step) in the phase history."""
+        async with self._lock:
+            await self._note(actor, reason, figures)
+
+    async def _note(self, actor: str, reason: str, figures: dict[str, Any]) -> None:
+        phase = self.state.phase
+        await self._control.record(HistoryEntry(time.time(), phase, phase, actor, reason, figures))
 
     async def record_verify(self, differences: int) -> None:
         async with self._lock:
@@ -557,7 +657,8 @@ class MigrationEngine:
         await self._enqueue(self.state.migration_id, keys)
 
     async def repair_depth(self) -> int:
-        return await self._control.repair_depth(self.state.migration_id)
+        self.last_repair_depth = await self._control.repair_depth(self.state.migration_id)
+        return self.last_repair_depth
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         return await self._control.history(limit)

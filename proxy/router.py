@@ -19,16 +19,18 @@ from adapters.model import (
     Relation,
     SearchResult,
 )
-from proxy import ops
+from proxy import ops, reads
 from proxy import validation as check
 from proxy.config import Limits
 from proxy.errors import InvalidInput
 from proxy.migration import MigrationEngine
+from proxy.read_routing import ReadRouting
 
 
 class Router:
-    def __init__(self, engine: MigrationEngine, embedder: Embedder, limits: Limits) -> None:
+    def __init__(self, engine: MigrationEngine, reads: ReadRouting, embedder: Embedder, limits: Limits) -> None:
         self._engine = engine
+        self._reads = reads
         self._embedder = embedder
         self._limits = limits
 
@@ -68,19 +70,19 @@ class Router:
         check.scope(scope)
         size = check.page_size(page_size, self._limits)
         try:
-            return await self._engine.reader().read_graph(scope, page_token or None, size)
+            return await self._reads.read(reads.ReadGraph(scope, page_token or None, size))
         except ValueError as exc:
             raise InvalidInput("page_token", "is not a token returned by ReadGraph") from exc
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         check.scope(scope)
         check.query(query, self._limits)
-        return await self._engine.reader().search_nodes(scope, query)
+        return await self._reads.read(reads.SearchNodes(scope, query))
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         check.scope(scope)
         check.names("names", names, self._limits)
-        return await self._engine.reader().open_nodes(scope, names)
+        return await self._reads.read(reads.OpenNodes(scope, names))
 
     async def semantic_search(
         self, scope: str, query: str, limit: int, min_score: float | None, entity_types: Sequence[str]
@@ -91,4 +93,4 @@ class Router:
         threshold = check.min_score(min_score)
         check.entity_types(entity_types, self._limits)
         vector = (await self._embedder.embed([query]))[0]
-        return await self._engine.reader().semantic_search(scope, vector, k, threshold, entity_types)
+        return await self._reads.read(reads.SemanticSearch(scope, query, vector, k, threshold, entity_types))

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +24,22 @@ from grpc_reflection.v1alpha import reflection
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
-from proxy.admin import AdminServicer, BearerTokenInterceptor
+from policies.loader import PolicyError
+from policies.loader import load as load_policy
+from policies.rules import Observations
+from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
 from proxy.clock import HybridClock
-from proxy.config import Config, EmbeddingConfig
+from proxy.config import Config, ConfigError, EmbeddingConfig
 from proxy.control import SqliteControlStore
+from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
+from proxy.read_routing import ReadRouting
 from proxy.router import Router
 from proxy.servicer import MemoryServicer
+from proxy.shadow import ShadowReader
 from proxy.stores import backend_for, redact, sqlite_path
+from proxy.telemetry import Gauges, Telemetry
+from proxy.telemetry import build as build_telemetry
 
 log = logging.getLogger("memshift.server")
 MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
@@ -65,10 +74,12 @@ def admin_token(config: Config) -> str:
 
 @dataclass
 class MemshiftServer:
-    """One running proxy. `start()` returns the Memory port; `admin_port` is set too (port 0 picks free ones)."""
+    """One running proxy. `start()` returns the Memory port; `admin_port` is set too (port 0 picks free ones).
+    `telemetry` defaults to what `config.telemetry` asks for; tests pass one built on in-memory readers."""
 
     config: Config
     embedder: BatchingEmbedder
+    telemetry: Telemetry | None = None
     engine: MigrationEngine = field(init=False)
 
     async def _open_store(self, spec: str) -> Backend:
@@ -89,14 +100,28 @@ class MemshiftServer:
 
     async def start(self) -> int:
         cfg = self.config
+        try:
+            policy = load_policy(cfg.policy_file)
+        except PolicyError as exc:
+            raise ConfigError(f"policy_file: {exc}") from None
+        self._telemetry_shutdown: Callable[[], None] = lambda: None
+        if self.telemetry is None:
+            self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
+        self.observations = Observations(keep_seconds=policy.policy.longest_window())
         self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
-        self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()))
+        self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
+                                      telemetry=self.telemetry, observations=self.observations)
         await self.engine.start()
-        self.router = Router(self.engine, self.embedder, cfg.limits)
+        self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry)
+        self.reads = ReadRouting(self.engine, self.shadow, self.observations)
+        self.guard = PolicyGuard(self.engine, policy, self.observations)
+        self.guard.start()
+        self.telemetry.gauges_from(self._gauges)
+        self.router = Router(self.engine, self.reads, self.embedder, cfg.limits)
         limit = cfg.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self._server = grpc.aio.server(options=options)
-        memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(self.router), self._server)
+        memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(self.router, self.telemetry), self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -105,7 +130,8 @@ class MemshiftServer:
 
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
-        admin_pb2_grpc.add_MigrationAdminServicer_to_server(AdminServicer(self.engine), self._admin)
+        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard))
+        admin_pb2_grpc.add_MigrationAdminServicer_to_server(admin, self._admin)
         self.admin_port = self._bind(self._admin, cfg.admin_listen)
 
         await self._server.start()
@@ -117,12 +143,20 @@ class MemshiftServer:
                                    "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
         return self.port
 
+    def _gauges(self) -> Gauges:
+        s, p = self.engine.state, self.engine.progress()
+        return Gauges(s.phase.value, s.read_fraction, s.shadow_rate, self.engine.last_repair_depth, p.done, p.total,
+                      p.rate)
+
     async def stop(self, grace: float | None = None) -> None:
         await self._health.enter_graceful_shutdown()
         wait = self.config.grace_seconds if grace is None else grace
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)))
+        await self.guard.stop()
+        await self.shadow.close()
         await self.engine.stop()
         await self.control.close()
+        self._telemetry_shutdown()
         log.info("stopped")
 
 

@@ -18,7 +18,9 @@ from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
 from proxy.errors import IllegalTransition, InvalidInput, TooLarge
 from proxy.router import Router
+from proxy.shadow import collect_after_reply, reset_after_reply
 from proxy.stores import StoreSpecError
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.rpc")
 Req = TypeVar("Req")
@@ -42,28 +44,52 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Maps domain errors to their status (`status_for`) for the Memory and MigrationAdmin servicers alike;
-    anything else is logged and INTERNAL."""
+    """Wraps a handler of the Memory or MigrationAdmin servicer: a server span (the servicer's `telemetry`), domain
+    errors mapped to their status (`status_for`, anything else logged and INTERNAL), and the work the handler left
+    for after the reply (shadow reads) started once gRPC has sent the answer."""
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        try:
-            return await method(self, request, context)
-        except Exception as exc:
-            mapped = status_for(exc)
-            if mapped is None:
-                log.exception("internal error", extra={"rpc": method.__name__})
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see proxy logs")
-                raise  # unreachable: abort raises
-            log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name, "detail": mapped[1]})
-            await context.abort(*mapped)
-            raise
+        telemetry: Telemetry = self.telemetry
+        hooks, token = collect_after_reply()
+        with telemetry.rpc(self.SERVICE, method.__name__) as call:
+            try:
+                response = await method(self, request, context)
+            except Exception as exc:
+                mapped = status_for(exc)
+                if mapped is None:
+                    call.status = "INTERNAL"
+                    log.exception("internal error", extra={"rpc": method.__name__})
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"internal error in {method.__name__}; see proxy logs")
+                    raise  # unreachable: abort raises
+                call.status = mapped[0].name
+                log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name,
+                                             "detail": mapped[1]})
+                await context.abort(*mapped)
+                raise
+            finally:
+                reset_after_reply(token)
+        if hooks:
+            context.add_done_callback(lambda _: _run_hooks(hooks))
+        return response
 
     return wrapper
 
 
+def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("after-reply hook failed")
+
+
 class MemoryServicer(pb_grpc.MemoryServicer):
-    def __init__(self, router: Router) -> None:
+    SERVICE = "memshift.v1.Memory"
+
+    def __init__(self, router: Router, telemetry: Telemetry) -> None:
         self._router = router
+        self.telemetry = telemetry
 
     @rpc
     async def CreateEntities(self, request: pb.CreateEntitiesRequest, context: Any) -> pb.CreateEntitiesResponse:

@@ -46,3 +46,13 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
     if scheme == "sqlite":
         return EmbeddedBackend(sqlite_path(spec), embedder)
     raise StoreSpecError(f"store spec {spec!r}: unknown scheme {scheme!r}; supported: sqlite")
+
+
+# Store spec scheme -> OpenTelemetry `db.system.name`.
+_SYSTEMS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql", "bolt": "neo4j",
+            "neo4j": "neo4j", "neo4j+s": "neo4j", "qdrant": "qdrant", "qdrant+local": "qdrant", "hybrid": "hybrid"}
+
+
+def system_of(spec: str) -> str:
+    scheme = spec.partition(":")[0]
+    return _SYSTEMS.get(scheme, scheme or "other")

@@ -320,7 +320,7 @@ class MigrationMachine(RuleBasedStateMachine):
             ents: dict[tuple[str, str], tuple[str, set[str]]] = {}
             rels: set[tuple[str, str, str, str]] = set()
             for scope in SCOPES:
-                page = await self.eng.reader().read_graph(scope, None, 1000)
+                page = await self.eng.primary.read_graph(scope, None, 1000)
                 ents.update({(scope, e.name): (e.entity_type, set(e.observations)) for e in page.entities})
                 rels.update((scope, r.source, r.relation_type, r.target) for r in page.relations)
             return ents, rels

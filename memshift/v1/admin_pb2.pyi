@@ -192,6 +192,10 @@ class MigrationStatus(_message.Message):
     RECENT_HISTORY_FIELD_NUMBER: _builtins.int
     ROLLBACK_WINDOW_SECONDS_LEFT_FIELD_NUMBER: _builtins.int
     LAST_VERIFY_DIFFERENCES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    RAMP_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -210,6 +214,16 @@ class MigrationStatus(_message.Message):
     def counters(self) -> Global___DualWriteCounters: ...
     @_builtins.property
     def recent_history(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseChange]: ...
+    @_builtins.property
+    def policy(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleStatus]:
+        """The rollback policy's last evaluation, one entry per rule that applies in this phase."""
+
+    @_builtins.property
+    def ramp(self) -> Global___RampStatus: ...
+    @_builtins.property
+    def shadow(self) -> Global___ShadowCounters: ...
+    @_builtins.property
+    def reads(self) -> Global___ReadCounters: ...
     def __init__(
         self,
         *,
@@ -225,14 +239,167 @@ class MigrationStatus(_message.Message):
         recent_history: _abc.Iterable[Global___PhaseChange] | None = ...,
         rollback_window_seconds_left: _builtins.float = ...,
         last_verify_differences: _builtins.int = ...,
+        policy: _abc.Iterable[Global___RuleStatus] | None = ...,
+        ramp: Global___RampStatus | None = ...,
+        shadow: Global___ShadowCounters | None = ...,
+        reads: Global___ReadCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "primary", b"primary", "read_fraction", b"read_fraction", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MigrationStatus: _TypeAlias = MigrationStatus  # noqa: Y015
+
+@_typing.final
+class RuleStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    STREAK_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    metric: _builtins.str
+    """mismatch_rate, error_rate or added_p99_ms."""
+    verdict: _builtins.str
+    """pass, breach or no-data (fewer samples than min_samples: neither a pass nor a fail)."""
+    value: _builtins.float
+    """The metric over the window; NaN with no-data."""
+    threshold: _builtins.float
+    samples: _builtins.int
+    min_samples: _builtins.int
+    streak: _builtins.int
+    """Consecutive breaching evaluations so far, and how many fire the action."""
+    consecutive: _builtins.int
+    action: _builtins.str
+    """rollback, pause or alert."""
+    window_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        samples: _builtins.int = ...,
+        min_samples: _builtins.int = ...,
+        streak: _builtins.int = ...,
+        consecutive: _builtins.int = ...,
+        action: _builtins.str = ...,
+        window_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "consecutive", b"consecutive", "metric", b"metric", "min_samples", b"min_samples", "name", b"name", "samples", b"samples", "streak", b"streak", "threshold", b"threshold", "value", b"value", "verdict", b"verdict", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleStatus: _TypeAlias = RuleStatus  # noqa: Y015
+
+@_typing.final
+class RampStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    STEP_STARTED_UNIX_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    step: _builtins.int
+    """Index into steps being served; -1 when no ramp runs."""
+    interval_seconds: _builtins.float
+    step_started_unix: _builtins.float
+    note: _builtins.str
+    """Why the ramp holds, stopped or finished."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        steps: _abc.Iterable[_builtins.float] | None = ...,
+        step: _builtins.int = ...,
+        interval_seconds: _builtins.float = ...,
+        step_started_unix: _builtins.float = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "note", b"note", "running", b"running", "step", b"step", "step_started_unix", b"step_started_unix", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RampStatus: _TypeAlias = RampStatus  # noqa: Y015
+
+@_typing.final
+class ShadowCounters(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    TIMEOUTS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    started: _builtins.int
+    matched: _builtins.int
+    mismatched: _builtins.int
+    errors: _builtins.int
+    timeouts: _builtins.int
+    dropped: _builtins.int
+    """Not run because max_concurrency shadow reads were already running."""
+    def __init__(
+        self,
+        *,
+        started: _builtins.int = ...,
+        matched: _builtins.int = ...,
+        mismatched: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        timeouts: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "errors", b"errors", "matched", b"matched", "mismatched", b"mismatched", "started", b"started", "timeouts", b"timeouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowCounters: _TypeAlias = ShadowCounters  # noqa: Y015
+
+@_typing.final
+class ReadCounters(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVED_BY_SECONDARY_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    served_by_secondary: _builtins.int
+    fallbacks: _builtins.int
+    """Reads routed to the secondary that failed there and were answered by the primary."""
+    def __init__(
+        self,
+        *,
+        served_by_secondary: _builtins.int = ...,
+        fallbacks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallbacks", b"fallbacks", "served_by_secondary", b"served_by_secondary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadCounters: _TypeAlias = ReadCounters  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -344,19 +511,34 @@ class SetReadRoutingRequest(_message.Message):
 
     READ_FRACTION_FIELD_NUMBER: _builtins.int
     SHADOW_SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    RAMP_FIELD_NUMBER: _builtins.int
+    RAMP_STEPS_FIELD_NUMBER: _builtins.int
+    RAMP_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     read_fraction: _builtins.float
     """Fraction of reads served by the secondary (DUAL_WRITE only), in [0, 1]."""
     shadow_sample_rate: _builtins.float
-    """Fraction of reads compared against the secondary in the background, in [0, 1]."""
+    """Fraction of reads compared against the other store in the background, in [0, 1]."""
+    ramp: _builtins.bool
+    """Instead of a fixed read_fraction, follow a ramp (DUAL_WRITE only): each step is served for
+    ramp_interval_seconds and taken only while the rollback policy passes. Empty steps with ramp=true: the
+    policy file's schedule.
+    """
+    ramp_interval_seconds: _builtins.float
+    """0 means the policy file's interval."""
+    @_builtins.property
+    def ramp_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
         read_fraction: _builtins.float = ...,
         shadow_sample_rate: _builtins.float = ...,
+        ramp: _builtins.bool = ...,
+        ramp_steps: _abc.Iterable[_builtins.float] | None = ...,
+        ramp_interval_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_fraction", b"read_fraction", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ramp", b"ramp", "ramp_interval_seconds", b"ramp_interval_seconds", "ramp_steps", b"ramp_steps", "read_fraction", b"read_fraction", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +717,97 @@ class VerifyProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyProgress: _TypeAlias = VerifyProgress  # noqa: Y015
+
+@_typing.final
+class ListMismatchesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """0 means 20."""
+    operation: _builtins.str
+    """Only this operation (e.g. SemanticSearch) or scope; empty means any."""
+    scope: _builtins.str
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        operation: _builtins.str = ...,
+        scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "operation", b"operation", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMismatchesRequest: _TypeAlias = ListMismatchesRequest  # noqa: Y015
+
+@_typing.final
+class MismatchSample(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_UNIX_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    SECONDARY_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    at_unix: _builtins.float
+    operation: _builtins.str
+    scope: _builtins.str
+    request: _builtins.str
+    """The request, as text (query, names or page token)."""
+    primary: _builtins.str
+    """Both answers as JSON, cut at 8 KiB."""
+    secondary: _builtins.str
+    detail: _builtins.str
+    """What the comparator found different."""
+    def __init__(
+        self,
+        *,
+        at_unix: _builtins.float = ...,
+        operation: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        request: _builtins.str = ...,
+        primary: _builtins.str = ...,
+        secondary: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix", b"at_unix", "detail", b"detail", "operation", b"operation", "primary", b"primary", "request", b"request", "scope", b"scope", "secondary", b"secondary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MismatchSample: _TypeAlias = MismatchSample  # noqa: Y015
+
+@_typing.final
+class ListMismatchesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    TOTAL_MISMATCHES_FIELD_NUMBER: _builtins.int
+    total_mismatches: _builtins.int
+    """Mismatches seen by this proxy since it started (samples keep only the latest)."""
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___MismatchSample]: ...
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___MismatchSample] | None = ...,
+        total_mismatches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples", "total_mismatches", b"total_mismatches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMismatchesResponse: _TypeAlias = ListMismatchesResponse  # noqa: Y015
 
 @_typing.final
 class GetHistoryRequest(_message.Message):

@@ -84,6 +84,11 @@ class MigrationAdminStub:
                 request_serializer=memshift_dot_v1_dot_admin__pb2.GetHistoryRequest.SerializeToString,
                 response_deserializer=memshift_dot_v1_dot_admin__pb2.GetHistoryResponse.FromString,
                 _registered_method=True)
+        self.ListMismatches = channel.unary_unary(
+                '/memshift.v1.MigrationAdmin/ListMismatches',
+                request_serializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.SerializeToString,
+                response_deserializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationAdminServicer:
@@ -155,6 +160,13 @@ class MigrationAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMismatches(self, request, context):
+        """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +219,11 @@ def add_MigrationAdminServicer_to_server(servicer, server):
                     servicer.GetHistory,
                     request_deserializer=memshift_dot_v1_dot_admin__pb2.GetHistoryRequest.FromString,
                     response_serializer=memshift_dot_v1_dot_admin__pb2.GetHistoryResponse.SerializeToString,
+            ),
+            'ListMismatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMismatches,
+                    request_deserializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.FromString,
+                    response_serializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +496,33 @@ class MigrationAdmin:
             '/memshift.v1.MigrationAdmin/GetHistory',
             memshift_dot_v1_dot_admin__pb2.GetHistoryRequest.SerializeToString,
             memshift_dot_v1_dot_admin__pb2.GetHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMismatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memshift.v1.MigrationAdmin/ListMismatches',
+            memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.SerializeToString,
+            memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,8 @@ class MigrationAdminStub:
     Verify: _grpc.UnaryStreamMultiCallable[_admin_pb2.VerifyRequest, _admin_pb2.VerifyProgress]
     """A full diff of primary and secondary; streams progress, the last message has done=true."""
     GetHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetHistoryRequest, _admin_pb2.GetHistoryResponse]
+    ListMismatches: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMismatchesRequest, _admin_pb2.ListMismatchesResponse]
+    """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
 
 @_typing.type_check_only
 class MigrationAdminAsyncStub(MigrationAdminStub):
@@ -79,6 +81,8 @@ class MigrationAdminAsyncStub(MigrationAdminStub):
     Verify: _aio.UnaryStreamMultiCallable[_admin_pb2.VerifyRequest, _admin_pb2.VerifyProgress]  # type: ignore[assignment]
     """A full diff of primary and secondary; streams progress, the last message has done=true."""
     GetHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetHistoryRequest, _admin_pb2.GetHistoryResponse]  # type: ignore[assignment]
+    ListMismatches: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMismatchesRequest, _admin_pb2.ListMismatchesResponse]  # type: ignore[assignment]
+    """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
 
 class MigrationAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -157,5 +161,13 @@ class MigrationAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetHistoryResponse, _abc.Awaitable[_admin_pb2.GetHistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMismatches(
+        self,
+        request: _admin_pb2.ListMismatchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListMismatchesResponse, _abc.Awaitable[_admin_pb2.ListMismatchesResponse]]:
+        """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
 
 def add_MigrationAdminServicer_to_server(servicer: MigrationAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,79 @@
+"""Where each read goes (DESIGN.md, Phases and Shadow reads).
+
+Without a migration, or before DualWrite, reads go to the primary. In DualWrite a fraction of reads (chosen by a
+hash of scope and request) is served by the secondary, except in scopes with a pending repair, where the secondary
+may still lack one of the caller's acknowledged writes. A secondary that fails a read is counted and the primary
+answers instead. Any read may also be shadowed on the other store (`ShadowReader`), after the caller has its answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from policies.rules import Observations
+from proxy.control import Phase
+from proxy.migration import MigrationEngine
+from proxy.reads import ReadOp
+from proxy.shadow import ShadowReader, sampled
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCounters:
+    served_by_secondary: int = 0
+    fallbacks: int = 0  # secondary failed, primary answered
+
+
+class ReadRouting:
+    def __init__(self, engine: MigrationEngine, shadow: ShadowReader, observations: Observations) -> None:
+        self._engine = engine
+        self._shadow = shadow
+        self._observations = observations
+        self.counters = ReadCounters()
+
+    def _count(self, **inc: int) -> None:
+        self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
+
+    async def read(self, op: ReadOp[T]) -> T:
+        engine, state = self._engine, self._engine.state
+        primary, other = engine.primary, engine.secondary
+        telemetry = engine.telemetry
+        if other is None:
+            with telemetry.store_call("primary", engine.system(primary), op.operation):
+                return await op.run(primary)
+        identity = op.identity()
+        shadowed = sampled(op.scope, identity, state.shadow_rate, "shadow")
+        if (state.phase == Phase.DUAL_WRITE and state.read_fraction > 0 and not engine.scope_pending(op.scope)
+                and sampled(op.scope, identity, state.read_fraction, "route")):
+            answer = await self._from_secondary(op, other)
+            if answer is not None:
+                if shadowed:
+                    self._shadow.schedule(op, answer[0], False, answer[1], primary, engine.system(primary))
+                return answer[0]
+        start = time.perf_counter()
+        with telemetry.store_call("primary", engine.system(primary), op.operation):
+            result = await op.run(primary)
+        if shadowed:
+            self._shadow.schedule(op, result, True, time.perf_counter() - start, other, engine.system(other))
+        return result
+
+    async def _from_secondary(self, op: ReadOp[T], store: Any) -> tuple[T, float] | None:
+        """The secondary's answer and how long it took, or None (counted) when it failed."""
+        engine = self._engine
+        start = time.perf_counter()
+        try:
+            with engine.telemetry.store_call("secondary", engine.system(store), op.operation):
+                answer = await op.run(store)
+        except ValueError:
+            raise  # the request itself is bad (a foreign page token): the primary would refuse it too
+        except Exception:
+            self._observations.secondary_call(time.time(), error=True)
+            self._count(fallbacks=1)
+            engine.telemetry.read_fallbacks.add(1, {"rpc.method": op.operation})
+            return None
+        self._observations.secondary_call(time.time(), error=False)
+        self._count(served_by_secondary=1)
+        return answer, time.perf_counter() - start
