@@ -103,8 +103,10 @@ def _rule(f: _Fields) -> Rule:
 
 
 def parse(raw: Any, where: str = "policy") -> PolicyFile:
-    top = _Fields("", raw, {"evaluate_every_seconds", "shadow", "compare", "ramp", "rules"})
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{where}: must be a mapping of settings at the top, got {type(raw).__name__}")
     try:
+        top = _Fields("", raw, {"evaluate_every_seconds", "shadow", "compare", "ramp", "rules"})
         shadow_f = top.sub("shadow", {"max_concurrency", "timeout_seconds"})
         shadow = ShadowSettings(shadow_f.integer("max_concurrency", 32, low=1),
                                 shadow_f.number("timeout_seconds", 2.0, above_low=True))

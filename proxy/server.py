@@ -80,12 +80,14 @@ class MemshiftServer:
     config: Config
     embedder: BatchingEmbedder
     telemetry: Telemetry | None = None
+    # Wraps each store as it is opened (spec, store) -> store; tests use it to inject faults into a real store.
+    wrap_store: Callable[[str, Backend], Backend] | None = None
     engine: MigrationEngine = field(init=False)
 
     async def _open_store(self, spec: str) -> Backend:
         store = backend_for(spec, self.embedder)
         await store.open()
-        return store
+        return self.wrap_store(spec, store) if self.wrap_store else store
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         if self.config.tls_cert_file and self.config.tls_key_file:

@@ -20,38 +20,8 @@ from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import Config
 from proxy.server import MemshiftServer
+from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN
-
-AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-memshift-actor", "pytest"))
-
-
-@dataclass
-class Cluster:
-    dir: Path
-    server: MemshiftServer
-    memory: memory_pb2_grpc.MemoryStub
-    admin: admin_pb2_grpc.MigrationAdminStub
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return f"sqlite:///{self.dir}/new.db"
-
-
-async def boot(embedder: BatchingEmbedder, d: Path) -> Cluster:
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
-                    admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=2)
-    server = MemshiftServer(config, embedder)
-    await server.start()
-    mch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    ach = grpc.aio.insecure_channel(f"127.0.0.1:{server.admin_port}")
-    return Cluster(d, server, memory_pb2_grpc.MemoryStub(mch), admin_pb2_grpc.MigrationAdminStub(ach), [mch, ach])
-
-
-async def shutdown(c: Cluster) -> None:
-    for ch in c.channels:
-        await ch.close()
-    await c.server.stop(grace=1)
 
 
 @pytest.fixture
@@ -115,35 +85,6 @@ async def graph_of(store: EmbeddedBackend, scope: str) -> tuple[dict[str, set[st
         if page.next_cursor is None:
             return ents, rels
         cursor = page.next_cursor
-
-
-async def status(c: Cluster) -> apb.MigrationStatus:
-    return await c.admin.GetStatus(apb.GetStatusRequest(), metadata=AUTH)
-
-
-async def wait_for(c: Cluster, check: object, limit_s: float = 60) -> apb.MigrationStatus:
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while True:
-        st = await status(c)
-        if check(st):  # type: ignore[operator]
-            return st
-        assert asyncio.get_running_loop().time() < deadline, f"timed out; status: {st}"
-        await asyncio.sleep(0.05)
-
-
-async def run_verify(c: Cluster, **kw: bool) -> apb.VerifyProgress:
-    last = None
-    async for progress in c.admin.Verify(apb.VerifyRequest(**kw), metadata=AUTH):
-        last = progress
-    assert last is not None and last.done
-    return last
-
-
-async def seed(c: Cluster, n: int, scope: str = "seed") -> None:
-    for i in range(0, n, 100):
-        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[
-            pb.Entity(name=f"s{j:04d}", entity_type="seed", observations=[f"seed fact {j}"])
-            for j in range(i, min(n, i + 100))]))
 
 
 async def test_full_migration_while_agents_write(cluster: Cluster, embedder: BatchingEmbedder) -> None:
