@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from policies.loader import PolicyFile
 from policies.ramp import RampMove, RampSchedule, decide
-from policies.rules import Action, Observations, RuleResult, evaluate, most_severe, streaks_after
+from policies.rules import Action, Observations, RuleResult, Verdict, evaluate, most_severe, streaks_after
 from proxy.control import Phase
 from proxy.errors import IllegalTransition
 from proxy.migration import MigrationEngine
@@ -42,9 +42,13 @@ class PolicyGuard:
         self._observations = observations
         self._clock = clock
         self._streaks: dict[str, int] = {}
+        # Rules whose alert or pause already fired in the current breach episode: recorded once, not every
+        # `consecutive` evaluations, until the rule passes again.
+        self._episode: set[str] = set()
         self._migration_id = engine.state.migration_id
         self.last: tuple[RuleResult, ...] = ()
         self.last_at = 0.0
+        self.evaluations = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -74,9 +78,11 @@ class PolicyGuard:
         engine = self._engine
         state = engine.state
         now = self._clock()
+        self.evaluations += 1
         if state.migration_id != self._migration_id:  # a new migration starts with a clean slate
             self._migration_id = state.migration_id
             self._streaks.clear()
+            self._episode.clear()
             self._observations.clear()
         if state.phase not in WATCHED or engine.secondary is None:
             self.last, self.last_at = (), now
@@ -85,11 +91,16 @@ class PolicyGuard:
         results = evaluate(self.policy.policy, self._observations, now, state.phase.value, self._streaks)
         self._streaks = streaks_after(results)
         self.last, self.last_at = tuple(results), now
+        self._episode -= {r.rule.name for r in results if r.verdict is Verdict.PASS}
         strongest = most_severe(results)
         for r in results:
-            if r.fired and r is not strongest:
+            if r.fired and r is not strongest and r.rule.name not in self._episode:
+                self._episode.add(r.rule.name)
                 await self._report(r, Action.ALERT)  # a weaker rule that fired too is still on record
-        if strongest is not None:
+        if strongest is not None and (strongest.rule.action is Action.ROLLBACK
+                                      or strongest.rule.name not in self._episode):
+            if strongest.rule.action is not Action.ROLLBACK:
+                self._episode.add(strongest.rule.name)
             await self._act(strongest)
         if engine.state.phase == Phase.DUAL_WRITE and engine.state.ramp_step >= 0:
             await self._ramp(results, now)

@@ -17,7 +17,7 @@ from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import Config
 from proxy.server import MemshiftServer
-from proxy.telemetry import Telemetry
+from proxy.telemetry import Telemetry, TelemetryConfig
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-memshift-actor", "pytest"))
@@ -37,9 +37,11 @@ class Cluster:
 
 
 async def boot(embedder: BatchingEmbedder, d: Path, *, telemetry: Telemetry | None = None,
-               wrap_store: Callable[[str, Backend], Backend] | None = None, **settings: Any) -> Cluster:
+               wrap_store: Callable[[str, Backend], Backend] | None = None,
+               telemetry_config: TelemetryConfig | None = None, **settings: Any) -> Cluster:
     config = Config(listen="127.0.0.1:0", store=f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
-                    admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=2, **settings)
+                    admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=2,
+                    telemetry=telemetry_config or TelemetryConfig(), **settings)
     server = MemshiftServer(config, embedder, telemetry=telemetry, wrap_store=wrap_store)
     await server.start()
     mch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
