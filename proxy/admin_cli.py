@@ -4,6 +4,8 @@
     memshift admin status [--watch]
     memshift admin advance [--from PHASE]
     memshift admin route --read-fraction F [--shadow-rate R]
+    memshift admin route --ramp [STEPS] [--interval S] [--shadow-rate R]
+    memshift admin mismatches [--limit N] [--operation OP] [--scope S]
     memshift admin pause | resume
     memshift admin rollback --reason R
     memshift admin verify [--resume] [--repair]
@@ -54,9 +56,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--from", dest="expected", choices=sorted(PHASES), help="the phase you expect to leave "
                    "(default: the current one, read first)")
     p.add_argument("--reason", default="")
-    p = cmds.add_parser("route", help="shift reads to the secondary / set shadow sampling")
-    p.add_argument("--read-fraction", type=float, required=True)
-    p.add_argument("--shadow-rate", type=float, default=0.0)
+    p = cmds.add_parser("route", help="shift reads to the secondary (by hand or on a ramp), set shadow sampling")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--read-fraction", type=float, help="fraction of reads served by the secondary, 0..1")
+    how.add_argument("--ramp", nargs="?", const="", metavar="STEPS",
+                     help="step the read fraction up while the policy passes, e.g. 0.01,0.05,0.25,0.5,1 "
+                          "(no value: the policy file's schedule)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds per ramp step (0: the policy's)")
+    p.add_argument("--shadow-rate", type=float, default=0.0, help="fraction of reads compared in the background")
+    p = cmds.add_parser("mismatches", help="recent shadow-read mismatches with both answers")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--operation", default="", help="only this RPC, e.g. SemanticSearch")
+    p.add_argument("--scope", default="")
     p = cmds.add_parser("pause", help="pause the backfill")
     p.add_argument("--reason", default="")
     cmds.add_parser("resume", help="resume the backfill")
@@ -105,12 +116,37 @@ def render(st: pb.MigrationStatus) -> str:
     lines.append(f"repairs    {st.repair_queue_depth} pending; dual writes {c.dual_writes} ({c.secondary_failures} "
                  f"failed, {c.secondary_late} late, {c.effect_mismatches} differed), {c.repairs_done} repaired")
     if st.read_fraction or st.shadow_sample_rate:
-        lines.append(f"reads      {st.read_fraction:.0%} from secondary, shadow sample {st.shadow_sample_rate:.0%}")
+        lines.append(f"reads      {st.read_fraction:.0%} from secondary ({st.reads.served_by_secondary} served, "
+                     f"{st.reads.fallbacks} fell back to primary), shadow sample {st.shadow_sample_rate:.0%}")
+    if st.ramp.running or st.ramp.note:
+        steps = " → ".join(f"{f:.0%}" for f in st.ramp.steps)
+        state = f"step {st.ramp.step + 1}/{len(st.ramp.steps)}" if st.ramp.running else "not running"
+        lines.append(f"ramp       {state}  [{steps}]  {st.ramp.note}")
+    sh = st.shadow
+    if sh.started or sh.dropped:
+        lines.append(f"shadow     {sh.started} run: {sh.matched} matched, {sh.mismatched} mismatched, {sh.errors} "
+                     f"errors, {sh.timeouts} timed out; {sh.dropped} dropped (saturated)")
+    for r in st.policy:
+        value = "-" if r.verdict == "no-data" else f"{r.value:.4g}"
+        lines.append(f"policy     {r.name}: {r.verdict}  {r.metric}={value} (limit {r.threshold:g}, "
+                     f"{r.samples}/{r.min_samples} samples, {r.streak}/{r.consecutive} breaches → {r.action})")
     if st.rollback_window_seconds_left:
         lines.append(f"rollback   possible for {_eta(st.rollback_window_seconds_left)}")
     if st.last_verify_differences >= 0:
         lines.append(f"verify     last run: {st.last_verify_differences} differences")
     return "\n".join(lines)
+
+
+def _routing(args: argparse.Namespace) -> pb.SetReadRoutingRequest:
+    if args.ramp is None:
+        return pb.SetReadRoutingRequest(read_fraction=args.read_fraction, shadow_sample_rate=args.shadow_rate)
+    try:
+        steps = [float(x) for x in args.ramp.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"memshift: --ramp takes fractions separated by commas, e.g. 0.01,0.25,1 (got "
+                         f"{args.ramp!r})") from None
+    return pb.SetReadRoutingRequest(ramp=True, ramp_steps=steps, ramp_interval_seconds=args.interval,
+                                    shadow_sample_rate=args.shadow_rate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,8 +175,15 @@ def run(args: argparse.Namespace) -> int:
             print(render(stub.Advance(pb.AdvanceRequest(expected_phase=expected, reason=args.reason),
                                       metadata=metadata)))
         elif cmd == "route":
-            print(render(stub.SetReadRouting(pb.SetReadRoutingRequest(
-                read_fraction=args.read_fraction, shadow_sample_rate=args.shadow_rate), metadata=metadata)))
+            print(render(stub.SetReadRouting(_routing(args), metadata=metadata)))
+        elif cmd == "mismatches":
+            found = stub.ListMismatches(pb.ListMismatchesRequest(limit=args.limit, operation=args.operation,
+                                                                 scope=args.scope), metadata=metadata)
+            print(f"{found.total_mismatches} mismatches seen by this proxy; latest {len(found.samples)}:")
+            for m in found.samples:
+                when = time.strftime("%H:%M:%S", time.localtime(m.at_unix))
+                print(f"{when}  {m.operation} scope={m.scope} request={m.request!r}\n    {m.detail}\n"
+                      f"    primary:   {m.primary}\n    secondary: {m.secondary}")
         elif cmd == "pause":
             print(render(stub.PauseBackfill(pb.PauseBackfillRequest(reason=args.reason), metadata=metadata)))
         elif cmd == "resume":

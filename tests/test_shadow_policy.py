@@ -282,3 +282,27 @@ async def test_bad_ramp_and_routing_requests_are_refused(rollback_cluster: Clust
         await c.admin.ListMismatches(apb.ListMismatchesRequest(limit=-1), metadata=AUTH)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (await status(c)).read_fraction == 0.0
+
+
+async def test_cli_ramps_shows_the_policy_and_lists_mismatches(rollback_cluster: Cluster, faults: ReadFaults,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+    c = rollback_cluster
+    base = ["admin", "--admin-target", f"127.0.0.1:{c.server.admin_port}", "--token", c.server.admin_token]
+    await to_dual_write(c)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, [*base, *args])
+        return code, capsys.readouterr().out
+
+    code, out = await cli("route", "--ramp", "0.1,0.5,1", "--interval", "3600", "--shadow-rate", "1")
+    assert code == 0 and "ramp       step 1/3  [10% → 50% → 100%]" in out
+    assert "reads      10% from secondary" in out
+    faults.corrupt = True
+    await read_until(c, lambda s: s.phase == apb.ROLLED_BACK)
+    code, out = await cli("mismatches", "--limit", "2")
+    assert code == 0 and out.count("primary:   ") == 2 and "mismatches seen by this proxy" in out
+    code, out = await cli("history")
+    assert "DualWrite -> RolledBack  by memshift-policy: rule mismatch-rate" in out
+    with pytest.raises(SystemExit, match="--ramp takes fractions"):
+        await cli("route", "--ramp", "0.5,oops")
