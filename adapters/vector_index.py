@@ -1,7 +1,9 @@
 """An in-memory exact cosine index per scope, for stores without a vector index of their own (SQLite).
 
-Rows are L2-normalised, so cosine similarity is one matrix-vector product. Deleted rows are swapped with the last
-row, so the matrix stays dense and a search never skips holes. Not thread-safe: its owner serialises access.
+Rows are L2-normalised, so cosine similarity is one matrix-vector product per block. Rows live in fixed-size blocks
+rather than one matrix that doubles: growing never copies the index, so memory follows the row count (a doubling
+matrix briefly holds the old and the new copy — about 1.3 x the final index at 200k rows). Deleted rows are swapped
+with the last row, so blocks stay dense and a search never skips holes. Not thread-safe: its owner serialises access.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import numpy as np
 
 from adapters.embedder import Vector
 
+BLOCK_ROWS = 4096
+
 
 @dataclass
 class _ScopeIndex:
@@ -20,10 +24,24 @@ class _ScopeIndex:
     names: list[str] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
-    matrix: Vector = field(init=False)
+    blocks: list[Vector] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.matrix = np.zeros((16, self.dim), dtype=np.float32)
+    def slot(self, row: int) -> tuple[Vector, int]:
+        block, offset = divmod(row, BLOCK_ROWS)
+        if block == len(self.blocks):
+            # A scope's first block starts small: most scopes (one agent's memory) hold a few hundred entities.
+            size = BLOCK_ROWS if block else min(64, BLOCK_ROWS)
+            self.blocks.append(np.zeros((size, self.dim), dtype=np.float32))
+        elif block == 0 and offset >= self.blocks[0].shape[0]:
+            grown = np.zeros((min(BLOCK_ROWS, self.blocks[0].shape[0] * 4), self.dim), dtype=np.float32)
+            grown[: self.blocks[0].shape[0]] = self.blocks[0]
+            self.blocks[0] = grown
+        return self.blocks[block], offset
+
+    def scores(self, query: Vector) -> Vector:
+        n = len(self.names)
+        parts = [b @ query for b in self.blocks]
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0])[:n]
 
 
 class VectorIndex:
@@ -38,16 +56,13 @@ class VectorIndex:
         row = idx.rows.get(name)
         if row is None:
             row = len(idx.names)
-            if row == idx.matrix.shape[0]:
-                grown = np.zeros((row * 2, self._dim), dtype=np.float32)
-                grown[:row] = idx.matrix
-                idx.matrix = grown
             idx.names.append(name)
             idx.types.append(entity_type)
             idx.rows[name] = row
         else:
             idx.types[row] = entity_type
-        idx.matrix[row] = vector
+        block, offset = idx.slot(row)
+        block[offset] = vector
 
     def remove(self, scope: str, name: str) -> None:
         idx = self._scopes.get(scope)
@@ -59,7 +74,9 @@ class VectorIndex:
             moved = idx.names[last]
             idx.names[row] = moved
             idx.types[row] = idx.types[last]
-            idx.matrix[row] = idx.matrix[last]
+            dst, d = idx.slot(row)
+            src, o = idx.slot(last)
+            dst[d] = src[o]
             idx.rows[moved] = row
         idx.names.pop()
         idx.types.pop()
@@ -71,7 +88,7 @@ class VectorIndex:
         if idx is None or not idx.names:
             return []
         n = len(idx.names)
-        scores = idx.matrix[:n] @ query.astype(np.float32)
+        scores = idx.scores(query.astype(np.float32))
         if entity_types:
             wanted = set(entity_types)
             mask = np.fromiter((t in wanted for t in idx.types), dtype=bool, count=n)

@@ -126,3 +126,33 @@ async def test_data_and_vectors_survive_a_restart_and_stale_vectors_heal(embedde
     res = await store.semantic_search("s", q, 2, None, [])
     assert [r.entity.name for r in res.results] == ["tea", "car"]
     await store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40), st.integers(0, 5)), max_size=120))
+def test_vector_index_matches_brute_force_across_blocks(steps: list[tuple[bool, int, int]]) -> None:
+    import numpy as np
+
+    import adapters.vector_index as vi
+    old = vi.BLOCK_ROWS
+    vi.BLOCK_ROWS = 8  # many blocks, and moves across block boundaries on removal
+    try:
+        rng = np.random.default_rng(1)
+        index, model = vi.VectorIndex(4), {}
+        for upsert, key, seed in steps:
+            name = f"n{key}"
+            if upsert:
+                v = rng.standard_normal(4).astype(np.float32) + seed
+                v /= np.linalg.norm(v)
+                index.upsert("s", name, "t", v)
+                model[name] = v
+            else:
+                index.remove("s", name)
+                model.pop(name, None)
+        q = np.ones(4, dtype=np.float32) / 2
+        got = index.search("s", q, 1000, None, [])
+        want = sorted(((n, float(v @ q)) for n, v in model.items()), key=lambda p: (-p[1], p[0]))
+        assert [n for n, _ in got] == [n for n, _ in want] and len(index) == len(model)
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want, strict=True))
+    finally:
+        vi.BLOCK_ROWS = old
