@@ -277,6 +277,9 @@ def _sqlite_thread() -> ThreadPoolExecutor:
     return _SQLITE_THREAD
 
 
+INLINE_SEARCH_ROWS = 4096
+
+
 class EmbeddedBackend:
     """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
 
@@ -642,7 +645,9 @@ class EmbeddedBackend:
             results = tuple(ScoredEntity(by_name[n], s) for n, s in hits if n in by_name)
             return SearchResult(results, tuple(self._relations_touching(scope, [r.entity.name for r in results])))
 
-        return await self._call(run)
+        # One agent's memory (a few thousand vectors) is scored in well under a millisecond: cheaper on the loop than
+        # a hop to the worker thread. Larger scopes go to the thread so the loop keeps serving.
+        return await self._call(run, small=self._index.scope_size(scope) <= INLINE_SEARCH_ROWS)
 
     # --- replication -----------------------------------------------------------------------------------------------
     async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:

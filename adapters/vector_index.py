@@ -105,5 +105,9 @@ class VectorIndex:
             out.append((idx.names[i], score))
         return out
 
+    def scope_size(self, scope: str) -> int:
+        idx = self._scopes.get(scope)
+        return len(idx.names) if idx else 0
+
     def __len__(self) -> int:
         return sum(len(i.names) for i in self._scopes.values())

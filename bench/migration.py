@@ -2,6 +2,7 @@
 
     python -m bench.migration [--entities 20000] [--memory-entities 200000] [--writes 2000]
 
+- read latency in DualWrite with and without 100 % shadow reads, back to back and paced like an agent;
 - write latency with no migration vs while dual-writing (parallel) — measured at the engine, without gRPC, which
   is the harsher ratio (the transport would add the same constant to both);
 - backfill with vectors kept vs the target store's own bulk path (`apply` of whole pages with their vectors);
@@ -143,9 +144,44 @@ async def through_proxy(work: Path, table: Table, writes: int) -> None:
             ratio = statistics.median(dual) / statistics.median(solo)
             table.add("proxy CreateRelations over gRPC, NotStarted", solo)
             table.add("proxy CreateRelations over gRPC, DualWrite", dual, note=f"{ratio:.2f} x NotStarted p50")
+            await shadow_reads(memory, admin, auth, table, writes)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def shadow_reads(memory: memory_pb2_grpc.MemoryStub, admin: admin_pb2_grpc.MigrationAdminStub,
+                       auth: tuple[tuple[str, str], ...], table: Table, reads: int) -> None:
+    """Read latency in DualWrite without and with every read shadowed, alternating in rounds so drift on a busy
+    machine lands on both sides alike. Two client patterns: back to back (one client saturating the proxy: the
+    shadow's own store work competes with the next request for the proxy's CPU) and paced like an agent, whose memory
+    calls are separated by model inference (here a mere 5 ms, far shorter than any real LLM turn)."""
+    async def open_nodes(i: int) -> None:
+        await memory.OpenNodes(pb.OpenNodesRequest(scope="bench", names=[f"e{i % 500:04d}", f"e{(i * 7) % 500:04d}"]))
+
+    async def semantic(i: int) -> None:
+        await memory.SemanticSearch(pb.SemanticSearchRequest(scope="bench", query=f"fact {i % 50}", limit=10))
+
+    for i in range(50):  # every query's embedding cached, as a warm proxy has them
+        await semantic(i)
+    for label, call, n in (("OpenNodes", open_nodes, reads), ("SemanticSearch", semantic, reads // 2)):
+        for pace, pattern in ((0.0, "back to back"), (0.005, "paced 5 ms")):
+            lat: dict[float, list[float]] = {0.0: [], 1.0: []}
+            for _ in range(20):  # rounds
+                for rate in (0.0, 1.0):
+                    await admin.SetReadRouting(apb.SetReadRoutingRequest(shadow_sample_rate=rate), metadata=auth)
+                    for i in range(n // 20 + 10):
+                        t = time.perf_counter()
+                        await call(i)
+                        if i >= 10:
+                            lat[rate].append(time.perf_counter() - t)
+                        if pace:
+                            await asyncio.sleep(pace)
+            ratio = statistics.median(lat[1.0]) / statistics.median(lat[0.0])
+            table.add(f"proxy {label}, DualWrite, {pattern}, no shadow reads", lat[0.0])
+            table.add(f"proxy {label}, DualWrite, {pattern}, 100% shadow reads", lat[1.0],
+                      note=f"{ratio:.2f} x without shadow p50")
+    await admin.SetReadRouting(apb.SetReadRoutingRequest(shadow_sample_rate=0.0), metadata=auth)
 
 
 async def main(n: int, mem_n: int, writes: int) -> None:

@@ -34,6 +34,9 @@ class Comparison:
     figures: Mapping[str, float] = field(default_factory=dict)
 
 
+MATCH = Comparison(True)
+
+
 def _metadata(meta: Mapping[str, str], noise: frozenset[str]) -> tuple[tuple[str, str], ...]:
     if "metadata" in noise:
         return ()
@@ -78,6 +81,8 @@ def _compare_sets(entities: tuple[Iterable[Entity], Iterable[Entity]],
 
 def compare_graph(primary: Graph, secondary: Graph, settings: CompareSettings) -> Comparison:
     """SearchNodes and OpenNodes: the same entities and relations, in any order."""
+    if primary == secondary:  # the common case, and far cheaper than building sets
+        return MATCH
     return _compare_sets((primary.entities, secondary.entities), (primary.relations, secondary.relations),
                          settings.noise_fields)
 
@@ -85,6 +90,8 @@ def compare_graph(primary: Graph, secondary: Graph, settings: CompareSettings) -
 def compare_page(primary: GraphPage, secondary: GraphPage, settings: CompareSettings) -> Comparison:
     """ReadGraph: one page each. Page tokens are store-specific (noise); the contents compare as sets, and whether
     more pages follow must agree."""
+    if primary == secondary:
+        return MATCH
     result = _compare_sets((primary.entities, secondary.entities), (primary.relations, secondary.relations),
                            settings.noise_fields)
     if (primary.next_cursor is None) != (secondary.next_cursor is None):
@@ -111,6 +118,8 @@ def _rank_agreement(mine: list[tuple[str, float]], theirs: list[str], epsilon: f
 def compare_search(primary: SearchResult, secondary: SearchResult, settings: CompareSettings) -> Comparison:
     """SemanticSearch: top-k overlap and rank agreement against thresholds; common hits must hold the same
     entity (a silently altered record is a mismatch even when it ranks the same)."""
+    if primary == secondary:  # same hits, same scores, same order
+        return MATCH
     k = settings.search_top_k
     mine = [(h.entity.name, h.score) for h in primary.results[:k]]
     theirs = [h.entity.name for h in secondary.results[:k]]

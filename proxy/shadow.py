@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -73,7 +73,7 @@ class MismatchSample:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShadowCounters:
     started: int = 0
     matched: int = 0
@@ -95,9 +95,6 @@ class ShadowReader:
         self.samples: deque[MismatchSample] = deque(maxlen=max_samples)
         self.counters = ShadowCounters()
 
-    def _count(self, **inc: int) -> None:
-        self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
-
     def schedule(self, op: ReadOp[Any], answer: Any, served_by_primary: bool, served_seconds: float,
                  other: Backend, other_system: str) -> None:
         """After the reply, read `op` from `other` and compare with `answer` (what the caller got)."""
@@ -107,11 +104,11 @@ class ShadowReader:
     def _launch(self, op: ReadOp[Any], answer: Any, served_by_primary: bool, served_seconds: float,
                 other: Backend, other_system: str, parent: Any) -> None:
         if self._running >= self._settings.max_concurrency:
-            self._count(dropped=1)
+            self.counters.dropped += 1
             self._telemetry.shadow_reads.add(1, {"rpc.method": op.operation, "memshift.outcome": "dropped"})
             return
         self._running += 1
-        self._count(started=1)
+        self.counters.started += 1
         task = asyncio.ensure_future(
             self._run(op, answer, served_by_primary, served_seconds, other, other_system, parent))
         self._tasks.add(task)
@@ -130,7 +127,8 @@ class ShadowReader:
         start = time.perf_counter()
         try:
             with self._telemetry.store_call(role, other_system, op.operation, parent=parent):
-                theirs = await asyncio.wait_for(op.run(other), self._settings.timeout_seconds)
+                async with asyncio.timeout(self._settings.timeout_seconds):  # no extra task, unlike wait_for
+                    theirs = await op.run(other)
         except TimeoutError:
             outcome = "timeout"
         except Exception as exc:
@@ -139,7 +137,10 @@ class ShadowReader:
         took = time.perf_counter() - start
         now = time.time()
         if outcome != "match":
-            self._count(**{"timeouts" if outcome == "timeout" else "errors": 1})
+            if outcome == "timeout":
+                self.counters.timeouts += 1
+            else:
+                self.counters.errors += 1
             if served_by_primary:  # the shadow ran on the secondary: its failure is the secondary's
                 self._observations.secondary_call(now, error=True)
         else:
@@ -152,10 +153,10 @@ class ShadowReader:
             result = op.compare(primary, secondary, self._compare)
             self._observations.comparison(now, mismatch=not result.match)
             if result.match:
-                self._count(matched=1)
+                self.counters.matched += 1
             else:
                 outcome = "mismatch"
-                self._count(mismatched=1)
+                self.counters.mismatched += 1
                 self._telemetry.shadow_mismatches.add(1, {"rpc.method": op.operation})
                 self.samples.append(MismatchSample(now, op.operation, op.scope, op.identity(),
                                                    answer_text(primary), answer_text(secondary), result.detail))
