@@ -20,26 +20,25 @@ writers fill whole batches. Three rules keep that safe:
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
+from adapters.embedding_queue import PendingEmbeddings
 from adapters.model import (
     EmbeddingMismatch,
     Entity,
-    EntityNotFound,
     Graph,
     GraphPage,
     ObservationAddition,
@@ -58,8 +57,13 @@ from adapters.records import (
     RecordKey,
     RecordPage,
     RelationRecord,
+    decode_cursor,
+    dump_metadata,
     embedding_text,
+    encode_cursor,
+    text_hash,
 )
+from adapters.semantics import Effects
 from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
@@ -84,38 +88,6 @@ CREATE TABLE IF NOT EXISTS relations (
     PRIMARY KEY (scope, source, relation_type, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
 """
-
-
-def _text_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def _dump_meta(metadata: Any) -> str:
-    return json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False)
-
-
-def _first_per_key(relations: Sequence[Relation]) -> list[Relation]:
-    """A call naming the same triple twice acts on the first, as the MCP server does."""
-    seen: dict[tuple[str, str, str], Relation] = {}
-    for rel in relations:
-        seen.setdefault(rel.key, rel)
-    return list(seen.values())
-
-
-def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps([int(kind), list(after)]).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[Kind, tuple[str, ...]]:
-    """Raises ValueError on anything that is not a cursor this store handed out."""
-    try:
-        kind, after = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        parsed = Kind(kind), tuple(str(a) for a in after)
-        if parsed[0] == Kind.OBSERVATION or len(parsed[1]) != (1 if parsed[0] == Kind.ENTITY else 3):
-            raise ValueError(cursor)
-        return parsed
-    except Exception as exc:
-        raise ValueError("page_token is not a token returned by ReadGraph") from exc
 
 
 @dataclass
@@ -198,7 +170,7 @@ class _Txn:
         self.conn.execute(
             "INSERT INTO relations VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET metadata=excluded.metadata,"
             " version=excluded.version, deleted=excluded.deleted",
-            (rec.scope, rec.source, rec.relation_type, rec.target, _dump_meta(rec.metadata), rec.version,
+            (rec.scope, rec.source, rec.relation_type, rec.target, dump_metadata(rec.metadata), rec.version,
              int(rec.deleted)))
         return True
 
@@ -213,7 +185,7 @@ class _Txn:
                 " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET entity_type=excluded.entity_type,"
                 " metadata=excluded.metadata, version=excluded.version, created=excluded.created,"
                 " purged=excluded.purged, deleted=excluded.deleted",
-                (rec.scope, rec.name, rec.entity_type, _dump_meta(rec.metadata), rec.version, rec.created, purged,
+                (rec.scope, rec.name, rec.entity_type, dump_metadata(rec.metadata), rec.version, rec.created, purged,
                  int(rec.deleted)))
         elif purged > old_purged:
             # A late tombstone loses to a newer incarnation but still purges the children older than it.
@@ -263,7 +235,7 @@ class _Txn:
         out = self.current_texts(self.touched)
         for (scope, name), text in out.items():
             self.conn.execute(
-                "UPDATE entities SET embed_hash=? WHERE scope=? AND name=?", (_text_hash(text), scope, name))
+                "UPDATE entities SET embed_hash=? WHERE scope=? AND name=?", (text_hash(text), scope, name))
         return out
 
 
@@ -286,8 +258,7 @@ class EmbeddedBackend:
     def __init__(self, path: str | Path, embedder: Embedder, max_pending_texts: int = 128) -> None:
         self._path = str(path)
         self._embedder = embedder
-        self._max_pending = max_pending_texts
-        self._pending: dict[asyncio.Task[None], tuple[frozenset[str], int]] = {}  # task -> (scopes, texts)
+        self._embeddings = PendingEmbeddings(embedder, self._store_ready, max_pending_texts)
         self._executor = _sqlite_thread()
         self._conn_lock = threading.Lock()  # the connection is used by the worker thread and, for small jobs, inline
         self._conn: sqlite3.Connection | None = None
@@ -343,43 +314,16 @@ class EmbeddedBackend:
                                size: int = SMALL_JOB + 1) -> T:
         written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(
             self._write, body, small=size <= SMALL_JOB)
-        texts = written[1]
-        if texts:
-            task = asyncio.ensure_future(self._embed(texts, vectors))
-            self._pending[task] = (frozenset(scope for scope, _ in texts), len(texts))
-            task.add_done_callback(self._embedded)
-            if sum(n for _, n in self._pending.values()) > self._max_pending:
-                await asyncio.shield(task)
+        await self._embeddings.after_write(written[1], vectors)
         return written[0]
 
-    def _embedded(self, task: asyncio.Task[None]) -> None:
-        self._pending.pop(task, None)
-        if not task.cancelled() and task.exception() is not None:
-            # The committed rows keep a stale vector hash and are embedded again at the next start.
-            log.error("embedding failed; vectors will be recomputed at next start", exc_info=task.exception())
-
     async def _settled(self, scope: str | None = None) -> None:
-        """Wait for pending embeddings (of one scope, or all)."""
-        waits = [t for t, (scopes, _) in self._pending.items() if scope is None or scope in scopes]
-        if waits:
-            await asyncio.gather(*waits, return_exceptions=True)
+        await self._embeddings.settled(scope)
 
-    async def _embed(self, texts: dict[tuple[str, str], str], vectors: VectorMap | None = None) -> None:
-        if not texts:
-            return
-        ready: dict[tuple[str, str], tuple[str, Vector]] = {}
-        missing: list[tuple[str, str]] = []
-        for key, text in texts.items():
-            given = vectors.get(key) if vectors is not None else None
-            if given is not None and given[0] == text and len(given[1]) == self.embedding.dimension:
-                ready[key] = (text, np.asarray(given[1], dtype=np.float32))
-            elif vectors is None:
-                missing.append(key)
-            # else: a backfill page whose entity has more text to come; embed_stale() settles what never matches
-        if missing:
-            computed = await self._embedder.embed([texts[k] for k in missing])
-            for key, vec in zip(missing, computed, strict=True):
-                ready[key] = (texts[key], vec)
+    async def _embed(self, texts: dict[tuple[str, str], str]) -> None:
+        await self._embeddings.embed(texts)
+
+    async def _store_ready(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
         await self._call(self._store_vectors, ready, small=len(ready) <= SMALL_JOB)
 
     def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
@@ -387,7 +331,7 @@ class EmbeddedBackend:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             for (scope, name), (text, vec) in ready.items():
-                h = _text_hash(text)
+                h = text_hash(text)
                 cur = self._conn.execute(
                     "UPDATE entities SET vector=?, vector_hash=? WHERE scope=? AND name=? AND embed_hash=?"
                     " AND deleted=0 RETURNING entity_type", (vec.astype(np.float32).tobytes(), h, scope, name, h))
@@ -457,103 +401,53 @@ class EmbeddedBackend:
 
 
     # --- the memory API --------------------------------------------------------------------------------------------
+    async def _planned(self, keys: list[RecordKey], plan: Callable[[semantics.Stored], tuple[T, Effects]],
+                       size: int) -> WriteResult[T]:
+        """Fetch what the call may touch, plan it (`adapters.semantics`), write the effects: one transaction."""
+        def body(txn: _Txn) -> WriteResult[T]:
+            stored = {k: r for k in dict.fromkeys(keys) if (r := txn.get(k)) is not None}
+            answer, effects = plan(stored)
+            for rec in effects:
+                txn.apply_record(rec)
+            return WriteResult(answer, effects)
+
+        return await self._write_and_embed(body, size=size)
+
     async def create_entities(
         self, scope: str, entities: Sequence[Entity], version: int
     ) -> WriteResult[tuple[Entity, ...]]:
-        def body(txn: _Txn) -> WriteResult[tuple[Entity, ...]]:
-            created: list[Entity] = []
-            effects: list[Record] = []
-            seen: set[str] = set()
-            for ent in entities:
-                if ent.name in seen:
-                    continue
-                seen.add(ent.name)
-                stored = txn.entity(scope, ent.name)
-                # Existing: skipped (MCP). A newer tombstone means this create is already superseded.
-                if stored is not None and (not stored.deleted or stored.version >= version):
-                    continue
-                rec = EntityRecord(scope, ent.name, ent.entity_type, version, version,
-                                   stored.purged if stored else 0, False, dict(ent.metadata))
-                txn.apply_record(rec)
-                effects.append(rec)
-                added: list[str] = []
-                for text in dict.fromkeys(ent.observations):
-                    obs = ObservationRecord(scope, ent.name, text, version, version)
-                    if txn.apply_record(obs):
-                        effects.append(obs)
-                        added.append(text)
-                created.append(replace(ent, observations=tuple(added)))
-            return WriteResult(tuple(created), tuple(effects))
-
-        return await self._write_and_embed(body, size=sum(1 + len(e.observations) for e in entities))
+        return await self._planned(semantics.create_entities_keys(scope, entities),
+                                   lambda st: semantics.create_entities(scope, entities, version, st),
+                                   sum(1 + len(e.observations) for e in entities))
 
     async def create_relations(
         self, scope: str, relations: Sequence[Relation], version: int
     ) -> WriteResult[tuple[Relation, ...]]:
-        def body(txn: _Txn) -> WriteResult[tuple[Relation, ...]]:
-            created: list[Relation] = []
-            effects: list[Record] = []
-            for rel in _first_per_key(relations):
-                stored = txn.relation(scope, rel.source, rel.relation_type, rel.target)
-                if stored is not None and (not stored.deleted or stored.version >= version):
-                    continue
-                rec = RelationRecord(scope, rel.source, rel.relation_type, rel.target, version, False,
-                                     dict(rel.metadata))
-                if txn.apply_record(rec):
-                    effects.append(rec)
-                    created.append(rel)
-            return WriteResult(tuple(created), tuple(effects))
-
-        return await self._write_and_embed(body, size=len(relations))
+        return await self._planned(semantics.create_relations_keys(scope, relations),
+                                   lambda st: semantics.create_relations(scope, relations, version, st),
+                                   len(relations))
 
     async def add_observations(
         self, scope: str, additions: Sequence[ObservationAddition], version: int
     ) -> WriteResult[tuple[ObservationAddition, ...]]:
-        def body(txn: _Txn) -> WriteResult[tuple[ObservationAddition, ...]]:
-            missing = [a.entity_name for a in additions
-                       if (e := txn.entity(scope, a.entity_name)) is None or e.deleted]
-            if missing:
-                raise EntityNotFound(list(dict.fromkeys(missing)))
-            results: list[ObservationAddition] = []
-            effects: list[Record] = []
-            for add in additions:
-                added: list[str] = []
-                for text in dict.fromkeys(add.contents):
-                    stored = txn.observation(scope, add.entity_name, text)
-                    if stored is not None and (not stored.deleted or stored.version >= version):
-                        continue
-                    rec = ObservationRecord(scope, add.entity_name, text, version, version)
-                    if txn.apply_record(rec):
-                        effects.append(rec)
-                        added.append(text)
-                results.append(ObservationAddition(add.entity_name, tuple(added)))
-            return WriteResult(tuple(results), tuple(effects))
-
-        return await self._write_and_embed(body, size=sum(len(a.contents) for a in additions))
+        return await self._planned(semantics.add_observations_keys(scope, additions),
+                                   lambda st: semantics.add_observations(scope, additions, version, st),
+                                   sum(len(a.contents) for a in additions))
 
     async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
-        # A tombstone is written even for a name this store lacks: the same call then has the same effects on
-        # every store, and a copy of the entity arriving late (backfill) is hidden.
-        recs = [EntityRecord(scope, n, "", version, 0, version, True) for n in dict.fromkeys(names)]
-        return await self._tombstones(recs)
+        return await self._tombstones(semantics.delete_entities(scope, names, version))
 
     async def delete_observations(
         self, scope: str, deletions: Sequence[ObservationDeletion], version: int
     ) -> WriteResult[None]:
-        recs = [ObservationRecord(scope, d.entity_name, text, version, 0, True)
-                for d in deletions for text in dict.fromkeys(d.observations)]
-        return await self._tombstones(recs)
+        return await self._tombstones(semantics.delete_observations(scope, deletions, version))
 
     async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
-        recs = [RelationRecord(scope, r.source, r.relation_type, r.target, version, True)
-                for r in _first_per_key(relations)]
-        return await self._tombstones(recs)
+        return await self._tombstones(semantics.delete_relations(scope, relations, version))
 
-    async def _tombstones(self, recs: Sequence[Record]) -> WriteResult[None]:
-        def body(txn: _Txn) -> WriteResult[None]:
-            return WriteResult(None, tuple(r for r in recs if txn.apply_record(r)))
-
-        return await self._write_and_embed(body, size=len(recs))
+    async def _tombstones(self, recs: list[Record]) -> WriteResult[None]:
+        return await self._planned(semantics.tombstone_keys(recs),
+                                   lambda st: (None, semantics.tombstone_effects(recs, st)), len(recs))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:

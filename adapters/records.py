@@ -10,11 +10,13 @@ merges by max and everything else by highest version, applying the same records 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from adapters.model import Metadata
 
@@ -122,3 +124,28 @@ def is_newer(incoming_version: int, stored_version: int | None) -> bool:
 def embedding_text(name: str, entity_type: str, observations: tuple[str, ...]) -> str:
     """What an entity's embedding is computed from (DESIGN.md, Data model)."""
     return f"{name} {entity_type} {' '.join(observations)}".strip()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def dump_metadata(metadata: Any) -> str:
+    return json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False)
+
+
+def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps([int(kind), list(after)]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[Kind, tuple[str, ...]]:
+    """Raises ValueError on anything that is not a cursor a store handed out. The format is the same on every
+    store (the last key read), so a token from one store resumes on another."""
+    try:
+        kind, after = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        parsed = Kind(kind), tuple(str(a) for a in after)
+        if parsed[0] == Kind.OBSERVATION or len(parsed[1]) != (1 if parsed[0] == Kind.ENTITY else 3):
+            raise ValueError(cursor)
+        return parsed
+    except Exception as exc:
+        raise ValueError("page_token is not a token returned by ReadGraph") from exc

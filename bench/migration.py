@@ -83,7 +83,7 @@ async def settle(engine: MigrationEngine) -> None:
             await store.semantic_search("bench", np.ones(dim, dtype=np.float32) / np.sqrt(dim), 1, None, [])
 
 
-async def write_latency(engine: MigrationEngine, n: int, kind: str) -> list[float]:
+async def write_latency(engine: MigrationEngine, n: int, kind: str, tag: str = "") -> list[float]:
     await settle(engine)
     lat = []
     counter = itertools.count()
@@ -91,9 +91,9 @@ async def write_latency(engine: MigrationEngine, n: int, kind: str) -> list[floa
         i = next(counter)
         op: ops.WriteOp[object]
         if kind == "relation":
-            op = ops.CreateRelations("bench", [Relation(f"e{i % 1000:07d}", f"e{(i * 7) % 1000:07d}", f"r{i}")])
+            op = ops.CreateRelations("bench", [Relation(f"e{i % 1000:07d}", f"e{(i * 7) % 1000:07d}", f"r{i}{tag}")])
         else:
-            op = ops.AddObservations("bench", [ObservationAddition(f"e{i % 1000:07d}", (f"note {i} {kind}",))])
+            op = ops.AddObservations("bench", [ObservationAddition(f"e{i % 1000:07d}", (f"note {i} {tag}",))])
         t = time.perf_counter()
         await engine.write(op)
         lat.append(time.perf_counter() - t)
@@ -202,7 +202,7 @@ async def main(n: int, mem_n: int, writes: int) -> None:
     await engine.start_migration(b, MigrationOptions(batch_size=1000), "bench")
     await wait_backfill(engine)
     await engine.advance(Phase.DATA_MIGRATION, "bench")
-    dual = {k: await write_latency(engine, writes, k + "-dual") for k in ("relation", "observation")}
+    dual = {k: await write_latency(engine, writes, k, "dual") for k in ("relation", "observation")}
     for k, label in (("relation", "CreateRelations"), ("observation", "AddObservations")):
         ratio = statistics.median(dual[k]) / statistics.median(solo[k])
         table.add(f"engine {label}, NotStarted (no gRPC)", solo[k])

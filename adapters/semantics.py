@@ -1,0 +1,165 @@
+"""MCP memory-server semantics as pure functions over stored records, shared by every store.
+
+Each API write is planned here from the records it may touch (`*_keys` says which): the answer the caller gets and
+the records to write (its effects). The store fetches those records, calls the plan and writes the effects with its
+apply-if-newer path, all inside one transaction that keeps other writers of the scope out. Keeping the rules in one
+place is what makes every store answer the same call the same way — the conformance suite checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
+from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, RelationRecord
+
+Stored = Mapping[RecordKey, Record]
+Effects = tuple[Record, ...]
+
+
+def entity_key(scope: str, name: str) -> RecordKey:
+    return (Kind.ENTITY, scope, (name,))
+
+
+def purged(stored: Stored, scope: str, name: str) -> int:
+    rec = stored.get(entity_key(scope, name))
+    return rec.purged if isinstance(rec, EntityRecord) else 0
+
+
+def applies(rec: Record, stored: Stored) -> bool:
+    """Would apply-if-newer write `rec` over `stored`? (An entity tombstone also raises `purged`; the API plans
+    only ever need whether the record itself replaces what is stored.)"""
+    current = stored.get(rec.key)
+    newer = current is None or rec.version > current.version
+    if isinstance(rec, ObservationRecord):
+        return newer and rec.version >= purged(stored, rec.scope, rec.entity)
+    if isinstance(rec, RelationRecord):
+        return newer and rec.version >= max(purged(stored, rec.scope, rec.source),
+                                            purged(stored, rec.scope, rec.target))
+    return newer
+
+
+def first_per_key(relations: Sequence[Relation]) -> list[Relation]:
+    """A call naming the same triple twice acts on the first, as the MCP server does."""
+    seen: dict[tuple[str, str, str], Relation] = {}
+    for rel in relations:
+        seen.setdefault(rel.key, rel)
+    return list(seen.values())
+
+
+def _superseded(current: Record | None, version: int) -> bool:
+    """Creating over `current` is skipped: it exists (MCP), or a newer tombstone already supersedes this call."""
+    return current is not None and (not current.deleted or current.version >= version)
+
+
+# --- create ---------------------------------------------------------------------------------------------------------
+def create_entities_keys(scope: str, entities: Sequence[Entity]) -> list[RecordKey]:
+    return [k for e in entities for k in
+            [entity_key(scope, e.name), *((Kind.OBSERVATION, scope, (e.name, o)) for o in e.observations)]]
+
+
+def create_entities(scope: str, entities: Sequence[Entity], version: int,
+                    stored: Stored) -> tuple[tuple[Entity, ...], Effects]:
+    created: list[Entity] = []
+    effects: list[Record] = []
+    seen: set[str] = set()
+    for ent in entities:
+        if ent.name in seen:
+            continue
+        seen.add(ent.name)
+        current = stored.get(entity_key(scope, ent.name))
+        if _superseded(current, version):
+            continue
+        effects.append(EntityRecord(scope, ent.name, ent.entity_type, version, version,
+                                    purged(stored, scope, ent.name), False, dict(ent.metadata)))
+        added: list[str] = []
+        for text in dict.fromkeys(ent.observations):
+            obs = ObservationRecord(scope, ent.name, text, version, version)
+            if applies(obs, stored):
+                effects.append(obs)
+                added.append(text)
+        created.append(replace(ent, observations=tuple(added)))
+    return tuple(created), tuple(effects)
+
+
+def create_relations_keys(scope: str, relations: Sequence[Relation]) -> list[RecordKey]:
+    out: list[RecordKey] = []
+    for r in relations:
+        out += [(Kind.RELATION, scope, r.key), entity_key(scope, r.source), entity_key(scope, r.target)]
+    return out
+
+
+def create_relations(scope: str, relations: Sequence[Relation], version: int,
+                     stored: Stored) -> tuple[tuple[Relation, ...], Effects]:
+    created: list[Relation] = []
+    effects: list[Record] = []
+    for rel in first_per_key(relations):
+        if _superseded(stored.get((Kind.RELATION, scope, rel.key)), version):
+            continue
+        rec = RelationRecord(scope, rel.source, rel.relation_type, rel.target, version, False, dict(rel.metadata))
+        if applies(rec, stored):
+            effects.append(rec)
+            created.append(rel)
+    return tuple(created), tuple(effects)
+
+
+def add_observations_keys(scope: str, additions: Sequence[ObservationAddition]) -> list[RecordKey]:
+    return [k for a in additions for k in
+            [entity_key(scope, a.entity_name), *((Kind.OBSERVATION, scope, (a.entity_name, t)) for t in a.contents)]]
+
+
+def add_observations(scope: str, additions: Sequence[ObservationAddition], version: int,
+                     stored: Stored) -> tuple[tuple[ObservationAddition, ...], Effects]:
+    """Raises EntityNotFound (nothing to write) if any entity is missing."""
+    missing = [a.entity_name for a in additions
+               if (e := stored.get(entity_key(scope, a.entity_name))) is None or e.deleted]
+    if missing:
+        raise EntityNotFound(list(dict.fromkeys(missing)))
+    results: list[ObservationAddition] = []
+    effects: list[Record] = []
+    for add in additions:
+        added: list[str] = []
+        for text in dict.fromkeys(add.contents):
+            key: RecordKey = (Kind.OBSERVATION, scope, (add.entity_name, text))
+            if _superseded(stored.get(key), version) or key in {r.key for r in effects}:
+                continue
+            rec = ObservationRecord(scope, add.entity_name, text, version, version)
+            if applies(rec, stored):
+                effects.append(rec)
+                added.append(text)
+        results.append(ObservationAddition(add.entity_name, tuple(added)))
+    return tuple(results), tuple(effects)
+
+
+# --- delete: tombstones ---------------------------------------------------------------------------------------------
+def delete_entities(scope: str, names: Sequence[str], version: int) -> list[Record]:
+    """A tombstone even for a name the store lacks: the same call has the same effects on every store, and a copy
+    of the entity arriving late (backfill) is hidden."""
+    return [EntityRecord(scope, n, "", version, 0, version, True) for n in dict.fromkeys(names)]
+
+
+def delete_observations(scope: str, deletions: Sequence[ObservationDeletion], version: int) -> list[Record]:
+    return [ObservationRecord(scope, d.entity_name, text, version, 0, True)
+            for d in deletions for text in dict.fromkeys(d.observations)]
+
+
+def delete_relations(scope: str, relations: Sequence[Relation], version: int) -> list[Record]:
+    return [RelationRecord(scope, r.source, r.relation_type, r.target, version, True)
+            for r in first_per_key(relations)]
+
+
+def tombstone_keys(records: Sequence[Record]) -> list[RecordKey]:
+    """The tombstones' own keys and the entities whose purge point decides whether they apply."""
+    out: list[RecordKey] = []
+    for r in records:
+        out.append(r.key)
+        if isinstance(r, ObservationRecord):
+            out.append(entity_key(r.scope, r.entity))
+        elif isinstance(r, RelationRecord):
+            out += [entity_key(r.scope, r.source), entity_key(r.scope, r.target)]
+    return out
+
+
+def tombstone_effects(records: Sequence[Record], stored: Stored) -> Effects:
+    return tuple(r for r in records if applies(r, stored))
