@@ -1,8 +1,9 @@
 """Store specs: one URL-like string names a store, for the config and for `admin start --to`.
 
     sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
+    postgresql://user@host:5432/db?schema=memshift&password_file=/run/secrets/pg
 
-Other stores (postgresql://, bolt://, qdrant://, hybrid:) are added with their adapters.
+A PostgreSQL password comes from the spec, $PGPASSWORD or `password_file`; specs are logged only redacted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.postgres import PostgresBackend
 
 
 class StoreSpecError(ValueError):
@@ -45,7 +47,12 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
         raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
     if scheme == "sqlite":
         return EmbeddedBackend(sqlite_path(spec), embedder)
-    raise StoreSpecError(f"store spec {spec!r}: unknown scheme {scheme!r}; supported: sqlite")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            return PostgresBackend(spec, embedder)
+        except (ValueError, OSError) as exc:
+            raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
+    raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql")
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.

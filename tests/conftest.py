@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
@@ -12,6 +12,7 @@ from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import memory_pb2_grpc
 from proxy.config import Config
 from proxy.server import MemshiftServer
+from tests.servers import PostgresServer
 from tests.stores import STORE_KINDS, make_store
 
 StoreFactory = Callable[[], Awaitable[Backend]]
@@ -23,14 +24,24 @@ def embedder() -> BatchingEmbedder:
     return BatchingEmbedder(SentenceTransformerModel())
 
 
+@pytest.fixture(scope="session")
+def servers() -> Iterator[dict[str, str]]:
+    """The real servers the stores run on, started once for the session: store kind -> address."""
+    postgres = PostgresServer().start()
+    try:
+        yield {"postgres": postgres.dsn}
+    finally:
+        postgres.stop()
+
+
 @pytest.fixture(params=STORE_KINDS)
-async def store_factory(request: pytest.FixtureRequest, embedder: BatchingEmbedder,
+async def store_factory(request: pytest.FixtureRequest, embedder: BatchingEmbedder, servers: dict[str, str],
                         tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StoreFactory]:
     """Makes fresh, opened stores of one kind; closes them after the test."""
     opened: list[Backend] = []
 
     async def make() -> Backend:
-        store = make_store(request.param, embedder, tmp_path_factory.mktemp(request.param))
+        store = make_store(request.param, embedder, tmp_path_factory.mktemp(request.param), servers)
         await store.open()
         opened.append(store)
         return store

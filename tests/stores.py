@@ -1,17 +1,27 @@
-"""Every store kind the conformance suite runs against. A new store adds one entry here."""
+"""Every store kind the conformance suite runs against. A new store adds one entry here.
+
+Server-backed kinds get the address of the server the test session started (tests/servers.py); every store made
+gets a fresh namespace on it (a PostgreSQL schema), so tests never see each other's data.
+"""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.postgres import PostgresBackend
 
-STORE_KINDS = ["embedded"]
+STORE_KINDS = ["embedded", "postgres"]
+_fresh = itertools.count()
 
 
-def make_store(kind: str, embedder: Embedder, workdir: Path) -> Backend:
+def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, str]) -> Backend:
     if kind == "embedded":
         return EmbeddedBackend(workdir / "memory.db", embedder)
+    if kind == "postgres":
+        return PostgresBackend(f"{servers['postgres']}?schema=t{next(_fresh)}_{workdir.name[-8:].replace('-', '_')}",
+                               embedder, pool_size=4)
     raise ValueError(f"unknown store kind {kind}")

@@ -1,0 +1,695 @@
+"""PostgreSQL + pgvector: the memory store in three tables, vectors searched by an HNSW index.
+
+- One asyncpg pool; pgvector's codec registered on every connection, so numpy arrays go in and out as `vector`.
+- Schema created and upgraded on open, in its own schema (`?schema=` in the spec, default `memshift`); keys are
+  `COLLATE "C"`, so rows sort by code point exactly as every other store and Python do (Verify walks two stores in
+  step, and page tokens move between stores).
+- Every write transaction first takes an advisory lock per scope it touches (in hash order, so two writers never
+  deadlock): API writes are planned from the rows they read (`adapters.semantics`) and nothing of the scope changes
+  in between.
+- Apply-if-newer is the SQL itself: `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE stored.version < new.version`,
+  an entity's `purged` merged by `GREATEST`, children older than a raised purge point deleted, and an observation or
+  relation older than its entity's purge point never inserted. Large batches (a backfill page) go through binary
+  COPY into temporary staging tables followed by one upsert per table.
+- Vectors follow writes in the background (`adapters.embedding_queue`), as in the embedded store; `embed_hash` is
+  the text an entity should be embedded from, `vector_hash` the text its stored vector was computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import asyncpg
+import numpy as np
+from pgvector.asyncpg import register_vector
+
+from adapters import semantics
+from adapters.base import VectorMap, WriteResult
+from adapters.embedder import Embedder, EmbeddingInfo, Vector
+from adapters.embedding_queue import PendingEmbeddings
+from adapters.model import (
+    EmbeddingMismatch,
+    Entity,
+    Graph,
+    GraphPage,
+    ObservationAddition,
+    ObservationDeletion,
+    Relation,
+    ScoredEntity,
+    SearchResult,
+    StoreUnavailable,
+)
+from adapters.records import (
+    Counts,
+    EntityRecord,
+    Kind,
+    ObservationRecord,
+    Record,
+    RecordKey,
+    RecordPage,
+    RelationRecord,
+    decode_cursor,
+    dump_metadata,
+    embedding_text,
+    encode_cursor,
+    text_hash,
+)
+from adapters.semantics import Effects
+
+T = TypeVar("T")
+log = logging.getLogger("memshift.store.postgres")
+SCHEMA_VERSION = 1
+COPY_THRESHOLD = 256  # records per table above which a batch is staged with binary COPY
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS entities (
+    scope text COLLATE "C" NOT NULL, name text COLLATE "C" NOT NULL, entity_type text NOT NULL,
+    metadata jsonb NOT NULL, version bigint NOT NULL, created bigint NOT NULL, purged bigint NOT NULL,
+    deleted boolean NOT NULL, embed_hash text, vector_hash text, embedding vector({dim}),
+    PRIMARY KEY (scope, name));
+CREATE TABLE IF NOT EXISTS observations (
+    scope text COLLATE "C" NOT NULL, entity text COLLATE "C" NOT NULL, text text COLLATE "C" NOT NULL,
+    version bigint NOT NULL, created bigint NOT NULL, deleted boolean NOT NULL,
+    PRIMARY KEY (scope, entity, text));
+CREATE TABLE IF NOT EXISTS relations (
+    scope text COLLATE "C" NOT NULL, source text COLLATE "C" NOT NULL, relation_type text COLLATE "C" NOT NULL,
+    target text COLLATE "C" NOT NULL, metadata jsonb NOT NULL, version bigint NOT NULL, deleted boolean NOT NULL,
+    PRIMARY KEY (scope, source, relation_type, target));
+CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
+CREATE INDEX IF NOT EXISTS entities_embedding_hnsw ON entities USING hnsw (embedding vector_cosine_ops);
+"""
+
+_E_COLS = "scope, name, entity_type, metadata, version, created, purged, deleted"
+_O_COLS = "scope, entity, text, version, created, deleted"
+_R_COLS = "scope, source, relation_type, target, metadata, version, deleted"
+_E_TYPES = "text[], text[], text[], jsonb[], int8[], int8[], int8[], bool[]"
+_O_TYPES = "text[], text[], text[], int8[], int8[], bool[]"
+_R_TYPES = "text[], text[], text[], text[], jsonb[], int8[], bool[]"
+
+# {src} is either unnest($1..$n) of the batch or a COPY-filled staging table.
+_UPSERT_ENTITIES = f"""
+INSERT INTO entities AS t ({_E_COLS}) SELECT {_E_COLS} FROM {{src}}
+ON CONFLICT (scope, name) DO UPDATE SET
+    entity_type = CASE WHEN t.version < excluded.version THEN excluded.entity_type ELSE t.entity_type END,
+    metadata = CASE WHEN t.version < excluded.version THEN excluded.metadata ELSE t.metadata END,
+    created = CASE WHEN t.version < excluded.version THEN excluded.created ELSE t.created END,
+    deleted = CASE WHEN t.version < excluded.version THEN excluded.deleted ELSE t.deleted END,
+    embedding = CASE WHEN t.version < excluded.version AND excluded.deleted THEN NULL ELSE t.embedding END,
+    version = GREATEST(t.version, excluded.version),
+    purged = GREATEST(t.purged, excluded.purged)
+WHERE t.version < excluded.version OR t.purged < excluded.purged
+RETURNING scope, name, version, purged, deleted"""
+
+_UPSERT_OBSERVATIONS = f"""
+INSERT INTO observations AS t ({_O_COLS}) SELECT {_O_COLS} FROM {{src}}
+WHERE u.version >= COALESCE((SELECT e.purged FROM entities e WHERE e.scope = u.scope AND e.name = u.entity), 0)
+ON CONFLICT (scope, entity, text) DO UPDATE SET
+    version = excluded.version, created = excluded.created, deleted = excluded.deleted
+WHERE t.version < excluded.version
+RETURNING scope, entity"""
+
+_UPSERT_RELATIONS = f"""
+INSERT INTO relations AS t ({_R_COLS}) SELECT {_R_COLS} FROM {{src}}
+WHERE u.version >= GREATEST(
+    COALESCE((SELECT e.purged FROM entities e WHERE e.scope = u.scope AND e.name = u.source), 0),
+    COALESCE((SELECT e.purged FROM entities e WHERE e.scope = u.scope AND e.name = u.target), 0))
+ON CONFLICT (scope, source, relation_type, target) DO UPDATE SET
+    metadata = excluded.metadata, version = excluded.version, deleted = excluded.deleted
+WHERE t.version < excluded.version
+RETURNING scope"""
+
+
+def _unnest(types: str, cols: str) -> str:
+    n = types.count("[]")
+    args = ", ".join(f"${i + 1}::{t.strip()}" for i, t in enumerate(types.split(",")))
+    assert n == len(cols.split(","))
+    return f"unnest({args}) AS u({cols})"
+
+
+def _meta(raw: Any) -> dict[str, str]:
+    return dict(json.loads(raw)) if isinstance(raw, str) else dict(raw or {})
+
+
+def _array(value: Any) -> Vector:
+    """A `vector` column as float32 numpy (pgvector's codec hands out its own Vector type)."""
+    raw = value.to_numpy() if hasattr(value, "to_numpy") else value
+    return np.asarray(raw, dtype=np.float32)
+
+
+def _entity_row(r: EntityRecord) -> tuple[Any, ...]:
+    return (r.scope, r.name, r.entity_type, dump_metadata(r.metadata), r.version, r.created, r.purged, r.deleted)
+
+
+def _observation_row(r: ObservationRecord) -> tuple[Any, ...]:
+    return (r.scope, r.entity, r.text, r.version, r.created, r.deleted)
+
+
+def _relation_row(r: RelationRecord) -> tuple[Any, ...]:
+    return (r.scope, r.source, r.relation_type, r.target, dump_metadata(r.metadata), r.version, r.deleted)
+
+
+def _newest(records: Sequence[Record]) -> list[Record]:
+    """One record per key (the newest; for an entity, with the highest purge point seen): one statement cannot
+    update a row twice."""
+    best: dict[RecordKey, Record] = {}
+    top_purge: dict[RecordKey, int] = {}
+    for r in records:
+        cur = best.get(r.key)
+        if cur is None or r.version > cur.version:
+            best[r.key] = r
+        if isinstance(r, EntityRecord):
+            top_purge[r.key] = max(top_purge.get(r.key, 0), r.purged)
+    return [EntityRecord(r.scope, r.name, r.entity_type, r.version, r.created, top_purge[r.key], r.deleted,
+                         r.metadata) if isinstance(r, EntityRecord) else r for r in best.values()]
+
+
+@dataclass
+class _Applied:
+    count: int = 0
+    touched: set[tuple[str, str]] = field(default_factory=set)  # live entities whose embedding text may have changed
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(asyncpg DSN, schema) from `postgresql://user@host:port/db?schema=NAME&password_file=PATH`. A password
+    comes from the DSN, $PGPASSWORD or `password_file`; it never reaches logs (`proxy.stores.redact`)."""
+    parts = urlsplit(spec)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "memshift")
+    if not schema.replace("_", "").isalnum():
+        raise ValueError(f"schema {schema!r}: letters, digits and _ only")
+    password_file = query.pop("password_file", None)
+    netloc = parts.netloc
+    if password_file:
+        with open(password_file, encoding="utf-8") as f:
+            password = f.read().strip()
+        user = parts.username or "postgres"
+        host = parts.hostname or "localhost"
+        netloc = f"{user}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+    dsn = parts._replace(scheme="postgresql", netloc=netloc, query=urlencode(query)).geturl()
+    return dsn, schema
+
+
+class PostgresBackend:
+    def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
+        self._dsn, self._schema = parse_spec(spec)
+        parts = urlsplit(self._dsn)
+        self._label = f"postgresql:{parts.hostname}{parts.path}/{self._schema}"
+        self._embedder = embedder
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._embeddings = PendingEmbeddings(embedder, self._store_vectors, max_pending_texts)
+
+    @property
+    def name(self) -> str:
+        return self._label
+
+    @property
+    def embedding(self) -> EmbeddingInfo:
+        return self._embedder.info
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            conn = await asyncpg.connect(self._dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"{self.name}: cannot connect: {exc}") from exc
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+            await conn.execute(f'SET search_path TO "{self._schema}", public')
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('memshift-schema'))")
+                await conn.execute(_DDL.format(dim=self.embedding.dimension))
+                await self._check_embedding(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self._dsn, min_size=1, max_size=self._pool_size, init=register_vector,
+            server_settings={"search_path": f'"{self._schema}", public'})
+        await self.embed_stale()
+
+    async def _check_embedding(self, conn: asyncpg.Connection) -> None:
+        meta = {r["key"]: r["value"] for r in await conn.fetch("SELECT key, value FROM meta")}
+        want = {"embedding_model": self.embedding.model, "embedding_dim": str(self.embedding.dimension)}
+        if "embedding_model" in meta:
+            if (meta["embedding_model"], meta["embedding_dim"]) != (want["embedding_model"], want["embedding_dim"]):
+                raise EmbeddingMismatch(
+                    f"{self.name} was written with embedding model {meta['embedding_model']!r} (dimension "
+                    f"{meta['embedding_dim']}), but the configured model is {want['embedding_model']!r} (dimension "
+                    f"{want['embedding_dim']}); migrate with re-embedding instead of reusing this store")
+            return
+        want["schema_version"] = str(SCHEMA_VERSION)
+        await conn.executemany("INSERT INTO meta VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
+                               list(want.items()))
+
+    async def close(self) -> None:
+        await self._embeddings.settled()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable(f"{self.name} is not open")
+        return self._pool
+
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        try:
+            async with self._p().acquire() as conn:
+                return await fn(conn)
+        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise StoreUnavailable(f"{self.name}: {exc}") from exc
+
+    async def _write(self, scopes: set[str], fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """One transaction holding the advisory lock of every scope it touches (taken in hash order)."""
+        async def run(conn: asyncpg.Connection) -> T:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(s, 7) AS h"
+                    " FROM unnest($1::text[]) AS s ORDER BY 1) AS x", sorted(scopes))
+                return await fn(conn)
+
+        return await self._read(run)
+
+    # --- apply-if-newer --------------------------------------------------------------------------------------------
+    async def _upsert(self, conn: asyncpg.Connection, sql: str, table: str, types: str, cols: str,
+                      rows: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+        if len(rows) < COPY_THRESHOLD:
+            columns = list(zip(*rows, strict=True))
+            return list(await conn.fetch(sql.format(src=_unnest(types, cols)), *[list(c) for c in columns]))
+        stage = f"stage_{table}"
+        names = [c.strip() for c in cols.split(",")]
+        pg_types = [t.strip().removesuffix("[]") for t in types.split(",")]
+        ddl = ", ".join(f"{n} {t}" for n, t in zip(names, pg_types, strict=True))
+        # Per connection, emptied at every commit; binary COPY is the fastest way in for a backfill page.
+        await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({ddl}) ON COMMIT DELETE ROWS")
+        await conn.copy_records_to_table(stage, records=rows, columns=names)
+        return list(await conn.fetch(sql.format(src=f"{stage} AS u")))
+
+    async def _apply_records(self, conn: asyncpg.Connection, records: Sequence[Record]) -> _Applied:
+        out = _Applied()
+        recs = _newest(records)
+        ents = [r for r in recs if isinstance(r, EntityRecord)]
+        obs = [r for r in recs if isinstance(r, ObservationRecord)]
+        rels = [r for r in recs if isinstance(r, RelationRecord)]
+        if ents:
+            incoming = {(r.scope, r.name): r for r in ents}
+            rows = await self._upsert(conn, _UPSERT_ENTITIES, "entities", _E_TYPES, _E_COLS,
+                                      [_entity_row(r) for r in ents])
+            purges = []
+            for row in rows:
+                key = (row["scope"], row["name"])
+                rec = incoming[key]
+                if row["version"] == rec.version:
+                    out.count += 1
+                    if not row["deleted"]:
+                        out.touched.add(key)
+                if row["purged"] > 0:
+                    purges.append((row["scope"], row["name"], row["purged"]))
+            if purges:
+                cols = [list(c) for c in zip(*purges, strict=True)]
+                await conn.execute(
+                    "DELETE FROM observations o USING unnest($1::text[], $2::text[], $3::int8[]) AS p(scope, name, pv)"
+                    " WHERE o.scope = p.scope AND o.entity = p.name AND o.version < p.pv", *cols)
+                await conn.execute(
+                    "DELETE FROM relations r USING unnest($1::text[], $2::text[], $3::int8[]) AS p(scope, name, pv)"
+                    " WHERE r.scope = p.scope AND (r.source = p.name OR r.target = p.name) AND r.version < p.pv",
+                    *cols)
+                out.touched |= {(s, n) for s, n, _ in purges}
+        if obs:
+            rows = await self._upsert(conn, _UPSERT_OBSERVATIONS, "observations", _O_TYPES, _O_COLS,
+                                      [_observation_row(r) for r in obs])
+            out.count += len(rows)
+            out.touched |= {(row["scope"], row["entity"]) for row in rows}
+        if rels:
+            rows = await self._upsert(conn, _UPSERT_RELATIONS, "relations", _R_TYPES, _R_COLS,
+                                      [_relation_row(r) for r in rels])
+            out.count += len(rows)
+        return out
+
+    async def _texts(self, conn: asyncpg.Connection, keys: set[tuple[str, str]] | list[tuple[str, str]],
+                     mark: bool, childless_only: bool = False) -> dict[tuple[str, str], str]:
+        """The embedding text of each live entity among `keys`; with `mark`, recorded as the text wanted."""
+        if not keys:
+            return {}
+        scopes, names = [list(c) for c in zip(*keys, strict=True)]
+        childless = (" AND NOT EXISTS (SELECT 1 FROM observations x WHERE x.scope = e.scope AND x.entity = e.name"
+                     " AND NOT x.deleted)") if childless_only else ""
+        rows = await conn.fetch(
+            "SELECT e.scope, e.name, e.entity_type, COALESCE(array_agg(o.text ORDER BY o.created, o.text)"
+            " FILTER (WHERE o.text IS NOT NULL), '{}') AS obs FROM entities e"
+            " JOIN unnest($1::text[], $2::text[]) AS k(scope, name) ON e.scope = k.scope AND e.name = k.name"
+            " LEFT JOIN observations o ON o.scope = e.scope AND o.entity = e.name AND NOT o.deleted"
+            f" WHERE NOT e.deleted{childless} GROUP BY e.scope, e.name, e.entity_type", scopes, names)
+        out = {(r["scope"], r["name"]): embedding_text(r["name"], r["entity_type"], tuple(r["obs"])) for r in rows}
+        if mark and out:
+            await conn.execute(
+                "UPDATE entities e SET embed_hash = u.h FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS u(scope, name, h) WHERE e.scope = u.scope AND e.name = u.name",
+                [k[0] for k in out], [k[1] for k in out], [text_hash(t) for t in out.values()])
+        return out
+
+    async def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
+        rows = [(s, n, np.asarray(v, dtype=np.float32), text_hash(t)) for (s, n), (t, v) in ready.items()]
+
+        async def run(conn: asyncpg.Connection) -> None:
+            # Kept only if the entity still wants exactly this text (a newer write embeds its own).
+            await conn.executemany(
+                "UPDATE entities SET embedding = $3, vector_hash = $4 WHERE scope = $1 AND name = $2"
+                " AND embed_hash = $4 AND NOT deleted", rows)
+
+        await self._read(run)
+
+    async def _committed(self, scopes: set[str], body: Callable[[asyncpg.Connection], Awaitable[tuple[T, _Applied]]],
+                         vectors: VectorMap | None = None) -> T:
+        async def run(conn: asyncpg.Connection) -> tuple[T, dict[tuple[str, str], str]]:
+            result, applied = await body(conn)
+            return result, await self._texts(conn, applied.touched, mark=True)
+
+        result, texts = await self._write(scopes, run)
+        await self._embeddings.after_write(texts, vectors)
+        return result
+
+    async def _fetch(self, conn: asyncpg.Connection, keys: Sequence[RecordKey]) -> dict[RecordKey, Record]:
+        out: dict[RecordKey, Record] = {}
+        by_kind: dict[Kind, list[tuple[str, ...]]] = {Kind.ENTITY: [], Kind.OBSERVATION: [], Kind.RELATION: []}
+        for kind, scope, parts in dict.fromkeys(keys):
+            by_kind[kind].append((scope, *parts))
+        if by_kind[Kind.ENTITY]:
+            cols = [list(c) for c in zip(*by_kind[Kind.ENTITY], strict=True)]
+            for r in await conn.fetch(
+                    f"SELECT {_E_COLS} FROM entities JOIN unnest($1::text[], $2::text[]) AS k(s, n)"
+                    " ON scope = k.s AND name = k.n", *cols):
+                rec: Record = EntityRecord(r["scope"], r["name"], r["entity_type"], r["version"], r["created"],
+                                           r["purged"], r["deleted"], _meta(r["metadata"]))
+                out[rec.key] = rec
+        if by_kind[Kind.OBSERVATION]:
+            cols = [list(c) for c in zip(*by_kind[Kind.OBSERVATION], strict=True)]
+            for r in await conn.fetch(
+                    f"SELECT {_O_COLS} FROM observations JOIN unnest($1::text[], $2::text[], $3::text[])"
+                    " AS k(s, e, t) ON scope = k.s AND entity = k.e AND text = k.t", *cols):
+                rec = ObservationRecord(r["scope"], r["entity"], r["text"], r["version"], r["created"], r["deleted"])
+                out[rec.key] = rec
+        if by_kind[Kind.RELATION]:
+            cols = [list(c) for c in zip(*by_kind[Kind.RELATION], strict=True)]
+            for r in await conn.fetch(
+                    f"SELECT {_R_COLS} FROM relations JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+                    " AS k(s, a, r, b) ON scope = k.s AND source = k.a AND relation_type = k.r AND target = k.b",
+                    *cols):
+                rec = RelationRecord(r["scope"], r["source"], r["relation_type"], r["target"], r["version"],
+                                     r["deleted"], _meta(r["metadata"]))
+                out[rec.key] = rec
+        return out
+
+    # --- the memory API --------------------------------------------------------------------------------------------
+    async def _planned(self, scope: str, keys: list[RecordKey],
+                       plan: Callable[[semantics.Stored], tuple[T, Effects]]) -> WriteResult[T]:
+        async def body(conn: asyncpg.Connection) -> tuple[WriteResult[T], _Applied]:
+            answer, effects = plan(await self._fetch(conn, keys))
+            applied = await self._apply_records(conn, effects)
+            return WriteResult(answer, effects), applied
+
+        return await self._committed({scope}, body)
+
+    async def create_entities(self, scope: str, entities: Sequence[Entity],
+                              version: int) -> WriteResult[tuple[Entity, ...]]:
+        return await self._planned(scope, semantics.create_entities_keys(scope, entities),
+                                   lambda st: semantics.create_entities(scope, entities, version, st))
+
+    async def create_relations(self, scope: str, relations: Sequence[Relation],
+                               version: int) -> WriteResult[tuple[Relation, ...]]:
+        return await self._planned(scope, semantics.create_relations_keys(scope, relations),
+                                   lambda st: semantics.create_relations(scope, relations, version, st))
+
+    async def add_observations(self, scope: str, additions: Sequence[ObservationAddition],
+                               version: int) -> WriteResult[tuple[ObservationAddition, ...]]:
+        return await self._planned(scope, semantics.add_observations_keys(scope, additions),
+                                   lambda st: semantics.add_observations(scope, additions, version, st))
+
+    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
+        return await self._tombstones(scope, semantics.delete_entities(scope, names, version))
+
+    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion],
+                                  version: int) -> WriteResult[None]:
+        return await self._tombstones(scope, semantics.delete_observations(scope, deletions, version))
+
+    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
+        return await self._tombstones(scope, semantics.delete_relations(scope, relations, version))
+
+    async def _tombstones(self, scope: str, recs: list[Record]) -> WriteResult[None]:
+        return await self._planned(scope, semantics.tombstone_keys(recs),
+                                   lambda st: (None, semantics.tombstone_effects(recs, st)))
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    async def _entities(conn: asyncpg.Connection, scope: str, names: Sequence[str]) -> list[Entity]:
+        if not names:
+            return []
+        rows = await conn.fetch(
+            "SELECT e.name, e.entity_type, e.metadata, COALESCE(array_agg(o.text ORDER BY o.created, o.text)"
+            " FILTER (WHERE o.text IS NOT NULL), '{}') AS obs FROM entities e"
+            " LEFT JOIN observations o ON o.scope = e.scope AND o.entity = e.name AND NOT o.deleted"
+            " WHERE e.scope = $1 AND e.name = ANY($2::text[]) AND NOT e.deleted"
+            " GROUP BY e.name, e.entity_type, e.metadata ORDER BY e.name", scope, list(names))
+        return [Entity(r["name"], r["entity_type"], tuple(r["obs"]), _meta(r["metadata"])) for r in rows]
+
+    @staticmethod
+    async def _relations_touching(conn: asyncpg.Connection, scope: str, names: Sequence[str]) -> list[Relation]:
+        if not names:
+            return []
+        rows = await conn.fetch(
+            "SELECT source, relation_type, target, metadata FROM relations WHERE scope = $1 AND NOT deleted"
+            " AND (source = ANY($2::text[]) OR target = ANY($2::text[])) ORDER BY source, relation_type, target",
+            scope, list(names))
+        return [Relation(r["source"], r["target"], r["relation_type"], _meta(r["metadata"])) for r in rows]
+
+    async def _graph(self, conn: asyncpg.Connection, scope: str, names: Sequence[str]) -> Graph:
+        entities = await self._entities(conn, scope, names)
+        return Graph(tuple(entities), tuple(await self._relations_touching(conn, scope, [e.name for e in entities])))
+
+    async def read_graph(self, scope: str, cursor: str | None, limit: int) -> GraphPage:
+        kind, after = decode_cursor(cursor) if cursor else (Kind.ENTITY, ("",))
+
+        async def run(conn: asyncpg.Connection) -> GraphPage:
+            entities: list[Entity] = []
+            if kind == Kind.ENTITY:
+                names = [r["name"] for r in await conn.fetch(
+                    "SELECT name FROM entities WHERE scope = $1 AND NOT deleted AND name > $2 ORDER BY name"
+                    " LIMIT $3", scope, after[0], limit + 1)]
+                entities = await self._entities(conn, scope, names[:limit])
+                if len(names) > limit:
+                    return GraphPage(tuple(entities), (), encode_cursor(Kind.ENTITY, [names[limit - 1]]))
+            room = limit - len(entities)
+            rel_after = after if kind == Kind.RELATION else ("", "", "")
+            rows = await conn.fetch(
+                "SELECT source, relation_type, target, metadata FROM relations WHERE scope = $1 AND NOT deleted"
+                " AND (source, relation_type, target) > ($2, $3, $4) ORDER BY source, relation_type, target"
+                " LIMIT $5", scope, *rel_after, room + 1)
+            rels = [Relation(r["source"], r["target"], r["relation_type"], _meta(r["metadata"])) for r in rows[:room]]
+            nxt = None
+            if len(rows) > room:
+                resume = (rels[-1].source, rels[-1].relation_type, rels[-1].target) if rels else rel_after
+                nxt = encode_cursor(Kind.RELATION, resume)
+            return GraphPage(tuple(entities), tuple(rels), nxt)
+
+        return await self._read(run)
+
+    async def search_nodes(self, scope: str, query: str) -> Graph:
+        needle = query.casefold()
+
+        async def run(conn: asyncpg.Connection) -> Graph:
+            names = [r["name"] for r in await conn.fetch(
+                "SELECT name FROM entities e WHERE scope = $1 AND NOT deleted AND (strpos(lower(name), $2) > 0"
+                " OR strpos(lower(entity_type), $2) > 0 OR EXISTS (SELECT 1 FROM observations o WHERE"
+                " o.scope = $1 AND o.entity = e.name AND NOT o.deleted AND strpos(lower(o.text), $2) > 0))"
+                " ORDER BY name", scope, needle)]
+            return await self._graph(conn, scope, names)
+
+        return await self._read(run)
+
+    async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
+        return await self._read(lambda conn: self._graph(conn, scope, list(dict.fromkeys(names))))
+
+    async def semantic_search(self, scope: str, vector: Vector, limit: int, min_score: float | None,
+                              entity_types: Sequence[str]) -> SearchResult:
+        await self._embeddings.settled(scope)
+        query = np.asarray(vector, dtype=np.float32)
+
+        async def run(conn: asyncpg.Connection) -> SearchResult:
+            async with conn.transaction():
+                # The HNSW index spans every scope: keep scanning until `limit` rows of this scope are found.
+                await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+                rows = await conn.fetch(
+                    "SELECT name, 1 - (embedding <=> $2) AS score FROM entities WHERE scope = $1 AND NOT deleted"
+                    " AND embedding IS NOT NULL AND vector_hash = embed_hash"
+                    " AND (cardinality($4::text[]) = 0 OR entity_type = ANY($4::text[]))"
+                    " ORDER BY embedding <=> $2, name LIMIT $3", scope, query, limit, list(entity_types))
+            hits = [(r["name"], float(r["score"])) for r in rows
+                    if min_score is None or float(r["score"]) >= min_score]
+            by_name = {e.name: e for e in await self._entities(conn, scope, [n for n, _ in hits])}
+            results = tuple(ScoredEntity(by_name[n], s) for n, s in hits if n in by_name)
+            rels = await self._relations_touching(conn, scope, [r.entity.name for r in results])
+            return SearchResult(results, tuple(rels))
+
+        return await self._read(run)
+
+    # --- replication -----------------------------------------------------------------------------------------------
+    async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        if not records:
+            return 0
+
+        async def body(conn: asyncpg.Connection) -> tuple[int, _Applied]:
+            applied = await self._apply_records(conn, records)
+            return applied.count, applied
+
+        return await self._committed({r.scope for r in records}, body, vectors)
+
+    async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:
+        if not items:
+            return []
+
+        async def body(conn: asyncpg.Connection) -> tuple[list[RecordKey], _Applied]:
+            stored = await self._fetch(conn, [k for k, _, _ in items])
+            moved: list[RecordKey] = []
+            applied = _Applied()
+            for key, record, expected in items:
+                current = stored.get(key)
+                if (current.version if current else None) != expected:
+                    moved.append(key)
+                    continue
+                await self._remove(conn, key)
+                if key[0] != Kind.RELATION:
+                    applied.touched.add((key[1], key[2][0]))
+                if record is not None:
+                    got = await self._apply_records(conn, [record])
+                    applied.touched |= got.touched
+            return moved, applied
+
+        return await self._committed({k[1] for k, _, _ in items}, body)
+
+    @staticmethod
+    async def _remove(conn: asyncpg.Connection, key: RecordKey) -> None:
+        kind, scope, parts = key
+        if kind == Kind.ENTITY:
+            await conn.execute("DELETE FROM entities WHERE scope = $1 AND name = $2", scope, parts[0])
+        elif kind == Kind.OBSERVATION:
+            await conn.execute("DELETE FROM observations WHERE scope = $1 AND entity = $2 AND text = $3",
+                               scope, *parts)
+        else:
+            await conn.execute("DELETE FROM relations WHERE scope = $1 AND source = $2 AND relation_type = $3"
+                               " AND target = $4", scope, *parts)
+
+    async def child_keys(self, scope: str, name: str) -> list[RecordKey]:
+        async def run(conn: asyncpg.Connection) -> list[RecordKey]:
+            obs: list[RecordKey] = [(Kind.OBSERVATION, scope, (name, r["text"])) for r in await conn.fetch(
+                "SELECT text FROM observations WHERE scope = $1 AND entity = $2", scope, name)]
+            rels: list[RecordKey] = [(Kind.RELATION, scope, (r["source"], r["relation_type"], r["target"]))
+                                     for r in await conn.fetch(
+                "SELECT source, relation_type, target FROM relations WHERE scope = $1 AND (source = $2"
+                " OR target = $2)", scope, name)]
+            return obs + rels
+
+        return await self._read(run)
+
+    async def embed_stale(self) -> int:
+        await self._embeddings.settled()
+
+        async def run(conn: asyncpg.Connection) -> dict[tuple[str, str], str]:
+            async with conn.transaction():
+                stale = [(r["scope"], r["name"]) for r in await conn.fetch(
+                    "SELECT scope, name FROM entities WHERE NOT deleted AND (embedding IS NULL OR embed_hash IS NULL"
+                    " OR vector_hash IS DISTINCT FROM embed_hash)")]
+                return await self._texts(conn, stale, mark=True)
+
+        texts = await self._read(run)
+        await self._embeddings.embed(texts)
+        return len(texts)
+
+    async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
+        found = await self._read(lambda conn: self._fetch(conn, keys))
+        return [found[k] for k in keys if k in found]
+
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+        async def run(conn: asyncpg.Connection) -> RecordPage:
+            out: list[Record] = []
+            start_kind = after[0] if after else Kind.ENTITY
+            for kind in Kind:
+                if kind < start_kind or len(out) >= limit:
+                    continue
+                pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
+                out.extend(await self._list_kind(conn, kind, pos, limit - len(out), tombstones))
+            return RecordPage(tuple(out), out[-1].key if len(out) >= limit else None)
+
+        return await self._read(run)
+
+    @staticmethod
+    async def _list_kind(conn: asyncpg.Connection, kind: Kind, pos: tuple[str, ...], limit: int,
+                         tombstones: bool) -> list[Record]:
+        live = "" if tombstones else "AND NOT deleted"
+        if kind == Kind.ENTITY:
+            where = "AND (scope, name) > ($2, $3)" if pos else ""
+            return [EntityRecord(r["scope"], r["name"], r["entity_type"], r["version"], r["created"], r["purged"],
+                                 r["deleted"], _meta(r["metadata"])) for r in await conn.fetch(
+                f"SELECT {_E_COLS} FROM entities WHERE TRUE {live} {where} ORDER BY scope, name LIMIT $1",
+                limit, *pos)]
+        if kind == Kind.OBSERVATION:
+            where = "AND (o.scope, o.entity, o.text) > ($2, $3, $4)" if pos else ""
+            join = "" if tombstones else (" JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
+                                          " AND NOT e.deleted")
+            alive = "" if tombstones else "AND NOT o.deleted"
+            return [ObservationRecord(r["scope"], r["entity"], r["text"], r["version"], r["created"], r["deleted"])
+                    for r in await conn.fetch(
+                f"SELECT o.scope, o.entity, o.text, o.version, o.created, o.deleted FROM observations o{join}"
+                f" WHERE TRUE {alive} {where} ORDER BY o.scope, o.entity, o.text LIMIT $1", limit, *pos)]
+        where = "AND (scope, source, relation_type, target) > ($2, $3, $4, $5)" if pos else ""
+        return [RelationRecord(r["scope"], r["source"], r["relation_type"], r["target"], r["version"], r["deleted"],
+                               _meta(r["metadata"])) for r in await conn.fetch(
+            f"SELECT {_R_COLS} FROM relations WHERE TRUE {live} {where}"
+            " ORDER BY scope, source, relation_type, target LIMIT $1", limit, *pos)]
+
+    async def get_vectors(self, keys: Sequence[tuple[str, str]],
+                          childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
+        await self._embeddings.settled()
+
+        async def run(conn: asyncpg.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
+            texts = await self._texts(conn, list(dict.fromkeys(keys)), mark=False, childless_only=childless_only)
+            if not texts:
+                return {}
+            rows = await conn.fetch(
+                "SELECT e.scope, e.name, e.embedding FROM entities e JOIN unnest($1::text[], $2::text[])"
+                " AS k(scope, name) ON e.scope = k.scope AND e.name = k.name"
+                " WHERE e.embedding IS NOT NULL AND e.vector_hash = e.embed_hash",
+                [k[0] for k in texts], [k[1] for k in texts])
+            return {(r["scope"], r["name"]): (texts[(r["scope"], r["name"])], _array(r["embedding"])) for r in rows}
+
+        return await self._read(run)
+
+    async def count(self, scope: str | None = None) -> Counts:
+        async def run(conn: asyncpg.Connection) -> Counts:
+            cond = "AND scope = $1" if scope is not None else ""
+            args = (scope,) if scope is not None else ()
+            e = await conn.fetchval(f"SELECT count(*) FROM entities WHERE NOT deleted {cond}", *args)
+            o = await conn.fetchval(
+                "SELECT count(*) FROM observations o JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
+                f" AND NOT e.deleted WHERE NOT o.deleted {cond.replace('scope', 'o.scope')}", *args)
+            r = await conn.fetchval(f"SELECT count(*) FROM relations WHERE NOT deleted {cond}", *args)
+            return Counts(int(e), int(o), int(r))
+
+        return await self._read(run)
+
+    async def purge_tombstones(self, before_version: int) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            n = 0
+            for table in ("observations", "relations", "entities"):
+                status = await conn.execute(f"DELETE FROM {table} WHERE deleted AND version < $1", before_version)
+                n += int(status.split()[-1])
+            return n
+
+        return await self._read(run)
