@@ -38,8 +38,9 @@ class Cluster:
 
 async def boot(embedder: BatchingEmbedder, d: Path, *, telemetry: Telemetry | None = None,
                wrap_store: Callable[[str, Backend], Backend] | None = None,
-               telemetry_config: TelemetryConfig | None = None, **settings: Any) -> Cluster:
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
+               telemetry_config: TelemetryConfig | None = None, store: str | None = None,
+               **settings: Any) -> Cluster:
+    config = Config(listen="127.0.0.1:0", store=store or f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
                     admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=2,
                     telemetry=telemetry_config or TelemetryConfig(), **settings)
     server = MemshiftServer(config, embedder, telemetry=telemetry, wrap_store=wrap_store)
