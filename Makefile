@@ -36,6 +36,7 @@ test: lint typecheck pytest
 bench: install
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
+	$(PY) -m bench.stores $(STORES_ARGS)
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -1,0 +1,111 @@
+"""`make bench` (third table): backfill into each real store vs that store's own bulk path, measured in one run.
+
+    python -m bench.stores [--entities 20000]
+
+For each target store: the raw bulk load (the store's best path — for PostgreSQL, binary COPY into staging tables
+and one upsert per table, vectors included — fed with pre-read pages), the migration engine's backfill from an
+embedded store with vectors kept, and the naive copy one-off migration scripts do (10 records per call, vectors
+recomputed). The PostgreSQL server is started by the benchmark itself (tests/servers.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from adapters.base import Backend, VectorMap
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
+from adapters.records import EntityRecord, ObservationRecord, Record
+from bench.__main__ import Table
+from bench.migration import fill, wait_backfill
+from proxy.clock import HybridClock
+from proxy.control import MigrationOptions, SqliteControlStore
+from proxy.migration import MigrationEngine
+from proxy.stores import backend_for
+from tests.servers import PostgresServer
+
+
+async def pages_of(src: Backend, size: int = 500) -> list[tuple[tuple[Record, ...], VectorMap]]:
+    pages, after = [], None
+    while True:
+        page = await src.list_records(after, size, tombstones=True)
+        ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
+        owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records if isinstance(r, ObservationRecord)))
+        pages.append((page.records, {**await src.get_vectors(ents, childless_only=True),
+                                     **await src.get_vectors(owners)}))
+        if page.next_after is None:
+            return pages
+        after = page.next_after
+
+
+async def measure(table: Table, label: str, target: str, work: Path, embedder: BatchingEmbedder,
+                  pages: list[tuple[tuple[Record, ...], VectorMap]], source: str, spec: dict[str, str]) -> None:
+    raw = backend_for(spec["raw"], embedder)
+    await raw.open()
+    t = time.perf_counter()
+    for recs, vecs in pages:
+        await raw.apply(recs, vecs)
+    await raw.embed_stale()
+    raw_rate = sum(len(r) for r, _ in pages) / (time.perf_counter() - t)
+    await raw.close()
+    table.add(f"{label}: raw bulk load, vectors included (baseline)", rate=raw_rate)
+
+    async def open_store(s: str) -> Backend:
+        store = backend_for(s, embedder)
+        await store.open()
+        return store
+
+    control = SqliteControlStore(work / f"control-{label}.db", initial_primary=source)
+    engine = MigrationEngine(control, open_store, HybridClock(9))
+    await engine.start()
+    await engine.start_migration(target, MigrationOptions(batch_size=500, workers=2), "bench")
+    secs = await wait_backfill(engine)
+    rate = engine.state.backfill_done / secs
+    table.add(f"{label}: backfill from embedded, vectors kept", rate=rate,
+              note=f"{rate / raw_rate:.2f} x raw bulk load")
+    await engine.stop()
+    await control.close()
+
+    naive = backend_for(spec["naive"], embedder)
+    await naive.open()
+    flat = [r for recs, _ in pages for r in recs][:5000]
+    t = time.perf_counter()
+    for i in range(0, len(flat), 10):
+        await naive.apply(flat[i:i + 10])
+    await naive.embed_stale()
+    naive_rate = len(flat) / (time.perf_counter() - t)
+    await naive.close()
+    table.add(f"{label}: naive copy, 10 records per call, re-embedding", rate=naive_rate,
+              note=f"backfill is {rate / naive_rate:.1f} x faster")
+
+
+async def main(n: int) -> None:
+    table = Table()
+    work = Path(tempfile.mkdtemp(prefix="memshift-sbench-"))
+    embedder = BatchingEmbedder(SentenceTransformerModel())
+    src = EmbeddedBackend(work / "src.db", embedder)
+    await src.open()
+    await fill(src, n, embedder.info.dimension)
+    pages = await pages_of(src)
+    await src.close()
+    pg = PostgresServer().start()
+    try:
+        await measure(table, f"PostgreSQL, {n} entities", f"{pg.dsn}?schema=backfill", work, embedder, pages,
+                      f"sqlite:///{work}/src.db", {"raw": f"{pg.dsn}?schema=raw", "naive": f"{pg.dsn}?schema=naive"})
+    finally:
+        pg.stop()
+    print()
+    table.print()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=20_000)
+    ns = parser.parse_args()
+    asyncio.run(main(ns.entities))
+    sys.exit(0)
