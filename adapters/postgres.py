@@ -61,6 +61,7 @@ from adapters.records import (
     dump_metadata,
     embedding_text,
     encode_cursor,
+    newest_per_key,
     text_hash,
 )
 from adapters.semantics import Effects
@@ -155,21 +156,6 @@ def _observation_row(r: ObservationRecord) -> tuple[Any, ...]:
 
 def _relation_row(r: RelationRecord) -> tuple[Any, ...]:
     return (r.scope, r.source, r.relation_type, r.target, dump_metadata(r.metadata), r.version, r.deleted)
-
-
-def _newest(records: Sequence[Record]) -> list[Record]:
-    """One record per key (the newest; for an entity, with the highest purge point seen): one statement cannot
-    update a row twice."""
-    best: dict[RecordKey, Record] = {}
-    top_purge: dict[RecordKey, int] = {}
-    for r in records:
-        cur = best.get(r.key)
-        if cur is None or r.version > cur.version:
-            best[r.key] = r
-        if isinstance(r, EntityRecord):
-            top_purge[r.key] = max(top_purge.get(r.key, 0), r.purged)
-    return [EntityRecord(r.scope, r.name, r.entity_type, r.version, r.created, top_purge[r.key], r.deleted,
-                         r.metadata) if isinstance(r, EntityRecord) else r for r in best.values()]
 
 
 @dataclass
@@ -314,7 +300,7 @@ class PostgresBackend:
 
     async def _apply_records(self, conn: asyncpg.Connection, records: Sequence[Record]) -> _Applied:
         out = _Applied()
-        recs = _newest(records)
+        recs = newest_per_key(records)
         ents = [r for r in recs if isinstance(r, EntityRecord)]
         obs = [r for r in recs if isinstance(r, ObservationRecord)]
         rels = [r for r in recs if isinstance(r, RelationRecord)]

@@ -149,3 +149,18 @@ def decode_cursor(cursor: str) -> tuple[Kind, tuple[str, ...]]:
         return parsed
     except Exception as exc:
         raise ValueError("page_token is not a token returned by ReadGraph") from exc
+
+
+def newest_per_key(records: Sequence[Record]) -> list[Record]:
+    """One record per key (the newest; for an entity, with the highest purge point seen): one statement cannot
+    update a row twice."""
+    best: dict[RecordKey, Record] = {}
+    top_purge: dict[RecordKey, int] = {}
+    for r in records:
+        cur = best.get(r.key)
+        if cur is None or r.version > cur.version:
+            best[r.key] = r
+        if isinstance(r, EntityRecord):
+            top_purge[r.key] = max(top_purge.get(r.key, 0), r.purged)
+    return [EntityRecord(r.scope, r.name, r.entity_type, r.version, r.created, top_purge[r.key], r.deleted,
+                         r.metadata) if isinstance(r, EntityRecord) else r for r in best.values()]

@@ -2,6 +2,7 @@
 
     sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
     postgresql://user@host:5432/db?schema=memshift&password_file=/run/secrets/pg
+    qdrant+local:///path/to/dir   qdrant+local:///:memory:   qdrant://host:6333?api_key_file=PATH   qdrants://host
 
 A PostgreSQL password comes from the spec, $PGPASSWORD or `password_file`; specs are logged only redacted.
 """
@@ -14,6 +15,7 @@ from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
 from adapters.postgres import PostgresBackend
+from adapters.qdrant import QdrantBackend
 
 
 class StoreSpecError(ValueError):
@@ -52,7 +54,13 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
             return PostgresBackend(spec, embedder)
         except (ValueError, OSError) as exc:
             raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
-    raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql")
+    if scheme in ("qdrant+local", "qdrant", "qdrants"):
+        try:
+            return QdrantBackend(spec, embedder)
+        except (ValueError, OSError) as exc:
+            raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
+    raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
+                         "qdrant+local, qdrant, qdrants")
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.

@@ -13,8 +13,9 @@ from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
 from adapters.postgres import PostgresBackend
+from adapters.qdrant import QdrantBackend
 
-STORE_KINDS = ["embedded", "postgres"]
+STORE_KINDS = ["embedded", "postgres", "qdrant"]
 _fresh = itertools.count()
 
 
@@ -24,4 +25,6 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
     if kind == "postgres":
         return PostgresBackend(f"{servers['postgres']}?schema=t{next(_fresh)}_{workdir.name[-8:].replace('-', '_')}",
                                embedder, pool_size=4)
+    if kind == "qdrant":
+        return QdrantBackend(f"qdrant+local:///{workdir / 'qdrant'}", embedder)
     raise ValueError(f"unknown store kind {kind}")

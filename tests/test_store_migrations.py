@@ -25,10 +25,12 @@ def spec_for(kind: str, d: Path, servers: dict[str, str], role: str) -> str:
         return f"sqlite:///{d}/{role}.db"
     if kind == "postgres":
         return f"{servers['postgres']}?schema=mig{next(_schemas)}_{role}"
+    if kind == "qdrant":
+        return f"qdrant+local:///{d}/{role}-qdrant"
     raise ValueError(kind)
 
 
-PAIRS = [("embedded", "postgres"), ("postgres", "embedded")]
+PAIRS = [("embedded", "postgres"), ("postgres", "embedded"), ("embedded", "qdrant"), ("postgres", "qdrant")]
 
 
 @pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
