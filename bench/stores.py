@@ -2,10 +2,10 @@
 
     python -m bench.stores [--entities 20000]
 
-For each target store: the raw bulk load (the store's best path — for PostgreSQL, binary COPY into staging tables
-and one upsert per table, vectors included — fed with pre-read pages), the migration engine's backfill from an
-embedded store with vectors kept, and the naive copy one-off migration scripts do (10 records per call, vectors
-recomputed). The PostgreSQL server is started by the benchmark itself (tests/servers.py).
+For each target store: the raw bulk load, the store's best path fed with pre-read pages (PostgreSQL: binary COPY into
+staging tables and one upsert per table, vectors included, HNSW built after; Qdrant: batched upserts); the migration
+engine's backfill from an embedded store with vectors kept; and the naive copy one-off migration scripts do (10
+records per call, vectors recomputed). The PostgreSQL server is started by the benchmark itself (tests/servers.py).
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ async def main(n: int) -> None:
                       f"sqlite:///{work}/src.db", {"raw": f"{pg.dsn}?schema=raw", "naive": f"{pg.dsn}?schema=naive"})
     finally:
         pg.stop()
+    await measure(table, f"Qdrant local mode, {n} entities", f"qdrant+local:///{work}/q-backfill", work, embedder,
+                  pages, f"sqlite:///{work}/src.db",
+                  {"raw": f"qdrant+local:///{work}/q-raw", "naive": f"qdrant+local:///{work}/q-naive"})
     print()
     table.print()
 
