@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from adapters.base import Backend
+from adapters.base import Backend, VectorMap
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.model import ObservationAddition, Relation
@@ -61,6 +61,19 @@ async def fill(store: Backend, n: int, dim: int, scope: str = "bench") -> None:
             vec = rng.standard_normal(dim).astype(np.float32)
             vectors[(scope, name)] = (embedding_text(name, "thing", (obs,)), vec / np.linalg.norm(vec))
         await store.apply(recs, vectors)
+
+
+async def pages_of(src: Backend, size: int = 500) -> list[tuple[tuple[Record, ...], VectorMap]]:
+    pages, after = [], None
+    while True:
+        page = await src.list_records(after, size, tombstones=True)
+        ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
+        owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records if isinstance(r, ObservationRecord)))
+        pages.append((page.records, {**await src.get_vectors(ents, childless_only=True),
+                                     **await src.get_vectors(owners)}))
+        if page.next_after is None:
+            return pages
+        after = page.next_after
 
 
 async def engine_on(work: Path, embedder: BatchingEmbedder, a: str) -> tuple[MigrationEngine, SqliteControlStore]:
@@ -214,16 +227,7 @@ async def main(n: int, mem_n: int, writes: int) -> None:
     src = EmbeddedBackend(work / "src.db", embedder)
     await src.open()
     await fill(src, n, dim)
-    pages, after = [], None
-    while True:
-        page = await src.list_records(after, 500, tombstones=True)
-        ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
-        owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records if isinstance(r, ObservationRecord)))
-        pages.append((page.records, {**await src.get_vectors(ents, childless_only=True),
-                                     **await src.get_vectors(owners)}))
-        if page.next_after is None:
-            break
-        after = page.next_after
+    pages = await pages_of(src)
     await src.close()
     raw = EmbeddedBackend(work / "raw.db", embedder)
     await raw.open()

@@ -20,27 +20,14 @@ from pathlib import Path
 from adapters.base import Backend, VectorMap
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
-from adapters.records import EntityRecord, ObservationRecord, Record
+from adapters.records import Record
 from bench.__main__ import Table
-from bench.migration import fill, wait_backfill
+from bench.migration import fill, pages_of, wait_backfill
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, SqliteControlStore
 from proxy.migration import MigrationEngine
 from proxy.stores import backend_for
 from tests.servers import PostgresServer
-
-
-async def pages_of(src: Backend, size: int = 500) -> list[tuple[tuple[Record, ...], VectorMap]]:
-    pages, after = [], None
-    while True:
-        page = await src.list_records(after, size, tombstones=True)
-        ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord)]
-        owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records if isinstance(r, ObservationRecord)))
-        pages.append((page.records, {**await src.get_vectors(ents, childless_only=True),
-                                     **await src.get_vectors(owners)}))
-        if page.next_after is None:
-            return pages
-        after = page.next_after
 
 
 async def measure(table: Table, label: str, target: str, work: Path, embedder: BatchingEmbedder,
