@@ -69,6 +69,10 @@ def point_id(key: RecordKey) -> str:
     return str(uuid.uuid5(_NS, "\x1f".join([str(int(kind)), scope, *parts])))
 
 
+def _ids(ids: list[str]) -> models.PointIdsList:
+    return models.PointIdsList(points=list[models.ExtendedPointId](ids))
+
+
 def _match(**fields: Any) -> models.Filter:
     return models.Filter(must=[models.FieldCondition(key=k, match=models.MatchAny(any=v) if isinstance(v, list)
                                                      else models.MatchValue(value=v)) for k, v in fields.items()])
@@ -309,7 +313,7 @@ class QdrantBackend:
         # Vectors of entities whose text changed are dropped until recomputed: never a stale hit.
         stale = [point_id(semantics.entity_key(*k)) for k in texts]  # live entities only: they exist
         if stale:
-            await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=models.PointIdsList(points=list[models.ExtendedPointId](stale)))
+            await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=_ids(stale))
         return applied, texts
 
     async def _committed(self, records: Sequence[Record], vectors: VectorMap | None = None) -> _Applied:
@@ -454,7 +458,7 @@ class QdrantBackend:
             texts = await self._texts(touched)
             stale = [point_id(semantics.entity_key(*k)) for k in texts]
             if stale:
-                await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=models.PointIdsList(points=list[models.ExtendedPointId](stale)))
+                await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=_ids(stale))
         await self._embeddings.after_write(texts)
         return moved
 
