@@ -317,12 +317,6 @@ class EmbeddedBackend:
         await self._embeddings.after_write(written[1], vectors)
         return written[0]
 
-    async def _settled(self, scope: str | None = None) -> None:
-        await self._embeddings.settled(scope)
-
-    async def _embed(self, texts: dict[tuple[str, str], str]) -> None:
-        await self._embeddings.embed(texts)
-
     async def _store_ready(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
         await self._call(self._store_vectors, ready, small=len(ready) <= SMALL_JOB)
 
@@ -349,7 +343,7 @@ class EmbeddedBackend:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         stale = await loop.run_in_executor(self._executor, self._open_sync)
-        await self._embed(stale)
+        await self._embeddings.embed(stale)
 
     def _open_sync(self) -> dict[tuple[str, str], str]:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -394,7 +388,7 @@ class EmbeddedBackend:
         conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(want.items()))
 
     async def close(self) -> None:
-        await self._settled()
+        await self._embeddings.settled()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, conn.close)
@@ -531,7 +525,7 @@ class EmbeddedBackend:
     async def semantic_search(
         self, scope: str, vector: Vector, limit: int, min_score: float | None, entity_types: Sequence[str]
     ) -> SearchResult:
-        await self._settled(scope)
+        await self._embeddings.settled(scope)
 
         def run() -> SearchResult:
             hits = self._index.search(scope, vector, limit, min_score, entity_types)
@@ -578,7 +572,7 @@ class EmbeddedBackend:
         return await self._call(run)
 
     async def embed_stale(self) -> int:
-        await self._settled()
+        await self._embeddings.settled()
 
         def run() -> dict[tuple[str, str], str]:
             assert self._conn is not None
@@ -588,7 +582,7 @@ class EmbeddedBackend:
             return self._write(lambda txn: txn.touched.update(stale))[1]
 
         texts = await self._call(run)
-        await self._embed(texts)
+        await self._embeddings.embed(texts)
         return len(texts)
 
     async def get_records(self, keys: Sequence[RecordKey]) -> list[Record]:
@@ -640,7 +634,7 @@ class EmbeddedBackend:
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
-        await self._settled()
+        await self._embeddings.settled()
 
         def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
             texts = _Txn(conn).current_texts(keys, childless_only)

@@ -316,7 +316,7 @@ class PostgresBackend:
                     out.count += 1
                     if not row["deleted"]:
                         out.touched.add(key)
-                if row["purged"] > 0:
+                if row["purged"] == rec.purged > 0:  # only this batch can have raised it (GREATEST)
                     purges.append((row["scope"], row["name"], row["purged"]))
             if purges:
                 cols = [list(c) for c in zip(*purges, strict=True)]

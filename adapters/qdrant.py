@@ -303,8 +303,10 @@ class QdrantBackend:
             ids = {k: point_id(semantics.entity_key(*k)) for k in keep}
             await self._q.update_vectors(self._c[Kind.ENTITY], [models.PointVectors(
                 id=ids[k], vector={VECTOR: np.asarray(v, dtype=np.float32).tolist()}) for k, (_, v) in keep.items()])
-            for k, (text, _) in keep.items():
-                await self._q.set_payload(self._c[Kind.ENTITY], {"vector_text": text}, points=[ids[k]])
+            await self._q.batch_update_points(self._c[Kind.ENTITY], [  # one call, not one per entity
+                models.SetPayloadOperation(set_payload=models.SetPayload(payload={"vector_text": text},
+                                                                         points=[ids[k]]))
+                for k, (text, _) in keep.items()])
 
     async def _write_locked(self, records: Sequence[Record]) -> tuple[_Applied, dict[tuple[str, str], str]]:
         """Apply and mark for re-embedding; the caller holds the write lock."""

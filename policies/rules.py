@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -147,10 +147,3 @@ def most_severe(results: Iterable[RuleResult]) -> RuleResult | None:
     order = {Action.ROLLBACK: 0, Action.PAUSE: 1, Action.ALERT: 2}
     fired = [r for r in results if r.fired]
     return min(fired, key=lambda r: order[r.rule.action]) if fired else None
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyView:
-    """The last evaluation, for status and the ramp."""
-    at: float = 0.0
-    results: tuple[RuleResult, ...] = field(default_factory=tuple)

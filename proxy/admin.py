@@ -168,14 +168,14 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
     @rpc
     async def SetReadRouting(self, request: pb.SetReadRoutingRequest, context: Any) -> pb.MigrationStatus:
         if request.ramp or request.ramp_steps:
-            default = self._watchers.guard.default_ramp()
+            if request.ramp_interval_seconds < 0:
+                raise InvalidInput("ramp_interval_seconds", "must not be negative (0 means the policy's interval)")
+            default = self._watchers.guard.policy.ramp
             try:
                 schedule = ramp_schedule(list(request.ramp_steps) or list(default.steps),
                                          request.ramp_interval_seconds or default.interval_seconds)
             except PolicyError as exc:
                 raise InvalidInput("ramp_steps", str(exc).partition(": ")[2]) from None
-            if request.ramp_interval_seconds < 0:
-                raise InvalidInput("ramp_interval_seconds", "must not be negative (0 means the policy's interval)")
             await self._engine.start_ramp(schedule.steps, schedule.interval_seconds, request.shadow_sample_rate,
                                           _actor(context))
         else:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from policies.loader import PolicyFile
 from policies.ramp import RampMove, RampSchedule, decide
-from policies.rules import Action, Observations, RuleResult, Verdict, evaluate, most_severe, streaks_after
+from policies.rules import Action, Metric, Observations, RuleResult, Verdict, evaluate, most_severe, streaks_after
 from proxy.control import Phase
 from proxy.errors import IllegalTransition
 from proxy.migration import MigrationEngine
@@ -27,9 +27,10 @@ WATCHED = (Phase.DATA_MIGRATION, Phase.DUAL_WRITE, Phase.COMPLETED)
 
 
 def describe(r: RuleResult) -> str:
-    unit = "ms" if r.rule.metric.value.endswith("_ms") else ""
-    value = f"{r.value:.4g}{unit}" if r.rule.metric.value.endswith("_ms") else f"{r.value:.4%}"
-    limit = f"{r.rule.threshold:g}{unit}" if unit else f"{r.rule.threshold:.4%}"
+    if r.rule.metric is Metric.ADDED_P99_MS:
+        value, limit = f"{r.value:.4g}ms", f"{r.rule.threshold:g}ms"
+    else:  # a rate
+        value, limit = f"{r.value:.4%}", f"{r.rule.threshold:.4%}"
     return (f"rule {r.rule.name}: {r.rule.metric.value} {value} > {limit} over {r.rule.window_seconds:g}s "
             f"({r.samples} samples, {r.streak} evaluations in a row)")
 
@@ -69,9 +70,6 @@ class PolicyGuard:
                 raise
             except Exception:
                 log.exception("policy evaluation failed")
-
-    def default_ramp(self) -> RampSchedule:
-        return self.policy.ramp
 
     async def evaluate_once(self) -> list[RuleResult]:
         """One evaluation and whatever it decides; returns the rule results (also kept in `last`)."""

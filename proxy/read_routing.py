@@ -9,9 +9,10 @@ answers instead. Any read may also be shadowed on the other store (`ShadowReader
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
+from adapters.base import Backend
 from policies.rules import Observations
 from proxy.control import Phase
 from proxy.migration import MigrationEngine
@@ -21,7 +22,7 @@ from proxy.shadow import ShadowReader, sampled
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReadCounters:
     served_by_secondary: int = 0
     fallbacks: int = 0  # secondary failed, primary answered
@@ -34,16 +35,18 @@ class ReadRouting:
         self._observations = observations
         self.counters = ReadCounters()
 
-    def _count(self, **inc: int) -> None:
-        self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
+    async def _call(self, op: ReadOp[T], store: Backend, role: str) -> tuple[T, float]:
+        """The store's answer (traced and timed as `role`) and how long it took."""
+        start = time.perf_counter()
+        with self._engine.telemetry.store_call(role, self._engine.system(store), op.operation):
+            answer = await op.run(store)
+        return answer, time.perf_counter() - start
 
     async def read(self, op: ReadOp[T]) -> T:
         engine, state = self._engine, self._engine.state
         primary, other = engine.primary, engine.secondary
-        telemetry = engine.telemetry
         if other is None:
-            with telemetry.store_call("primary", engine.system(primary), op.operation):
-                return await op.run(primary)
+            return (await self._call(op, primary, "primary"))[0]
         identity = op.identity()
         shadowed = sampled(op.scope, identity, state.shadow_rate, "shadow")
         if (state.phase == Phase.DUAL_WRITE and state.read_fraction > 0 and not engine.scope_pending(op.scope)
@@ -53,27 +56,22 @@ class ReadRouting:
                 if shadowed:
                     self._shadow.schedule(op, answer[0], False, answer[1], primary, engine.system(primary))
                 return answer[0]
-        start = time.perf_counter()
-        with telemetry.store_call("primary", engine.system(primary), op.operation):
-            result = await op.run(primary)
+        result, took = await self._call(op, primary, "primary")
         if shadowed:
-            self._shadow.schedule(op, result, True, time.perf_counter() - start, other, engine.system(other))
+            self._shadow.schedule(op, result, True, took, other, engine.system(other))
         return result
 
-    async def _from_secondary(self, op: ReadOp[T], store: Any) -> tuple[T, float] | None:
+    async def _from_secondary(self, op: ReadOp[T], store: Backend) -> tuple[T, float] | None:
         """The secondary's answer and how long it took, or None (counted) when it failed."""
-        engine = self._engine
-        start = time.perf_counter()
         try:
-            with engine.telemetry.store_call("secondary", engine.system(store), op.operation):
-                answer = await op.run(store)
+            answer = await self._call(op, store, "secondary")
         except ValueError:
             raise  # the request itself is bad (a foreign page token): the primary would refuse it too
         except Exception:
             self._observations.secondary_call(time.time(), error=True)
-            self._count(fallbacks=1)
-            engine.telemetry.read_fallbacks.add(1, {"rpc.method": op.operation})
+            self.counters.fallbacks += 1
+            self._engine.telemetry.read_fallbacks.add(1, {"rpc.method": op.operation})
             return None
         self._observations.secondary_call(time.time(), error=False)
-        self._count(served_by_secondary=1)
-        return answer, time.perf_counter() - start
+        self.counters.served_by_secondary += 1
+        return answer

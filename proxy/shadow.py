@@ -73,6 +73,17 @@ class MismatchSample:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class _ShadowJob:
+    op: ReadOp[Any]
+    answer: Any  # what the caller got
+    served_by_primary: bool  # True: the shadow runs on the secondary; False: on the primary
+    served_seconds: float  # how long the caller's store took, for the added-latency rule
+    other: Backend
+    other_system: str
+    parent: Any  # the RPC's trace context: the shadow span is its child though it runs after the reply
+
+
 @dataclass(slots=True)
 class ShadowCounters:
     started: int = 0
@@ -98,19 +109,19 @@ class ShadowReader:
     def schedule(self, op: ReadOp[Any], answer: Any, served_by_primary: bool, served_seconds: float,
                  other: Backend, other_system: str) -> None:
         """After the reply, read `op` from `other` and compare with `answer` (what the caller got)."""
-        parent = otel_context.get_current()
-        after_reply(lambda: self._launch(op, answer, served_by_primary, served_seconds, other, other_system, parent))
+        job = _ShadowJob(op, answer, served_by_primary, served_seconds, other, other_system,
+                         otel_context.get_current())
+        after_reply(lambda: self._launch(job))
 
-    def _launch(self, op: ReadOp[Any], answer: Any, served_by_primary: bool, served_seconds: float,
-                other: Backend, other_system: str, parent: Any) -> None:
+    def _launch(self, job: _ShadowJob) -> None:
+        op = job.op
         if self._running >= self._settings.max_concurrency:
             self.counters.dropped += 1
             self._telemetry.shadow_reads.add(1, {"rpc.method": op.operation, "memshift.outcome": "dropped"})
             return
         self._running += 1
         self.counters.started += 1
-        task = asyncio.ensure_future(
-            self._run(op, answer, served_by_primary, served_seconds, other, other_system, parent))
+        task = asyncio.ensure_future(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -120,15 +131,14 @@ class ShadowReader:
         if not task.cancelled() and task.exception() is not None:
             log.error("shadow read crashed", exc_info=task.exception())
 
-    async def _run(self, op: ReadOp[Any], answer: Any, served_by_primary: bool, served_seconds: float,
-                   other: Backend, other_system: str, parent: Any) -> None:
-        role = "shadow"
+    async def _run(self, job: _ShadowJob) -> None:
+        op, answer, served_by_primary, served_seconds = job.op, job.answer, job.served_by_primary, job.served_seconds
         outcome = "match"
         start = time.perf_counter()
         try:
-            with self._telemetry.store_call(role, other_system, op.operation, parent=parent):
+            with self._telemetry.store_call("shadow", job.other_system, op.operation, parent=job.parent):
                 async with asyncio.timeout(self._settings.timeout_seconds):  # no extra task, unlike wait_for
-                    theirs = await op.run(other)
+                    theirs = await op.run(job.other)
         except TimeoutError:
             outcome = "timeout"
         except Exception as exc:

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from adapters.records import Kind
@@ -74,7 +75,7 @@ class Agent:
                 self.entities[name].discard(text)
 
 
-async def graph_of(store: EmbeddedBackend, scope: str) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
+async def graph_of(store: Backend, scope: str) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
     ents: dict[str, set[str]] = {}
     rels: set[tuple[str, str]] = set()
     cursor = None

@@ -70,9 +70,9 @@ async def test_migration_between_stores_ends_with_zero_differences(
     await direct.open()
     try:
         for agent in agents:
-            ents, rels = await graph_of(direct, agent.scope)  # type: ignore[arg-type]
+            ents, rels = await graph_of(direct, agent.scope)
             assert ents == agent.entities and rels == agent.relations
-        assert len((await graph_of(direct, "seed"))[0]) == 300  # type: ignore[arg-type]
+        assert len((await graph_of(direct, "seed"))[0]) == 300
         hits = await direct.semantic_search("seed", (await embedder.embed(["seed fact 42"]))[0], 3, None, [])
         assert "s0042" in [h.entity.name for h in hits.results]
     finally:
