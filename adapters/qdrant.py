@@ -21,7 +21,6 @@ import asyncio
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -56,7 +55,6 @@ from adapters.records import (
     decode_cursor,
     embedding_text,
     encode_cursor,
-    newest_per_key,
 )
 
 _NS = uuid.UUID("6f1c4a52-9d7e-4f0b-8a38-2b5e0c9d1e47")
@@ -97,12 +95,6 @@ def _payload(r: Record) -> dict[str, Any]:
                 "deleted": r.deleted}
     return {"scope": r.scope, "source": r.source, "relation_type": r.relation_type, "target": r.target,
             "metadata": dict(r.metadata), "version": r.version, "deleted": r.deleted}
-
-
-@dataclass
-class _Applied:
-    count: int = 0
-    touched: set[tuple[str, str]] = field(default_factory=set)
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
@@ -225,44 +217,11 @@ class QdrantBackend:
             await self._q.upsert(self._scopes_c, [models.PointStruct(
                 id=str(uuid.uuid5(_NS, "scope\x1f" + s)), vector={}, payload={"scope": s}) for s in scopes])
 
-    async def _apply_records(self, records: Sequence[Record]) -> _Applied:
+    async def _apply_records(self, records: Sequence[Record]) -> semantics.ApplyPlan:
         """Apply-if-newer for a batch, under the write lock (see the module docstring)."""
-        out = _Applied()
-        recs = newest_per_key(records)
-        owners = [semantics.entity_key(r.scope, n) for r in recs
-                  for n in ((r.entity,) if isinstance(r, ObservationRecord) else
-                            (r.source, r.target) if isinstance(r, RelationRecord) else ())]
-        stored = await self._fetch([r.key for r in recs] + owners)
-        writes: list[Record] = []
-        purges: list[tuple[str, str, int]] = []
-        for e in (r for r in recs if isinstance(r, EntityRecord)):
-            cur = stored.get(e.key)
-            old = cur.purged if isinstance(cur, EntityRecord) else 0
-            purged = max(old, e.purged)
-            replaced = cur is None or e.version > cur.version
-            if replaced:
-                new: Record = replace(e, purged=purged)
-                out.count += 1
-            elif purged > old and isinstance(cur, EntityRecord):
-                new = replace(cur, purged=purged)
-            else:
-                continue
-            stored[e.key] = new
-            writes.append(new)
-            if purged > old:
-                purges.append((e.scope, e.name, purged))
-            if not new.deleted:
-                out.touched.add((e.scope, e.name))
-        for r in recs:
-            if isinstance(r, EntityRecord) or not semantics.applies(r, stored):
-                continue
-            stored[r.key] = r
-            writes.append(r)
-            out.count += 1
-            if isinstance(r, ObservationRecord):
-                out.touched.add((r.scope, r.entity))
-        await self._upsert(writes)
-        for scope, name, purged in purges:
+        plan = semantics.plan_apply(records, await self._fetch(semantics.apply_keys(records)))
+        await self._upsert(plan.writes)
+        for scope, name, purged in plan.purges:
             older = models.FieldCondition(key="version", range=models.Range(lt=purged))
             at = models.FieldCondition(key="scope", match=models.MatchValue(value=scope))
             await self._q.delete(self._c[Kind.OBSERVATION], models.FilterSelector(filter=models.Filter(must=[
@@ -270,7 +229,7 @@ class QdrantBackend:
             await self._q.delete(self._c[Kind.RELATION], models.FilterSelector(filter=models.Filter(
                 must=[at, older], should=[models.FieldCondition(key="source", match=models.MatchValue(value=name)),
                                           models.FieldCondition(key="target", match=models.MatchValue(value=name))])))
-        return out
+        return plan
 
     async def _texts(self, keys: set[tuple[str, str]] | list[tuple[str, str]],
                      childless_only: bool = False) -> dict[tuple[str, str], str]:
@@ -308,7 +267,7 @@ class QdrantBackend:
                                                                          points=[ids[k]]))
                 for k, (text, _) in keep.items()])
 
-    async def _write_locked(self, records: Sequence[Record]) -> tuple[_Applied, dict[tuple[str, str], str]]:
+    async def _write_locked(self, records: Sequence[Record]) -> tuple[semantics.ApplyPlan, dict[tuple[str, str], str]]:
         """Apply and mark for re-embedding; the caller holds the write lock."""
         applied = await self._apply_records(records)
         texts = await self._texts(applied.touched)
@@ -318,7 +277,7 @@ class QdrantBackend:
             await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=_ids(stale))
         return applied, texts
 
-    async def _committed(self, records: Sequence[Record], vectors: VectorMap | None = None) -> _Applied:
+    async def _committed(self, records: Sequence[Record], vectors: VectorMap | None = None) -> semantics.ApplyPlan:
         async with self._lock:
             applied, texts = await self._write_locked(records)
         await self._embeddings.after_write(texts, vectors)

@@ -9,10 +9,10 @@ place is what makes every store answer the same call the same way — the confor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
-from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, RelationRecord
+from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, RelationRecord, newest_per_key
 
 Stored = Mapping[RecordKey, Record]
 Effects = tuple[Record, ...]
@@ -163,3 +163,54 @@ def tombstone_keys(records: Sequence[Record]) -> list[RecordKey]:
 
 def tombstone_effects(records: Sequence[Record], stored: Stored) -> Effects:
     return tuple(r for r in records if applies(r, stored))
+
+
+# --- apply-if-newer for stores without conditional writes -----------------------------------------------------------
+@dataclass
+class ApplyPlan:
+    """What apply-if-newer writes for a batch, decided from the stored records the batch touches."""
+
+    writes: list[Record] = field(default_factory=list)  # whole records to store (entities with merged purge points)
+    purges: list[tuple[str, str, int]] = field(default_factory=list)  # (scope, entity, purge point) that rose
+    count: int = 0  # records that replaced stored state
+    touched: set[tuple[str, str]] = field(default_factory=set)  # live entities whose embedding text may change
+
+
+def apply_keys(records: Sequence[Record]) -> list[RecordKey]:
+    """The records' own keys and the entities whose purge points decide whether their children apply."""
+    return tombstone_keys(newest_per_key(records))
+
+
+def plan_apply(records: Sequence[Record], stored: Stored) -> ApplyPlan:
+    """The record rules (DESIGN.md, Versions) for stores that must read, decide and write themselves (Qdrant,
+    Neo4j): the newer version wins, purge points merge by max, children older than a purge point are deleted
+    (`purges`) or never written. `stored` must hold `apply_keys(records)`."""
+    out = ApplyPlan()
+    now = dict(stored)
+    recs = newest_per_key(records)
+    for e in (r for r in recs if isinstance(r, EntityRecord)):
+        cur = now.get(e.key)
+        old = cur.purged if isinstance(cur, EntityRecord) else 0
+        merged = max(old, e.purged)
+        if cur is None or e.version > cur.version:
+            new: Record = replace(e, purged=merged)
+            out.count += 1
+        elif merged > old and isinstance(cur, EntityRecord):
+            new = replace(cur, purged=merged)
+        else:
+            continue
+        now[e.key] = new
+        out.writes.append(new)
+        if merged > old:
+            out.purges.append((e.scope, e.name, merged))
+        if not new.deleted:
+            out.touched.add((e.scope, e.name))
+    for r in recs:
+        if isinstance(r, EntityRecord) or not applies(r, now):
+            continue
+        now[r.key] = r
+        out.writes.append(r)
+        out.count += 1
+        if isinstance(r, ObservationRecord):
+            out.touched.add((r.scope, r.entity))
+    return out

@@ -66,3 +66,72 @@ class PostgresServer:
             self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ArcadeDB runs in a child process of its own: its JVM (through JPype) must not share the test process, and the
+# child stops the server cleanly when it is told to (SIGTERM).
+_ARCADEDB_CHILD = """
+import signal, sys, threading
+from arcadedb_embedded.server import ArcadeDBServer
+root, password, http_port, bolt_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+srv = ArcadeDBServer(root_path=root, root_password=password, jvm_kwargs={"heap_size": "512m"},
+                     config={"host": "127.0.0.1", "http_port": http_port, "bolt_port": bolt_port,
+                             "bolt_defaultDatabase": "memory",
+                             "server_plugins": "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"})
+srv.start()
+srv.create_database("memory")
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+print("ready", flush=True)
+stop.wait()
+srv.stop()
+"""
+
+
+class ArcadeDBServer:
+    """ArcadeDB with its Bolt plugin (a real Bolt server the official neo4j driver talks to), data in a temp dir."""
+
+    user = "root"
+    password = "memshift-test-password"
+
+    def __init__(self) -> None:
+        self.bolt_port = free_port()
+        self.http_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="memshift-arcadedb-"))
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"bolt://{self.user}:{self.password}@127.0.0.1:{self.bolt_port}"
+
+    def start(self, timeout: float = 120.0) -> ArcadeDBServer:
+        import sys
+        import time
+
+        log = open(self.dir / "log", "w")  # noqa: SIM115 - the child writes to it for its whole life
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _ARCADEDB_CHILD, str(self.dir / "root"), self.password, str(self.http_port),
+             str(self.bolt_port)], stdout=subprocess.PIPE, stderr=log, text=True, cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # "ready" once the database exists, "" if the child died
+        while time.monotonic() < deadline:
+            if line.strip() == "ready":
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.bolt_port)) == 0:
+                        return self
+            elif self._proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"ArcadeDB did not start: {(self.dir / 'log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
