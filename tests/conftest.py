@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
@@ -12,7 +13,7 @@ from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import memory_pb2_grpc
 from proxy.config import Config
 from proxy.server import MemshiftServer
-from tests.servers import PostgresServer
+from tests.servers import ArcadeDBServer, PostgresServer
 from tests.stores import STORE_KINDS, make_store
 
 StoreFactory = Callable[[], Awaitable[Backend]]
@@ -29,7 +30,13 @@ def servers() -> Iterator[dict[str, str]]:
     """The real servers the stores run on, started once for the session: store kind -> address."""
     postgres = PostgresServer().start()
     try:
-        yield {"postgres": postgres.dsn}
+        # A real Neo4j when NEO4J_URI names one (bolt://user:password@host:7687), else ArcadeDB's Bolt server.
+        arcadedb = None if os.environ.get("NEO4J_URI") else ArcadeDBServer().start()
+        try:
+            yield {"postgres": postgres.dsn, "neo4j": os.environ.get("NEO4J_URI") or arcadedb.uri}  # type: ignore[union-attr]
+        finally:
+            if arcadedb is not None:
+                arcadedb.stop()
     finally:
         postgres.stop()
 

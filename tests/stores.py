@@ -1,7 +1,7 @@
 """Every store kind the conformance suite runs against. A new store adds one entry here.
 
 Server-backed kinds get the address of the server the test session started (tests/servers.py); every store made
-gets a fresh namespace on it (a PostgreSQL schema), so tests never see each other's data.
+gets a fresh namespace on it (a PostgreSQL schema, a Neo4j label prefix), so tests never see each other's data.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 
-STORE_KINDS = ["embedded", "postgres", "qdrant"]
+STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j"]
 _fresh = itertools.count()
 
 
@@ -27,4 +28,6 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
                                embedder, pool_size=4)
     if kind == "qdrant":
         return QdrantBackend(f"qdrant+local:///{workdir / 'qdrant'}", embedder)
+    if kind == "neo4j":  # a fresh label prefix per store on the session's Bolt server
+        return Neo4jBackend(f"{servers['neo4j']}?prefix=T{next(_fresh)}{workdir.name[-8:].replace('-', '_')}", embedder)
     raise ValueError(f"unknown store kind {kind}")
