@@ -3,17 +3,23 @@
     sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
     postgresql://user@host:5432/db?schema=memshift&password_file=/run/secrets/pg
     qdrant+local:///path/to/dir   qdrant+local:///:memory:   qdrant://host:6333?api_key_file=PATH   qdrants://host
+    bolt://user@host:7687/database?prefix=Memshift&password_file=PATH   (also neo4j://, bolt+s://, neo4j+s://)
+    hybrid:?graph=bolt://host:7687&vectors=qdrant://host:6333
 
-A PostgreSQL password comes from the spec, $PGPASSWORD or `password_file`; specs are logged only redacted.
+Passwords come from the spec, a `password_file`/`api_key_file`, or the environment ($PGPASSWORD, $NEO4J_USERNAME and
+$NEO4J_PASSWORD, $QDRANT_API_KEY); specs are logged only redacted.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
 
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.hybrid import HybridBackend
+from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 
@@ -24,6 +30,9 @@ class StoreSpecError(ValueError):
 
 def redact(spec: str) -> str:
     """The spec without credentials, for logs and status."""
+    if spec.startswith("hybrid:?"):
+        return "hybrid:?" + "&".join(f"{k}={redact(unquote(v))}" for k, _, v in
+                                     (p.partition("=") for p in spec[len("hybrid:?"):].split("&") if p))
     parts = urlsplit(spec)
     if parts.password is None and parts.username is None:
         return spec
@@ -43,29 +52,36 @@ def sqlite_path(spec: str) -> str:
     return rest[1:]
 
 
+_SERVER_STORES: dict[str, Callable[[str, Embedder], Backend]] = {
+    **dict.fromkeys(("postgresql", "postgres"), PostgresBackend),
+    **dict.fromkeys(("qdrant+local", "qdrant", "qdrants"), QdrantBackend),
+    **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), Neo4jBackend),
+}
+
+
 def backend_for(spec: str, embedder: Embedder) -> Backend:
     scheme, sep, _ = spec.partition("://")
-    if not sep:
+    if spec.startswith("hybrid:"):
+        make: Callable[[str, Embedder], Backend] = HybridBackend
+    elif not sep:
         raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
-    if scheme == "sqlite":
+    elif scheme == "sqlite":
         return EmbeddedBackend(sqlite_path(spec), embedder)
-    if scheme in ("postgresql", "postgres"):
-        try:
-            return PostgresBackend(spec, embedder)
-        except (ValueError, OSError) as exc:
-            raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
-    if scheme in ("qdrant+local", "qdrant", "qdrants"):
-        try:
-            return QdrantBackend(spec, embedder)
-        except (ValueError, OSError) as exc:
-            raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
-    raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
-                         "qdrant+local, qdrant, qdrants")
+    elif scheme in _SERVER_STORES:
+        make = _SERVER_STORES[scheme]
+    else:
+        raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
+                             "qdrant+local, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid")
+    try:
+        return make(spec, embedder)
+    except (ValueError, OSError) as exc:  # a malformed spec, or an unreadable password file
+        raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.
-_SYSTEMS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql", "bolt": "neo4j",
-            "neo4j": "neo4j", "neo4j+s": "neo4j", "qdrant": "qdrant", "qdrant+local": "qdrant", "hybrid": "hybrid"}
+_SYSTEMS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql", "qdrant": "qdrant",
+            "qdrants": "qdrant", "qdrant+local": "qdrant", "hybrid": "hybrid",
+            **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), "neo4j")}
 
 
 def system_of(spec: str) -> str:

@@ -12,11 +12,12 @@ from pathlib import Path
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 
-STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j"]
+STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j", "hybrid"]
 _fresh = itertools.count()
 
 
@@ -30,4 +31,7 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
         return QdrantBackend(f"qdrant+local:///{workdir / 'qdrant'}", embedder)
     if kind == "neo4j":  # a fresh label prefix per store on the session's Bolt server
         return Neo4jBackend(f"{servers['neo4j']}?prefix=T{next(_fresh)}{workdir.name[-8:].replace('-', '_')}", embedder)
+    if kind == "hybrid":
+        graph = f"{servers['neo4j']}?prefix=H{next(_fresh)}{workdir.name[-8:].replace('-', '_')}"
+        return HybridBackend(f"hybrid:?graph={graph}&vectors=qdrant+local:///{workdir / 'vectors'}", embedder)
     raise ValueError(f"unknown store kind {kind}")

@@ -27,10 +27,16 @@ def spec_for(kind: str, d: Path, servers: dict[str, str], role: str) -> str:
         return f"{servers['postgres']}?schema=mig{next(_schemas)}_{role}"
     if kind == "qdrant":
         return f"qdrant+local:///{d}/{role}-qdrant"
+    if kind == "neo4j":
+        return f"{servers['neo4j']}?prefix=Mig{next(_schemas)}{role}"
+    if kind == "hybrid":
+        graph = f"{servers['neo4j']}?prefix=Mig{next(_schemas)}{role}"
+        return f"hybrid:?graph={graph}&vectors=qdrant+local:///{d}/{role}-vectors"
     raise ValueError(kind)
 
 
-PAIRS = [("embedded", "postgres"), ("postgres", "embedded"), ("embedded", "qdrant"), ("postgres", "qdrant")]
+PAIRS = [("embedded", "postgres"), ("postgres", "embedded"), ("embedded", "qdrant"), ("postgres", "qdrant"),
+         ("embedded", "neo4j"), ("neo4j", "embedded"), ("embedded", "hybrid")]
 
 
 @pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])

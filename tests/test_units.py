@@ -80,6 +80,12 @@ def test_store_specs(embedder: BatchingEmbedder) -> None:
     with pytest.raises(StoreSpecError, match="no scheme"):
         backend_for("memory.db", embedder)
     assert redact("postgresql://user:secret@db:5432/mem") == "postgresql://***@db:5432/mem"
+    assert redact("bolt://neo4j:secret@graph:7687/mem") == "bolt://***@graph:7687/mem"
+    hybrid = redact("hybrid:?graph=bolt://neo4j:secret@graph:7687?prefix=M&vectors=qdrant://vec:6333")
+    assert "secret" not in hybrid and hybrid.startswith("hybrid:?graph=bolt://***@graph:7687")
+    with pytest.raises(StoreSpecError, match="prefix") as bad:
+        backend_for("bolt://neo4j:secret@graph:7687?prefix=Bad-Label", None)  # type: ignore[arg-type]
+    assert "secret" not in str(bad.value)
 
 
 async def test_concurrent_callers_share_model_batches(embedder: BatchingEmbedder) -> None:
