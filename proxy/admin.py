@@ -20,6 +20,7 @@ from policies.loader import PolicyError, ramp_schedule
 from policies.rules import RuleResult
 from proxy.control import HistoryEntry, MigrationOptions, Phase
 from proxy.errors import InvalidInput
+from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
@@ -103,6 +104,7 @@ class Watchers:
     shadow: ShadowReader
     reads: ReadRouting
     guard: PolicyGuard
+    fleet: FleetSync | None = None  # the proxies sharing the control store, when there is a fleet
 
 
 class AdminServicer(pb_grpc.MigrationAdminServicer):
@@ -117,6 +119,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         e = self._engine
         s, p, c = e.state, e.progress(), e.counters
         window = max(0.0, s.mirror_until - time.time()) if s.phase == Phase.COMPLETED and s.secondary else 0.0
+        fleet = self._watchers.fleet
+        members = await fleet.members() if fleet is not None else []
         return pb.MigrationStatus(
             phase=PHASE_TO_PB[s.phase], primary=redact(s.primary), secondary=redact(s.secondary),
             migration_id=s.migration_id,
@@ -135,7 +139,12 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                interval_seconds=s.ramp_interval, step_started_unix=s.ramp_step_started_at,
                                note=s.ramp_note),
             shadow=pb.ShadowCounters(**asdict(self._watchers.shadow.counters)),
-            reads=pb.ReadCounters(**asdict(self._watchers.reads.counters)))
+            reads=pb.ReadCounters(**asdict(self._watchers.reads.counters)),
+            proxies=[pb.ProxyMember(node=m.node, address=m.address, phase=PHASE_TO_PB[m.phase],
+                                    migration_id=m.migration_id, revision=m.revision, leader=m.leader,
+                                    heartbeat_age_seconds=m.heartbeat_age, live=m.live)
+                     for m in members],
+            backfill_waiting_for=fleet.waiting_for if fleet else [])
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:

@@ -134,6 +134,13 @@ def render(st: pb.MigrationStatus) -> str:
         lines.append(f"rollback   possible for {_eta(st.rollback_window_seconds_left)}")
     if st.last_verify_differences >= 0:
         lines.append(f"verify     last run: {st.last_verify_differences} differences")
+    if st.backfill_waiting_for:
+        lines.append(f"backfill   waits for {', '.join(st.backfill_waiting_for)} to acknowledge DataMigration")
+    for m in st.proxies:
+        role = " backfill leader" if m.leader else ""
+        health = "live" if m.live else "LEASE LAPSED (refuses writes)"
+        lines.append(f"proxy      {m.node} ({m.address}): {PHASE_NAMES.get(m.phase, '?')} of migration "
+                     f"{m.migration_id}, heartbeat {m.heartbeat_age_seconds:.1f}s ago, {health}{role}")
     return "\n".join(lines)
 
 

@@ -61,6 +61,7 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     grace_seconds: float = 10.0
+    lease_seconds: float = 5.0  # a fleet (PostgreSQL control): heartbeat every third; writes stop when it lapses
     policy_file: str | None = None  # shadow-read and rollback policy (YAML); None: policies/default.yaml
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
@@ -98,6 +99,7 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_LOG_LEVEL": "log_level",
     "MEMSHIFT_LOG_FORMAT": "log_format",
     "MEMSHIFT_GRACE_SECONDS": "grace_seconds",
+    "MEMSHIFT_LEASE_SECONDS": "lease_seconds",
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",

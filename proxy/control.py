@@ -11,11 +11,12 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from adapters.records import Kind, RecordKey
 
@@ -82,6 +83,20 @@ class RepairItem:
     last_error: str
 
 
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One proxy of a fleet as the control store sees it."""
+
+    node: str
+    address: str
+    phase: Phase  # the phase it has applied (its acknowledgement)
+    migration_id: int
+    revision: int
+    leader: bool  # runs the backfill
+    heartbeat_age: float  # seconds since its last heartbeat
+    live: bool  # heartbeat within the lease
+
+
 class Conflict(Exception):
     """The state changed since it was read (compare-and-set lost)."""
 
@@ -118,31 +133,52 @@ class ControlStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _key_json(key: RecordKey | None) -> str | None:
+@runtime_checkable
+class Fleet(Protocol):
+    """What a control store shared by several proxies adds (PostgreSQL): broadcast, leases, one backfill leader."""
+
+    lease_seconds: float
+
+    async def listen(self, on_change: Callable[[], None]) -> None: ...
+
+    async def heartbeat(self, node: str, address: str, state: MigrationState, leader: bool) -> None: ...
+
+    async def members(self) -> list[Member]: ...
+
+    async def forget(self, node: str) -> None: ...
+
+    async def try_lead(self) -> bool: ...
+
+    def leading(self) -> bool: ...
+
+    async def resign(self) -> None: ...
+
+
+def key_json(key: RecordKey | None) -> str | None:
     return None if key is None else json.dumps([int(key[0]), key[1], list(key[2])])
 
 
-def _key_load(raw: str | None) -> RecordKey | None:
+def key_load(raw: str | None) -> RecordKey | None:
     if raw is None:
         return None
     kind, scope, parts = json.loads(raw)
     return (Kind(kind), scope, tuple(parts))
 
 
-def _state_json(state: MigrationState) -> str:
+def state_json(state: MigrationState) -> str:
     data = asdict(state)
     data["phase"] = state.phase.value
-    data["backfill_cursor"] = _key_json(state.backfill_cursor)
-    data["verify_cursor"] = _key_json(state.verify_cursor)
+    data["backfill_cursor"] = key_json(state.backfill_cursor)
+    data["verify_cursor"] = key_json(state.verify_cursor)
     return json.dumps(data)
 
 
-def _state_load(raw: str) -> MigrationState:
+def state_load(raw: str) -> MigrationState:
     data = json.loads(raw)
     data["phase"] = Phase(data["phase"])
     data["options"] = MigrationOptions(**data["options"])
-    data["backfill_cursor"] = _key_load(data["backfill_cursor"])
-    data["verify_cursor"] = _key_load(data["verify_cursor"])
+    data["backfill_cursor"] = key_load(data["backfill_cursor"])
+    data["verify_cursor"] = key_load(data["verify_cursor"])
     data["ramp_steps"] = tuple(data.get("ramp_steps", ()))
     return MigrationState(**data)
 
@@ -182,7 +218,7 @@ class SqliteControlStore:
             row = rows[0] if rows else None
             if row is None:
                 return MigrationState(primary=self._initial_primary)
-            return _state_load(row[0])
+            return state_load(row[0])
 
         state: MigrationState = await self._run(run)
         return state
@@ -194,11 +230,11 @@ class SqliteControlStore:
             self._conn.execute("BEGIN IMMEDIATE")
             rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
             row = rows[0] if rows else None
-            current = _state_load(row[0]).revision if row else 0
+            current = state_load(row[0]).revision if row else 0
             if current != expected_revision:
                 self._conn.execute("ROLLBACK")
                 raise Conflict(f"state is at revision {current}, expected {expected_revision}")
-            self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (_state_json(new),))
+            self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (state_json(new),))
             self._conn.execute("COMMIT")
 
         await self._run(run)
@@ -221,7 +257,7 @@ class SqliteControlStore:
         if keys:
             await self._run(
                 self._exec, "INSERT INTO repairs (migration_id, key) VALUES (?, ?) ON CONFLICT DO UPDATE SET next_at=0",
-                [(migration_id, _key_json(k)) for k in keys], True)
+                [(migration_id, key_json(k)) for k in keys], True)
 
     async def due_repairs(self, migration_id: int, limit: int) -> list[RepairItem]:
         rows = await self._run(lambda: self._conn.execute(
@@ -229,7 +265,7 @@ class SqliteControlStore:
             " LIMIT ?", (migration_id, time.time(), limit)).fetchall())
         out = []
         for i, k, a, e in rows:
-            key = _key_load(k)
+            key = key_load(k)
             assert key is not None
             out.append(RepairItem(i, key, a, e))
         return out

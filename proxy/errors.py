@@ -18,3 +18,7 @@ class TooLarge(InvalidInput):
 
 class IllegalTransition(Exception):
     """A phase change that is not allowed now: FAILED_PRECONDITION, saying which phase it is in and what is allowed."""
+
+
+class LeaseLapsed(Exception):
+    """A fleet proxy that lost touch with the control store refuses writes until it has caught up: UNAVAILABLE."""

@@ -40,7 +40,7 @@ from proxy.control import (
     MigrationState,
     Phase,
 )
-from proxy.errors import IllegalTransition, InvalidInput
+from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed
 from proxy.ops import WriteOp
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
@@ -111,7 +111,7 @@ class MigrationEngine:
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
-                 observations: Observations | None = None) -> None:
+                 observations: Observations | None = None, fleet: bool = False) -> None:
         self._control = control
         self._open = open_store
         self._clock = clock
@@ -138,6 +138,10 @@ class MigrationEngine:
         self._window_task: asyncio.Future[None] | None = None
         self.counters = Counters()
         self.state = MigrationState()
+        # A fleet (proxy.fleet): the backfill runs only where the fleet elected it, and writes stop when this
+        # proxy's lease on the control store lapses (until then: monotonic deadline; 0 = not yet in sync).
+        self._may_backfill = not fleet
+        self._write_deadline: float | None = 0.0 if fleet else None
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -199,6 +203,9 @@ class MigrationEngine:
 
     # --- writes ----------------------------------------------------------------------------------------------------
     async def write(self, op: WriteOp[T]) -> WriteResult[T]:
+        if self._write_deadline is not None and time.monotonic() > self._write_deadline:
+            raise LeaseLapsed("this proxy has lost touch with the fleet's control store (its lease lapsed), so it "
+                              "may not know the current phase; writes are refused until it has caught up")
         self._expire_mirror_if_due()
         version = self._clock.now()
         primary, secondary = self.primary, self.secondary
@@ -360,7 +367,7 @@ class MigrationEngine:
 
     # --- backfill --------------------------------------------------------------------------------------------------
     def _start_backfill(self) -> None:
-        if self._background and (self._backfill_task is None or self._backfill_task.done()):
+        if self._background and self._may_backfill and (self._backfill_task is None or self._backfill_task.done()):
             self._backfill_task = asyncio.create_task(self._backfill_loop(), name="backfill")
 
     async def _backfill_loop(self) -> None:
@@ -455,6 +462,52 @@ class MigrationEngine:
         eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
         return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
                                 s.backfill_complete, s.paused)
+
+    # --- a fleet (driven by proxy.fleet.FleetSync) -------------------------------------------------------------------
+    async def adopt(self, state: MigrationState) -> bool:
+        """Apply a state another proxy saved (a broadcast or the periodic re-read); True if it was news."""
+        async with self._lock:
+            if state.revision <= self.state.revision:
+                return False
+            await self._store(state.primary)
+            if state.secondary:
+                await self._store(state.secondary)
+            before, self.state = self.state, state
+            if state.paused:
+                self._resume.clear()
+            else:
+                self._resume.set()
+            if state.migration_id != before.migration_id:
+                self._dirty = set()
+            if (state.phase != Phase.DATA_MIGRATION or state.backfill_complete) and self._backfill_task is not None:
+                self._backfill_task.cancel()
+        self._expire_mirror_if_due()
+        await self._refresh_dirty()
+        return True
+
+    @property
+    def solo_writes_idle(self) -> bool:
+        return self._solo_idle.is_set()
+
+    async def solo_writes_done(self) -> None:
+        """Wait for writes that started before dual-writing (they went to the primary alone)."""
+        await self._solo_idle.wait()
+
+    def lease_renewed(self, deadline: float) -> None:
+        """In sync with the fleet until `deadline` (time.monotonic)."""
+        self._write_deadline = deadline
+
+    def lead_backfill(self, lead: bool) -> None:
+        """Elected (or not) to run the backfill; another proxy continues from the checkpoint when this one stops."""
+        self._may_backfill = lead
+        if lead and self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
+            self._start_backfill()
+        elif not lead and self._backfill_task is not None and not self._backfill_task.done():
+            self._backfill_task.cancel()
+
+    @property
+    def backfilling(self) -> bool:
+        return self._backfill_task is not None and not self._backfill_task.done()
 
     # --- phase changes ---------------------------------------------------------------------------------------------
     async def _save(self, new: MigrationState) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from policies.rules import Observations
 from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
 from proxy.clock import HybridClock
 from proxy.config import Config, ConfigError, EmbeddingConfig
-from proxy.control import SqliteControlStore
+from proxy.control import ControlStore, SqliteControlStore
+from proxy.control_pg import PostgresControlStore
+from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
@@ -56,6 +59,9 @@ def admin_token(config: Config) -> str:
     token = config.resolved_admin_token()
     if token:
         return token
+    if not config.control.startswith("sqlite:"):
+        raise ConfigError("a shared control store (a fleet) needs admin_token_file or admin_token: every proxy of "
+                          "the fleet must accept the same token")
     control = sqlite_path(config.control)
     token = secrets.token_urlsafe(24)
     if control == ":memory:":
@@ -110,10 +116,22 @@ class MemshiftServer:
         if self.telemetry is None:
             self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
         self.observations = Observations(keep_seconds=policy.policy.longest_window())
-        self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
+        shared = None
+        if cfg.control.startswith(("postgresql:", "postgres:")):
+            shared = PostgresControlStore(cfg.control, initial_primary=cfg.store, lease_seconds=cfg.lease_seconds)
+            await shared.open()
+            self.control: ControlStore = shared
+        else:
+            self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
         self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
-                                      telemetry=self.telemetry, observations=self.observations)
+                                      telemetry=self.telemetry, observations=self.observations,
+                                      fleet=shared is not None)
         await self.engine.start()
+        self.fleet: FleetSync | None = None
+        if shared is not None:
+            node = f"{socket.gethostname()}-{cfg.resolved_node_id()}"
+            self.fleet = FleetSync(self.engine, shared, node, cfg.listen)
+            await self.fleet.start()
         self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry)
         self.reads = ReadRouting(self.engine, self.shadow, self.observations)
         self.guard = PolicyGuard(self.engine, policy, self.observations)
@@ -132,7 +150,7 @@ class MemshiftServer:
 
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
-        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard))
+        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet))
         admin_pb2_grpc.add_MigrationAdminServicer_to_server(admin, self._admin)
         self.admin_port = self._bind(self._admin, cfg.admin_listen)
 
@@ -156,6 +174,8 @@ class MemshiftServer:
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)))
         await self.guard.stop()
         await self.shadow.close()
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.engine.stop()
         await self.control.close()
         self._telemetry_shutdown()

@@ -16,7 +16,8 @@ from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
-from proxy.errors import IllegalTransition, InvalidInput, TooLarge
+from proxy.control import Conflict
+from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, TooLarge
 from proxy.router import Router
 from proxy.shadow import collect_after_reply, reset_after_reply
 from proxy.stores import StoreSpecError
@@ -40,6 +41,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.NOT_FOUND, f"{exc}; nothing of this call was stored"
     if isinstance(exc, StoreUnavailable | EmbeddingMismatch):
         return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}"
+    if isinstance(exc, LeaseLapsed):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Conflict):
+        return grpc.StatusCode.ABORTED, f"the migration state changed meanwhile (another proxy acted): {exc}; retry"
     return None
 
 

@@ -196,6 +196,8 @@ class MigrationStatus(_message.Message):
     RAMP_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     READS_FIELD_NUMBER: _builtins.int
+    PROXIES_FIELD_NUMBER: _builtins.int
+    BACKFILL_WAITING_FOR_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -224,6 +226,14 @@ class MigrationStatus(_message.Message):
     def shadow(self) -> Global___ShadowCounters: ...
     @_builtins.property
     def reads(self) -> Global___ReadCounters: ...
+    @_builtins.property
+    def proxies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyMember]:
+        """A fleet sharing a PostgreSQL control store: every proxy, the phase it has acknowledged and its heartbeat."""
+
+    @_builtins.property
+    def backfill_waiting_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The backfill leader waits for these live proxies to acknowledge DataMigration before it copies anything."""
+
     def __init__(
         self,
         *,
@@ -243,14 +253,59 @@ class MigrationStatus(_message.Message):
         ramp: Global___RampStatus | None = ...,
         shadow: Global___ShadowCounters | None = ...,
         reads: Global___ReadCounters | None = ...,
+        proxies: _abc.Iterable[Global___ProxyMember] | None = ...,
+        backfill_waiting_for: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MigrationStatus: _TypeAlias = MigrationStatus  # noqa: Y015
+
+@_typing.final
+class ProxyMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    address: _builtins.str
+    phase: Global___Phase.ValueType
+    """The phase this proxy has applied (its acknowledgement)."""
+    migration_id: _builtins.int
+    revision: _builtins.int
+    leader: _builtins.bool
+    """Runs the backfill."""
+    heartbeat_age_seconds: _builtins.float
+    live: _builtins.bool
+    """Heartbeat within the lease; a proxy that is not live refuses writes until it has caught up."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        address: _builtins.str = ...,
+        phase: Global___Phase.ValueType = ...,
+        migration_id: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        leader: _builtins.bool = ...,
+        heartbeat_age_seconds: _builtins.float = ...,
+        live: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_age_seconds", b"heartbeat_age_seconds", "leader", b"leader", "live", b"live", "migration_id", b"migration_id", "node", b"node", "phase", b"phase", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyMember: _TypeAlias = ProxyMember  # noqa: Y015
 
 @_typing.final
 class RuleStatus(_message.Message):
