@@ -8,6 +8,7 @@
     memshift remember NAME TYPE [OBSERVATION...]
     memshift relate FROM RELATION TO
     memshift forget NAME...
+    memshift health                     exit 0 if the proxy reports SERVING over gRPC health (container checks)
     memshift admin ...                  drive a migration (see `memshift admin --help`)
 
 Client commands take --target (default $MEMSHIFT_TARGET or 127.0.0.1:50051) and --scope (default $MEMSHIFT_SCOPE
@@ -80,8 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target_entity")
     p = _client_parser(sub, "forget", "delete entities")
     p.add_argument("names", nargs="+")
+    p = _client_parser(sub, "health", "check the proxy's gRPC health (exit 0 when SERVING)")
+    p.add_argument("--timeout", type=float, default=3.0)
     admin_cli.add_parser(sub)
     return parser
+
+
+async def _health(target: str, deadline_s: float) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=deadline_s)
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if serving else 1
 
 
 async def _client(args: argparse.Namespace) -> None:
@@ -162,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     try:
+        if args.command == "health":
+            return asyncio.run(_health(args.target, args.timeout))
         asyncio.run(_client(args))
     except grpc.aio.AioRpcError as exc:
         print(f"memshift: {exc.code().name}: {exc.details()}", file=sys.stderr)
