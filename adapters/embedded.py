@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
@@ -41,13 +40,12 @@ from adapters.model import (
     Entity,
     Graph,
     GraphPage,
-    ObservationAddition,
-    ObservationDeletion,
     Relation,
     ScoredEntity,
     SearchResult,
     StoreUnavailable,
 )
+from adapters.planned import Plan, PlannedWrites
 from adapters.records import (
     Counts,
     EntityRecord,
@@ -63,7 +61,6 @@ from adapters.records import (
     encode_cursor,
     text_hash,
 )
-from adapters.semantics import Effects
 from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
@@ -252,7 +249,7 @@ def _sqlite_thread() -> ThreadPoolExecutor:
 INLINE_SEARCH_ROWS = 4096
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(PlannedWrites):
     """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
 
     def __init__(self, path: str | Path, embedder: Embedder, max_pending_texts: int = 128) -> None:
@@ -395,8 +392,7 @@ class EmbeddedBackend:
 
 
     # --- the memory API --------------------------------------------------------------------------------------------
-    async def _planned(self, keys: list[RecordKey], plan: Callable[[semantics.Stored], tuple[T, Effects]],
-                       size: int) -> WriteResult[T]:
+    async def _planned(self, scope: str, keys: list[RecordKey], plan: Plan[T], size: int) -> WriteResult[T]:
         """Fetch what the call may touch, plan it (`adapters.semantics`), write the effects: one transaction."""
         def body(txn: _Txn) -> WriteResult[T]:
             stored = {k: r for k in dict.fromkeys(keys) if (r := txn.get(k)) is not None}
@@ -406,42 +402,6 @@ class EmbeddedBackend:
             return WriteResult(answer, effects)
 
         return await self._write_and_embed(body, size=size)
-
-    async def create_entities(
-        self, scope: str, entities: Sequence[Entity], version: int
-    ) -> WriteResult[tuple[Entity, ...]]:
-        return await self._planned(semantics.create_entities_keys(scope, entities),
-                                   lambda st: semantics.create_entities(scope, entities, version, st),
-                                   sum(1 + len(e.observations) for e in entities))
-
-    async def create_relations(
-        self, scope: str, relations: Sequence[Relation], version: int
-    ) -> WriteResult[tuple[Relation, ...]]:
-        return await self._planned(semantics.create_relations_keys(scope, relations),
-                                   lambda st: semantics.create_relations(scope, relations, version, st),
-                                   len(relations))
-
-    async def add_observations(
-        self, scope: str, additions: Sequence[ObservationAddition], version: int
-    ) -> WriteResult[tuple[ObservationAddition, ...]]:
-        return await self._planned(semantics.add_observations_keys(scope, additions),
-                                   lambda st: semantics.add_observations(scope, additions, version, st),
-                                   sum(len(a.contents) for a in additions))
-
-    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_entities(scope, names, version))
-
-    async def delete_observations(
-        self, scope: str, deletions: Sequence[ObservationDeletion], version: int
-    ) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_observations(scope, deletions, version))
-
-    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_relations(scope, relations, version))
-
-    async def _tombstones(self, recs: list[Record]) -> WriteResult[None]:
-        return await self._planned(semantics.tombstone_keys(recs),
-                                   lambda st: (None, semantics.tombstone_effects(recs, st)), len(recs))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:

@@ -46,13 +46,12 @@ from adapters.model import (
     Entity,
     Graph,
     GraphPage,
-    ObservationAddition,
-    ObservationDeletion,
     Relation,
     ScoredEntity,
     SearchResult,
     StoreUnavailable,
 )
+from adapters.planned import Plan, PlannedWrites
 from adapters.records import (
     Counts,
     EntityRecord,
@@ -119,7 +118,7 @@ def _after(fields: list[str], n: int = 0) -> str:
     return f"({fields[n]} > $p{n} OR ({fields[n]} = $p{n} AND {_after(fields, n + 1)}))"
 
 
-class Neo4jBackend:
+class Neo4jBackend(PlannedWrites):
     def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._uri: str = parsed["uri"]
@@ -418,43 +417,13 @@ class Neo4jBackend:
         return result
 
     # --- the memory API --------------------------------------------------------------------------------------------
-    async def _planned(self, scope: str, keys: list[RecordKey],
-                       plan: Callable[[semantics.Stored], tuple[T, semantics.Effects]]) -> WriteResult[T]:
+    async def _planned(self, scope: str, keys: list[RecordKey], plan: Plan[T], size: int) -> WriteResult[T]:
         async def body(tx: AsyncManagedTransaction) -> tuple[WriteResult[T], set[Key]]:
             answer, effects = plan(await self._fetch(tx, keys))
             applied = await self._apply_records(tx, effects)
             return WriteResult(answer, effects), applied.touched
 
         return await self._committed({scope}, body)
-
-    async def create_entities(self, scope: str, entities: Sequence[Entity],
-                              version: int) -> WriteResult[tuple[Entity, ...]]:
-        return await self._planned(scope, semantics.create_entities_keys(scope, entities),
-                                   lambda st: semantics.create_entities(scope, entities, version, st))
-
-    async def create_relations(self, scope: str, relations: Sequence[Relation],
-                               version: int) -> WriteResult[tuple[Relation, ...]]:
-        return await self._planned(scope, semantics.create_relations_keys(scope, relations),
-                                   lambda st: semantics.create_relations(scope, relations, version, st))
-
-    async def add_observations(self, scope: str, additions: Sequence[ObservationAddition],
-                               version: int) -> WriteResult[tuple[ObservationAddition, ...]]:
-        return await self._planned(scope, semantics.add_observations_keys(scope, additions),
-                                   lambda st: semantics.add_observations(scope, additions, version, st))
-
-    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_entities(scope, names, version))
-
-    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion],
-                                  version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_observations(scope, deletions, version))
-
-    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_relations(scope, relations, version))
-
-    async def _tombstones(self, scope: str, recs: list[Record]) -> WriteResult[None]:
-        return await self._planned(scope, semantics.tombstone_keys(recs),
-                                   lambda st: (None, semantics.tombstone_effects(recs, st)))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     async def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:

@@ -32,7 +32,6 @@ import asyncpg
 import numpy as np
 from pgvector.asyncpg import register_vector
 
-from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
@@ -41,13 +40,12 @@ from adapters.model import (
     Entity,
     Graph,
     GraphPage,
-    ObservationAddition,
-    ObservationDeletion,
     Relation,
     ScoredEntity,
     SearchResult,
     StoreUnavailable,
 )
+from adapters.planned import Plan, PlannedWrites
 from adapters.records import (
     Counts,
     EntityRecord,
@@ -64,7 +62,6 @@ from adapters.records import (
     newest_per_key,
     text_hash,
 )
-from adapters.semantics import Effects
 
 T = TypeVar("T")
 log = logging.getLogger("memshift.store.postgres")
@@ -184,7 +181,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return dsn, schema
 
 
-class PostgresBackend:
+class PostgresBackend(PlannedWrites):
     def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
         self._dsn, self._schema = parse_spec(spec)
         parts = urlsplit(self._dsn)
@@ -414,43 +411,13 @@ class PostgresBackend:
         return out
 
     # --- the memory API --------------------------------------------------------------------------------------------
-    async def _planned(self, scope: str, keys: list[RecordKey],
-                       plan: Callable[[semantics.Stored], tuple[T, Effects]]) -> WriteResult[T]:
+    async def _planned(self, scope: str, keys: list[RecordKey], plan: Plan[T], size: int) -> WriteResult[T]:
         async def body(conn: asyncpg.Connection) -> tuple[WriteResult[T], _Applied]:
             answer, effects = plan(await self._fetch(conn, keys))
             applied = await self._apply_records(conn, effects)
             return WriteResult(answer, effects), applied
 
         return await self._committed({scope}, body)
-
-    async def create_entities(self, scope: str, entities: Sequence[Entity],
-                              version: int) -> WriteResult[tuple[Entity, ...]]:
-        return await self._planned(scope, semantics.create_entities_keys(scope, entities),
-                                   lambda st: semantics.create_entities(scope, entities, version, st))
-
-    async def create_relations(self, scope: str, relations: Sequence[Relation],
-                               version: int) -> WriteResult[tuple[Relation, ...]]:
-        return await self._planned(scope, semantics.create_relations_keys(scope, relations),
-                                   lambda st: semantics.create_relations(scope, relations, version, st))
-
-    async def add_observations(self, scope: str, additions: Sequence[ObservationAddition],
-                               version: int) -> WriteResult[tuple[ObservationAddition, ...]]:
-        return await self._planned(scope, semantics.add_observations_keys(scope, additions),
-                                   lambda st: semantics.add_observations(scope, additions, version, st))
-
-    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_entities(scope, names, version))
-
-    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion],
-                                  version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_observations(scope, deletions, version))
-
-    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
-        return await self._tombstones(scope, semantics.delete_relations(scope, relations, version))
-
-    async def _tombstones(self, scope: str, recs: list[Record]) -> WriteResult[None]:
-        return await self._planned(scope, semantics.tombstone_keys(recs),
-                                   lambda st: (None, semantics.tombstone_effects(recs, st)))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -36,13 +36,12 @@ from adapters.model import (
     Entity,
     Graph,
     GraphPage,
-    ObservationAddition,
-    ObservationDeletion,
     Relation,
     ScoredEntity,
     SearchResult,
     StoreUnavailable,
 )
+from adapters.planned import Plan, PlannedWrites
 from adapters.records import (
     Counts,
     EntityRecord,
@@ -57,6 +56,7 @@ from adapters.records import (
     encode_cursor,
 )
 
+T = TypeVar("T")
 _NS = uuid.UUID("6f1c4a52-9d7e-4f0b-8a38-2b5e0c9d1e47")
 VECTOR = "text"
 _SCROLL = 1024
@@ -115,7 +115,7 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return {"client": args, "prefix": prefix}
 
 
-class QdrantBackend:
+class QdrantBackend(PlannedWrites):
     def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._client_args: dict[str, Any] = parsed["client"]
@@ -284,41 +284,12 @@ class QdrantBackend:
         return applied
 
     # --- the memory API --------------------------------------------------------------------------------------------
-    async def _planned(self, keys: list[RecordKey], plan: Any) -> WriteResult[Any]:
+    async def _planned(self, scope: str, keys: list[RecordKey], plan: Plan[T], size: int) -> WriteResult[T]:
         async with self._lock:  # plan and write in one hold: nothing changes in between
             answer, effects = plan(await self._fetch(keys))
             _, texts = await self._write_locked(effects)
         await self._embeddings.after_write(texts)
         return WriteResult(answer, effects)
-
-    async def create_entities(self, scope: str, entities: Sequence[Entity],
-                              version: int) -> WriteResult[tuple[Entity, ...]]:
-        return await self._planned(semantics.create_entities_keys(scope, entities),
-                                   lambda st: semantics.create_entities(scope, entities, version, st))
-
-    async def create_relations(self, scope: str, relations: Sequence[Relation],
-                               version: int) -> WriteResult[tuple[Relation, ...]]:
-        return await self._planned(semantics.create_relations_keys(scope, relations),
-                                   lambda st: semantics.create_relations(scope, relations, version, st))
-
-    async def add_observations(self, scope: str, additions: Sequence[ObservationAddition],
-                               version: int) -> WriteResult[tuple[ObservationAddition, ...]]:
-        return await self._planned(semantics.add_observations_keys(scope, additions),
-                                   lambda st: semantics.add_observations(scope, additions, version, st))
-
-    async def delete_entities(self, scope: str, names: Sequence[str], version: int) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_entities(scope, names, version))
-
-    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion],
-                                  version: int) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_observations(scope, deletions, version))
-
-    async def delete_relations(self, scope: str, relations: Sequence[Relation], version: int) -> WriteResult[None]:
-        return await self._tombstones(semantics.delete_relations(scope, relations, version))
-
-    async def _tombstones(self, recs: list[Record]) -> WriteResult[None]:
-        return await self._planned(semantics.tombstone_keys(recs),
-                                   lambda st: (None, semantics.tombstone_effects(recs, st)))
 
     # --- reads -----------------------------------------------------------------------------------------------------
     async def _entities(self, scope: str, names: Sequence[str]) -> list[Entity]:
