@@ -29,7 +29,7 @@ from qdrant_client import AsyncQdrantClient, models
 from adapters import qdrant, semantics
 from adapters.base import VectorMap
 from adapters.embedder import Embedder, Vector
-from adapters.model import EmbeddingMismatch, StoreUnavailable
+from adapters.model import StoreUnavailable
 from adapters.neo4j import Neo4jBackend
 from adapters.records import text_hash
 
@@ -76,20 +76,7 @@ class HybridBackend(Neo4jBackend):
 
     async def open(self) -> None:
         self._qdrant = AsyncQdrantClient(**self._qdrant_args)
-        dim = self.embedding.dimension
-        try:
-            existing = {c.name for c in (await self._qdrant.get_collections()).collections}
-        except Exception as exc:
-            raise StoreUnavailable(f"{self.name}: cannot reach Qdrant: {exc}") from exc
-        if self._collection in existing:
-            params = (await self._qdrant.get_collection(self._collection)).config.params.vectors
-            size = params[qdrant.VECTOR].size if isinstance(params, dict) else None
-            if size != dim:
-                raise EmbeddingMismatch(f"{self.name}: collection {self._collection} holds vectors of size {size},"
-                                        f" but the configured model has dimension {dim}")
-        else:
-            await self._qdrant.create_collection(self._collection, vectors_config={
-                qdrant.VECTOR: models.VectorParams(size=dim, distance=models.Distance.COSINE)})
+        await qdrant.vector_collection(self._qdrant, self._collection, self.embedding.dimension, self.name)
         await super().open()
 
     async def close(self) -> None:

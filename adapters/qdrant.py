@@ -76,6 +76,25 @@ def _match(**fields: Any) -> models.Filter:
                                                      else models.MatchValue(value=v)) for k, v in fields.items()])
 
 
+async def vector_collection(client: AsyncQdrantClient, name: str, dim: int, label: str) -> set[str]:
+    """Create collection `name` with the cosine vector `text` of size `dim`, or check the size of the existing one;
+    returns the names of the collections that existed."""
+    try:
+        existing = {c.name for c in (await client.get_collections()).collections}
+    except Exception as exc:
+        raise StoreUnavailable(f"{label}: cannot reach Qdrant: {exc}") from exc
+    if name in existing:
+        params = (await client.get_collection(name)).config.params.vectors
+        size = params[VECTOR].size if isinstance(params, dict) else None
+        if size != dim:
+            raise EmbeddingMismatch(f"{label}: collection {name} holds vectors of size {size}, but the configured"
+                                    f" model has dimension {dim}")
+    else:
+        await client.create_collection(name, vectors_config={
+            VECTOR: models.VectorParams(size=dim, distance=models.Distance.COSINE)})
+    return existing
+
+
 def _record(kind: Kind, p: dict[str, Any]) -> Record:
     if kind == Kind.ENTITY:
         return EntityRecord(p["scope"], p["name"], p["entity_type"], p["version"], p["created"], p["purged"],
@@ -147,21 +166,8 @@ class QdrantBackend(PlannedWrites):
     # --- lifecycle -------------------------------------------------------------------------------------------------
     async def open(self) -> None:
         self._client = AsyncQdrantClient(**self._client_args)
+        existing = await vector_collection(self._client, self._c[Kind.ENTITY], self.embedding.dimension, self.name)
         dim = self.embedding.dimension
-        try:
-            existing = {c.name for c in (await self._client.get_collections()).collections}
-        except Exception as exc:
-            raise StoreUnavailable(f"{self.name}: cannot reach Qdrant: {exc}") from exc
-        if self._c[Kind.ENTITY] in existing:
-            info = await self._client.get_collection(self._c[Kind.ENTITY])
-            params = info.config.params.vectors
-            size = params[VECTOR].size if isinstance(params, dict) else None
-            if size != dim:
-                raise EmbeddingMismatch(f"{self.name}: collection {self._c[Kind.ENTITY]} holds vectors of size {size},"
-                                        f" but the configured model has dimension {dim}")
-        else:
-            await self._client.create_collection(self._c[Kind.ENTITY], vectors_config={
-                VECTOR: models.VectorParams(size=dim, distance=models.Distance.COSINE)})
         for name in (self._c[Kind.OBSERVATION], self._c[Kind.RELATION], self._scopes_c, self._meta_c):
             if name not in existing:
                 await self._client.create_collection(name, vectors_config={})
