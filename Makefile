@@ -37,6 +37,7 @@ bench: install
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
 	$(PY) -m bench.stores $(STORES_ARGS)
+	$(PY) -m bench.fleet $(FLEET_ARGS)
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -140,6 +140,7 @@ class MigrationEngine:
         self.state = MigrationState()
         # A fleet (proxy.fleet): the backfill runs only where the fleet elected it, and writes stop when this
         # proxy's lease on the control store lapses (until then: monotonic deadline; 0 = not yet in sync).
+        self._fleet = fleet
         self._may_backfill = not fleet
         self._write_deadline: float | None = 0.0 if fleet else None
 
@@ -467,22 +468,32 @@ class MigrationEngine:
     async def adopt(self, state: MigrationState) -> bool:
         """Apply a state another proxy saved (a broadcast or the periodic re-read); True if it was news."""
         async with self._lock:
-            if state.revision <= self.state.revision:
-                return False
-            await self._store(state.primary)
-            if state.secondary:
-                await self._store(state.secondary)
-            before, self.state = self.state, state
-            if state.paused:
-                self._resume.clear()
-            else:
-                self._resume.set()
-            if state.migration_id != before.migration_id:
-                self._dirty = set()
-            if (state.phase != Phase.DATA_MIGRATION or state.backfill_complete) and self._backfill_task is not None:
-                self._backfill_task.cancel()
-        self._expire_mirror_if_due()
-        await self._refresh_dirty()
+            news = await self._adopt(state)
+        if news:
+            self._expire_mirror_if_due()
+            await self._refresh_dirty()
+        return news
+
+    async def _fresh(self) -> None:
+        """In a fleet, act on the latest state: another proxy may have changed it since the last broadcast."""
+        if self._fleet:
+            await self._adopt(await self._control.load())
+
+    async def _adopt(self, state: MigrationState) -> bool:
+        if state.revision <= self.state.revision:
+            return False
+        await self._store(state.primary)
+        if state.secondary:
+            await self._store(state.secondary)
+        before, self.state = self.state, state
+        if state.paused:
+            self._resume.clear()
+        else:
+            self._resume.set()
+        if state.migration_id != before.migration_id:
+            self._dirty = set()
+        if (state.phase != Phase.DATA_MIGRATION or state.backfill_complete) and self._backfill_task is not None:
+            self._backfill_task.cancel()
         return True
 
     @property
@@ -531,6 +542,7 @@ class MigrationEngine:
 
     async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
         async with self._lock:
+            await self._fresh()
             phase = self.state.phase
             if phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK, Phase.COMPLETED):
                 raise self._illegal("start a migration")
@@ -563,6 +575,7 @@ class MigrationEngine:
 
     async def advance(self, expected: Phase, actor: str, reason: str = "") -> None:
         async with self._lock:
+            await self._fresh()
             s = self.state
             if s.phase != expected:
                 raise IllegalTransition(f"expected phase {expected.value}, but the migration is in {s.phase.value}")
@@ -592,6 +605,7 @@ class MigrationEngine:
 
     async def rollback(self, reason: str, actor: str, figures: dict[str, Any] | None = None) -> None:
         async with self._lock:
+            await self._fresh()
             s = self.state
             if s.phase in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE):
                 new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0, ramp_step=-1)
@@ -611,6 +625,7 @@ class MigrationEngine:
 
     async def pause_backfill(self, actor: str, reason: str = "") -> None:
         async with self._lock:
+            await self._fresh()
             if self.state.phase != Phase.DATA_MIGRATION:
                 raise self._illegal("pause the backfill (only in DataMigration)")
             self._resume.clear()
@@ -619,6 +634,7 @@ class MigrationEngine:
 
     async def resume_backfill(self, actor: str) -> None:
         async with self._lock:
+            await self._fresh()
             if self.state.phase != Phase.DATA_MIGRATION:
                 raise self._illegal("resume the backfill (only in DataMigration)")
             await self._save(replace(self.state, paused=False))
@@ -632,6 +648,7 @@ class MigrationEngine:
         if not 0.0 <= shadow_rate <= 1.0:
             raise InvalidInput("shadow_sample_rate", f"is {shadow_rate}, must be in [0, 1]")
         async with self._lock:
+            await self._fresh()
             if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
                 raise self._illegal("serve reads from the secondary (only in DualWrite)")
             # Routing by hand overrides a running ramp.
@@ -642,6 +659,7 @@ class MigrationEngine:
     # --- read ramp and policy actions (decided by proxy.guard, applied here) ----------------------------------------
     async def start_ramp(self, steps: tuple[float, ...], interval: float, shadow_rate: float, actor: str) -> None:
         async with self._lock:
+            await self._fresh()
             if self.state.phase != Phase.DUAL_WRITE:
                 raise self._illegal("ramp reads onto the secondary (only in DualWrite)")
             if not 0.0 <= shadow_rate <= 1.0:
