@@ -126,7 +126,7 @@ class MigrationEngine:
         self.observations = observations  # secondary outcomes for the rollback policy, when one watches
         # Scopes with a pending repair: their reads stay on the primary (read-your-writes, DESIGN.md, Phases).
         self._dirty: set[str] = set()
-        self._dirty_added: set[str] | None = None
+        self._dirty_since: list[set[str]] = []  # one per refresh in progress: scopes queued meanwhile
         self.last_repair_depth = 0  # for the metrics gauge, which cannot await
         self._solo_inflight = 0
         self._solo_idle = asyncio.Event()
@@ -281,17 +281,20 @@ class MigrationEngine:
         await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
         scopes = {k[1] for k in keys}  # after the insert, so a concurrent refresh cannot drop them
         self._dirty |= scopes
-        if self._dirty_added is not None:
-            self._dirty_added |= scopes
+        for added in self._dirty_since:
+            added |= scopes
         self._repair_wakeup.set()
 
     async def _refresh_dirty(self) -> None:
-        self._dirty_added = set()
+        # Refreshes may overlap (the repair loop, a fleet broadcast): each keeps its own record of what was queued
+        # while it read, so none can drop a scope another write just made dirty.
+        added: set[str] = set()
+        self._dirty_since.append(added)
         try:
             found = await self._control.repair_scopes(self.state.migration_id)
-            self._dirty = found | self._dirty_added
+            self._dirty = found | added
         finally:
-            self._dirty_added = None
+            self._dirty_since.remove(added)
 
     # --- repair ----------------------------------------------------------------------------------------------------
     async def _repair_loop(self) -> None:

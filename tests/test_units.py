@@ -162,3 +162,33 @@ def test_vector_index_matches_brute_force_across_blocks(steps: list[tuple[bool, 
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want, strict=True))
     finally:
         vi.BLOCK_ROWS = old
+
+
+async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedder: BatchingEmbedder,
+                                                                         tmp_path: Path) -> None:
+    """The repair loop and a fleet broadcast refresh the dirty scopes at the same time; a scope queued during both
+    stays dirty (its reads stay on the primary) and neither refresh fails."""
+    from adapters.records import Kind
+    from proxy.control import SqliteControlStore
+    from proxy.migration import MigrationEngine
+
+    async def open_store(spec: str) -> EmbeddedBackend:
+        store = EmbeddedBackend(tmp_path / spec, embedder)
+        await store.open()
+        return store
+
+    control = SqliteControlStore(tmp_path / "control.db", initial_primary="old.db")
+    engine = MigrationEngine(control, open_store, HybridClock(1), background=False)
+    await engine.start()
+    try:
+        first = asyncio.ensure_future(engine._refresh_dirty())
+        second = asyncio.ensure_future(engine._refresh_dirty())
+        await asyncio.sleep(0)
+        await engine.enqueue_repairs([(Kind.ENTITY, "agent-1", ("a",))])
+        await asyncio.gather(first, second)
+        assert engine.scope_pending("agent-1")
+        await engine._refresh_dirty()
+        assert engine.scope_pending("agent-1")  # still queued in the control store
+    finally:
+        await engine.stop()
+        await control.close()
