@@ -3,9 +3,8 @@
 Every heartbeat (a third of the lease, or at once when a phase change is broadcast) the proxy re-reads the state,
 applies it and acknowledges it: its row in `proxies` names the phase, migration and revision it applies. A phase
 that dual-writes is acknowledged only once the writes that began before it (to the old store alone) have finished.
-Writes are accepted only within a lease of the last successful
-round, so a proxy cut off from the control store stops taking writes before the rest of the fleet stops waiting
-for it.
+Writes are accepted only within a lease of the last successful round, so a proxy cut off from the control store
+stops taking writes before the rest of the fleet stops waiting for it.
 
 The backfill leader: proxies that see an unfinished DataMigration race for an advisory lock; the holder starts the
 backfill only once every live proxy has acknowledged this migration's DataMigration (before that, a write could
