@@ -100,12 +100,8 @@ class HybridBackend(Neo4jBackend):
 
     async def _land(self, ready: dict[Key, tuple[str, Vector]]) -> None:
         """Steps 2 and 3 of the module docstring, for the entities that still want these texts."""
-        keys = [{"s": s, "n": n} for s, n in ready]
-        rows = await self._run(f"UNWIND $keys AS k MATCH (e:{self.E} {{scope: k.s, name: k.n}})"
-                               " WHERE e.deleted = false RETURN e.scope AS scope, e.name AS name,"
-                               " e.entity_type AS entity_type, e.embed_hash AS h", keys=keys)
-        wanted = {(r["scope"], r["name"]): r for r in rows}
-        land = {k: v for k, v in ready.items() if k in wanted and wanted[k]["h"] == text_hash(v[0])}
+        wanted = await self._live(list(ready))
+        land = {k: v for k, v in ready.items() if k in wanted and wanted[k]["embed_hash"] == text_hash(v[0])}
         if land:
             await self._vq.upsert(self._collection, [models.PointStruct(
                 id=self._point(k), vector={qdrant.VECTOR: np.asarray(v, dtype=np.float32).tolist()},
@@ -140,13 +136,8 @@ class HybridBackend(Neo4jBackend):
 
     async def _confirmed(self, hits: dict[Key, str]) -> set[Key]:
         """The candidates whose point hash Neo4j confirms as the live entity's current vector."""
-        if not hits:
-            return set()
-        rows = await self._run(f"UNWIND $keys AS k MATCH (e:{self.E} {{scope: k.s, name: k.n}})"
-                               " WHERE e.deleted = false AND e.vector_hash = e.embed_hash"
-                               " RETURN e.scope AS scope, e.name AS name, e.vector_hash AS h",
-                               keys=[{"s": s, "n": n} for s, n in hits])
-        return {(r["scope"], r["name"]) for r in rows if hits.get((r["scope"], r["name"])) == r["h"]}
+        live = await self._live(list(hits))
+        return {k for k, r in live.items() if r["vector_hash"] == r["embed_hash"] == hits[k]}
 
     async def _nearest(self, scope: str, vector: Vector, limit: int, min_score: float | None,
                        entity_types: Sequence[str]) -> list[tuple[str, float]]:
@@ -165,7 +156,7 @@ class HybridBackend(Neo4jBackend):
             out = [((p.payload or {})["name"], float(p.score)) for p in found
                    if (scope, (p.payload or {})["name"]) in ok]
             if len(out) >= limit or len(found) < k:
-                return out[:limit] if len(out) >= limit else out
+                return out[:limit]
             k *= 4
 
     async def _load_vectors(self, keys: list[Key]) -> dict[Key, Vector]:
@@ -186,11 +177,7 @@ class HybridBackend(Neo4jBackend):
         offset = None
         while True:
             points, offset = await self._vq.scroll(self._collection, limit=1024, offset=offset, with_payload=True)
-            live = await self._run(f"UNWIND $keys AS k MATCH (e:{self.E} {{scope: k.s, name: k.n}})"
-                                   " WHERE e.deleted = false RETURN e.scope AS scope, e.name AS name",
-                                   keys=[{"s": (p.payload or {})["scope"], "n": (p.payload or {})["name"]}
-                                         for p in points])
-            alive = {(r["scope"], r["name"]) for r in live}
+            alive = await self._live([((p.payload or {})["scope"], (p.payload or {})["name"]) for p in points])
             dead = [p.id for p in points if ((p.payload or {})["scope"], (p.payload or {})["name"]) not in alive]
             if dead:
                 await self._vq.delete(self._collection, models.PointIdsList(points=dead))

@@ -179,7 +179,8 @@ class Neo4jBackend(PlannedWrites):
             "purge_in": f"UNWIND $rows AS p MATCH (:{EL})-[r:RELATES_TO]->(:{EL} {{scope: p.s, name: p.n}})"
                         " WHERE r.version < p.v DELETE r",
             "live_e": f"UNWIND $keys AS k MATCH (e:{EL} {{scope: k.s, name: k.n}}) WHERE e.deleted = false"
-                      " RETURN e.scope AS scope, e.name AS name, e.entity_type AS entity_type",
+                      " RETURN e.scope AS scope, e.name AS name, e.entity_type AS entity_type,"
+                      " e.embed_hash AS embed_hash, e.vector_hash AS vector_hash",
             "live_o": f"UNWIND $keys AS k MATCH (o:{OL} {{scope: k.s, entity: k.n}}) WHERE o.deleted = false"
                       " RETURN o.scope AS scope, o.entity AS entity, o.created AS created, o.text AS text",
             "mark": f"UNWIND $rows AS r MATCH (e:{EL} {{scope: r.s, name: r.n}}) SET e.embed_hash = r.h",
@@ -202,10 +203,9 @@ class Neo4jBackend(PlannedWrites):
             "page_e": f"MATCH (e:{EL}) WHERE e.scope = $scope AND e.deleted = false AND e.name > $after"
                       " RETURN e.name AS name ORDER BY name LIMIT $limit",
             "page_r": f"MATCH (a:{EL})-[r:RELATES_TO]->(b:{EL}) WHERE a.scope = $scope AND r.deleted = false"
-                      " AND (a.name > $s OR (a.name = $s AND (r.relation_type > $t OR (r.relation_type = $t"
-                      " AND b.name > $g)))) RETURN a.name AS source, r.relation_type AS relation_type,"
-                      " b.name AS target, r.metadata AS metadata ORDER BY source, relation_type, target"
-                      " LIMIT $limit",
+                      f" AND {_after(['a.name', 'r.relation_type', 'b.name'])} RETURN a.name AS source,"
+                      " r.relation_type AS relation_type, b.name AS target, r.metadata AS metadata"
+                      " ORDER BY source, relation_type, target LIMIT $limit",
             "find_e": f"MATCH (e:{EL}) WHERE e.scope = $scope AND e.deleted = false AND (toLower(e.name) CONTAINS"
                       " $needle OR toLower(e.entity_type) CONTAINS $needle) RETURN e.name AS name",
             "find_o": f"MATCH (e:{EL})-[:HAS_OBSERVATION]->(o:{OL}) WHERE e.scope = $scope AND e.deleted = false"
@@ -393,6 +393,13 @@ class Neo4jBackend(PlannedWrites):
             await self._tx(tx, self._q["mark"], rows=[{"s": s, "n": n, "h": text_hash(t)} for (s, n), t in out.items()])
         return out
 
+    async def _live(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        """Live entities among `keys`: entity type and the wanted (`embed_hash`) and stored (`vector_hash`) text."""
+        if not keys:
+            return {}
+        rows = await self._run(self._q["live_e"], keys=[{"s": s, "n": n} for s, n in keys])
+        return {(r["scope"], r["name"]): r for r in rows}
+
     async def _store_vectors(self, ready: dict[Key, tuple[str, Vector]]) -> None:
         """Kept only if the entity still wants exactly this text (a newer write embeds its own)."""
         await self._run(self._q["store_vectors"], rows=[
@@ -459,7 +466,7 @@ class Neo4jBackend(PlannedWrites):
                 return GraphPage(tuple(entities), (), encode_cursor(Kind.ENTITY, [names[limit - 1]]))
         room = limit - len(entities)
         rel_after = after if kind == Kind.RELATION else ("", "", "")
-        rows = await self._run(self._q["page_r"], scope=scope, s=rel_after[0], t=rel_after[1], g=rel_after[2],
+        rows = await self._run(self._q["page_r"], scope=scope, p0=rel_after[0], p1=rel_after[1], p2=rel_after[2],
                                limit=room + 1)
         rels = [Relation(r["source"], r["target"], r["relation_type"], json.loads(r["metadata"])) for r in rows[:room]]
         nxt = None

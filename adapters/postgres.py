@@ -161,12 +161,12 @@ class _Applied:
     touched: set[tuple[str, str]] = field(default_factory=set)  # live entities whose embedding text may have changed
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
+def parse_spec(spec: str, default_schema: str = "memshift") -> tuple[str, str]:
     """(asyncpg DSN, schema) from `postgresql://user@host:port/db?schema=NAME&password_file=PATH`. A password
     comes from the DSN, $PGPASSWORD or `password_file`; it never reaches logs (`proxy.stores.redact`)."""
     parts = urlsplit(spec)
     query = dict(parse_qsl(parts.query))
-    schema = query.pop("schema", "memshift")
+    schema = query.pop("schema", default_schema)
     if not schema.replace("_", "").isalnum():
         raise ValueError(f"schema {schema!r}: letters, digits and _ only")
     password_file = query.pop("password_file", None)

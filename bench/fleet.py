@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from bench.__main__ import Table
 from memshift.v1 import admin_pb2 as apb
 from proxy.control_pg import PostgresControlStore
-from tests.fleet import AUTH, start_proxy, stop_all, wait_serving
+from tests.fleet import AUTH, acknowledged, start_proxy, stop_all, wait_serving
 from tests.servers import PostgresServer
 
 
@@ -42,17 +41,7 @@ async def main(n_proxies: int, changes: int) -> None:
                 await admin.StartMigration(apb.StartMigrationRequest(target=new), metadata=AUTH)
             else:
                 await admin.Rollback(apb.RollbackRequest(reason="bench"), metadata=AUTH)
-            done = time.perf_counter()
-            revision = (await control.load()).revision
-            while True:
-                members = await control.members()
-                if len(members) == n_proxies and all(m.revision >= revision for m in members):
-                    break
-                await asyncio.sleep(0.002)
-            delays.append(time.perf_counter() - done)
-            if delays[-1] > 0.5:
-                kind = "start" if i % 2 == 0 else "rollback"
-                print(f"  slow: change {i} ({kind}) took {delays[-1]:.2f} s: {members}", file=sys.stderr)
+            delays.append(await acknowledged(control, (await control.load()).revision, proxies))
         loads = []
         for _ in range(200):
             t = time.perf_counter()

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
+from adapters.postgres import parse_spec
 from adapters.records import RecordKey
 from proxy.control import (
     Conflict,
@@ -57,25 +57,10 @@ CREATE TABLE IF NOT EXISTS proxies (node text PRIMARY KEY, address text NOT NULL
 """
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """(asyncpg DSN, schema) from `postgresql://user@host/db?schema=memshift_control&password_file=PATH`."""
-    parts = urlsplit(spec)
-    query = dict(parse_qsl(parts.query))
-    schema = query.pop("schema", "memshift_control")
-    if not schema.replace("_", "").isalnum():
-        raise ValueError(f"schema {schema!r}: letters, digits and _ only")
-    netloc = parts.netloc
-    if password_file := query.pop("password_file", None):
-        with open(password_file, encoding="utf-8") as f:
-            password = f.read().strip()
-        netloc = f"{parts.username or 'postgres'}:{password}@{parts.hostname}" + (f":{parts.port}" if parts.port
-                                                                                  else "")
-    return parts._replace(scheme="postgresql", netloc=netloc, query=urlencode(query)).geturl(), schema
-
-
 class PostgresControlStore:
     def __init__(self, spec: str, initial_primary: str, lease_seconds: float = 5.0) -> None:
-        self._dsn, self._schema = parse_spec(spec)
+        # The same spec syntax as the PostgreSQL store (password_file, $PGPASSWORD), in a schema of its own.
+        self._dsn, self._schema = parse_spec(spec, default_schema="memshift_control")
         self._initial_primary = initial_primary
         self.lease_seconds = lease_seconds
         self._pool: Any = None

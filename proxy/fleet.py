@@ -41,6 +41,7 @@ class FleetSync:
         self._task: asyncio.Task[None] | None = None
         self.waiting_for: list[str] = []  # live proxies the backfill leader waits for
         self._acked: MigrationState | None = None  # the state this proxy acknowledges in its heartbeats
+        self._ack_wait: asyncio.Future[None] | None = None  # wakes a round when the older writes have finished
 
     async def start(self) -> None:
         """One round before serving (writes are refused until it succeeds), then rounds in the background."""
@@ -79,9 +80,9 @@ class FleetSync:
             # is renewed meanwhile (those writes may wait on the embedder for a while).
             if self._engine.secondary is None or self._engine.solo_writes_idle:
                 self._acked = s
-            else:
-                pending = asyncio.ensure_future(self._engine.solo_writes_done())
-                pending.add_done_callback(lambda _: self._wake.set())
+            elif self._ack_wait is None or self._ack_wait.done():
+                self._ack_wait = asyncio.ensure_future(self._engine.solo_writes_done())
+                self._ack_wait.add_done_callback(lambda _: self._wake.set())
         acked = self._acked or s
         wants_backfill = s.phase == Phase.DATA_MIGRATION and not s.backfill_complete
         if wants_backfill:

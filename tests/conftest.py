@@ -31,9 +31,10 @@ def servers() -> Iterator[dict[str, str]]:
     postgres = PostgresServer().start()
     try:
         # A real Neo4j when NEO4J_URI names one (bolt://user:password@host:7687), else ArcadeDB's Bolt server.
-        arcadedb = None if os.environ.get("NEO4J_URI") else ArcadeDBServer().start()
+        neo4j_uri = os.environ.get("NEO4J_URI")
+        arcadedb = None if neo4j_uri else ArcadeDBServer().start()
         try:
-            yield {"postgres": postgres.dsn, "neo4j": os.environ.get("NEO4J_URI") or arcadedb.uri}  # type: ignore[union-attr]
+            yield {"postgres": postgres.dsn, "neo4j": arcadedb.uri if arcadedb else str(neo4j_uri)}
         finally:
             if arcadedb is not None:
                 arcadedb.stop()

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
+from proxy.control_pg import PostgresControlStore
 from tests.servers import free_port
 
 TOKEN = "fleet-admin-token"
@@ -95,6 +96,20 @@ async def stop_all(proxies: list[Proxy]) -> None:
             p.kill()
         await p.channel.close()
         await p.admin_channel.close()
+
+
+async def acknowledged(control: PostgresControlStore, revision: int, proxies: list[Proxy],
+                       limit_s: float = 30) -> float:
+    """Seconds until every running proxy has acknowledged `revision` (or a later one) in the control store."""
+    t = time.perf_counter()
+    running = {f"-{p.node_id}" for p in proxies if p.alive}
+    while True:
+        members = [m for m in await control.members() if any(m.node.endswith(n) for n in running)]
+        if len(members) == len(running) and all(m.revision >= revision for m in members):
+            return time.perf_counter() - t
+        if time.perf_counter() - t > limit_s:
+            raise TimeoutError(f"revision {revision} not acknowledged: {members}")
+        await asyncio.sleep(0.002)
 
 
 async def status(p: Proxy) -> apb.MigrationStatus:

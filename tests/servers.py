@@ -12,7 +12,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -105,9 +107,6 @@ class ArcadeDBServer:
         return f"bolt://{self.user}:{self.password}@127.0.0.1:{self.bolt_port}"
 
     def start(self, timeout: float = 120.0) -> ArcadeDBServer:
-        import sys
-        import time
-
         log = open(self.dir / "log", "w")  # noqa: SIM115 - the child writes to it for its whole life
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _ARCADEDB_CHILD, str(self.dir / "root"), self.password, str(self.http_port),

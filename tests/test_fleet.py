@@ -21,23 +21,11 @@ from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from proxy.control import MigrationState, Phase
 from proxy.control_pg import PostgresControlStore
-from tests.fleet import AUTH, Proxy, start_proxy, status, stop_all, wait_serving
+from tests.fleet import AUTH, acknowledged, start_proxy, status, stop_all, wait_serving
 from tests.test_migration_e2e import Agent, graph_of
 
 _runs = itertools.count()
 LEASE = 2.0
-
-
-async def _acknowledged(control: PostgresControlStore, state: MigrationState, proxies: list[Proxy]) -> float:
-    """Seconds until every running proxy has acknowledged `state` (its revision or a later one)."""
-    t = time.monotonic()
-    running = {f"-{p.node_id}" for p in proxies if p.alive}
-    while True:
-        members = [m for m in await control.members() if any(m.node.endswith(n) for n in running)]
-        if len(members) == len(running) and all(m.revision >= state.revision for m in members):
-            return time.monotonic() - t
-        assert time.monotonic() - t < 30, members
-        await asyncio.sleep(0.005)
 
 
 async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
@@ -75,7 +63,7 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
         await admin.StartMigration(apb.StartMigrationRequest(target=new, batch_size=100, rate_limit=300),
                                    metadata=AUTH)
         state = await control.load()
-        delays.append(await _acknowledged(control, state, proxies))
+        delays.append(await acknowledged(control, state.revision, proxies))
 
         # Wait for the leader to be mid-way, then kill it without warning.
         deadline = time.monotonic() + 60
@@ -126,7 +114,7 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
 
         admin = survivors[0].admin
         await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
-        delays.append(await _acknowledged(control, await control.load(), survivors))
+        delays.append(await acknowledged(control, (await control.load()).revision, survivors))
         await asyncio.sleep(0.3)
         stop.set()
         await asyncio.gather(*workers)
@@ -139,7 +127,7 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
             result = progress
         assert result is not None and result.done and result.differences == 0, list(result.samples)
         await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
-        delays.append(await _acknowledged(control, await control.load(), survivors))
+        delays.append(await acknowledged(control, (await control.load()).revision, survivors))
         for p in survivors:
             assert (await status(p)).phase == apb.COMPLETED
         print(f"\nphase change acknowledged by every proxy in {', '.join(f'{d * 1000:.0f} ms' for d in delays)};"
