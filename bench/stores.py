@@ -24,7 +24,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.records import Record
 from bench.__main__ import Table
-from bench.migration import fill, pages_of, wait_backfill
+from bench.migration import bulk_rate, fill, pages_of, wait_backfill
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, SqliteControlStore
 from proxy.migration import MigrationEngine
@@ -37,17 +37,10 @@ async def measure(table: Table, label: str, target: str, work: Path, embedder: B
     if "warm" in spec:  # a JVM server (ArcadeDB) compiles its hot paths first: warm it so the baseline is fair
         warm = backend_for(spec["warm"], embedder)
         await warm.open()
-        for recs, vecs in pages[:4]:
-            await warm.apply(recs, vecs)
-        await warm.close()
+        await bulk_rate(warm, pages[:4])
     raw = backend_for(spec["raw"], embedder)
     await raw.open()
-    t = time.perf_counter()
-    for recs, vecs in pages:
-        await raw.apply(recs, vecs)
-    await raw.embed_stale()
-    raw_rate = sum(len(r) for r, _ in pages) / (time.perf_counter() - t)
-    await raw.close()
+    raw_rate = await bulk_rate(raw, pages)
     table.add(f"{label}: raw bulk load, vectors included (baseline)", rate=raw_rate)
 
     async def open_store(s: str) -> Backend:
