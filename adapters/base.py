@@ -31,6 +31,8 @@ from adapters.records import Counts, Record, RecordKey, RecordPage
 T = TypeVar("T")
 
 # (scope, entity name) -> (the text the vector was computed from, the vector)
+# (scope, entity) -> (text_hash of the embedding text the vector was computed from, vector): a store receiving it
+# keeps the vector only if the hash matches its own text for that entity, so a copied vector is never stale.
 VectorMap = Mapping[tuple[str, str], tuple[str, Vector]]
 
 
@@ -129,7 +131,8 @@ class Backend(Protocol):
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
-        """The stored vectors of these (scope, entity) keys with the text each was computed from. With
+        """The stored vectors of these (scope, entity) keys, each with the `text_hash` of the text it was computed
+        from (only vectors of the entity's current text: a `VectorMap`). With
         `childless_only`, only entities without live observations: in record order an entity comes before its
         observations, so only theirs can already match when the entity record alone is copied."""
         ...

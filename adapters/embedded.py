@@ -203,10 +203,9 @@ class _Txn:
             self.touched.add(key)
         return replaced
 
-    def current_texts(self, keys: Iterable[tuple[str, str]],
-                      childless_only: bool = False) -> dict[tuple[str, str], str]:
-        """The embedding text of each live entity among `keys` (with `childless_only`, of those without live
-        observations): two queries per scope, whatever the number of entities."""
+    def current_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The embedding text of each live entity among `keys`: two queries per scope, whatever the number of
+        entities."""
         by_scope: dict[str, list[str]] = {}
         for scope, name in keys:
             by_scope.setdefault(scope, []).append(name)
@@ -214,16 +213,13 @@ class _Txn:
         for scope, names in by_scope.items():
             arg = json.dumps(names)
             obs: dict[str, list[str]] = {}
-            if not childless_only:
-                for entity, text in self.conn.execute(
-                        "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
-                        " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
-                    obs.setdefault(entity, []).append(text)
-            childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
-                         " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
+            for entity, text in self.conn.execute(
+                    "SELECT entity, text FROM observations WHERE scope=? AND deleted=0 AND entity IN"
+                    " (SELECT value FROM json_each(?)) ORDER BY entity, created, text", (scope, arg)).fetchall():
+                obs.setdefault(entity, []).append(text)
             for name, etype in self.conn.execute(
                     "SELECT name, entity_type FROM entities WHERE scope=? AND deleted=0"
-                    f" AND name IN (SELECT value FROM json_each(?)){childless}", (scope, arg)).fetchall():
+                    " AND name IN (SELECT value FROM json_each(?))", (scope, arg)).fetchall():
                 out[(scope, name)] = embedding_text(name, etype, tuple(obs.get(name, ())))
         return out
 
@@ -597,15 +593,20 @@ class EmbeddedBackend(PlannedWrites):
         await self._embeddings.settled()
 
         def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
-            texts = _Txn(conn).current_texts(keys, childless_only)
+            # vector_hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the
+            # transaction that changes the text), so one query answers without rebuilding any text.
+            childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
+                         " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
+            by_scope: dict[str, list[str]] = {}
+            for scope, name in keys:
+                by_scope.setdefault(scope, []).append(name)
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
-            for scope in {scope for scope, _ in texts}:
-                # vector_hash = embed_hash means the vector is of the current text (the store keeps it so).
-                for name, vector in conn.execute(
-                        "SELECT name, vector FROM entities WHERE scope=? AND vector IS NOT NULL AND vector_hash ="
-                        " embed_hash AND name IN (SELECT value FROM json_each(?))",
-                        (scope, json.dumps([n for s, n in texts if s == scope]))).fetchall():
-                    out[(scope, name)] = (texts[(scope, name)], np.frombuffer(vector, dtype=np.float32))  # no copy
+            for scope, names in by_scope.items():
+                for name, h, vector in conn.execute(
+                        "SELECT name, vector_hash, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
+                        f" NULL AND vector_hash=embed_hash AND name IN (SELECT value FROM json_each(?)){childless}",
+                        (scope, json.dumps(names))):
+                    out[(scope, name)] = (h, np.frombuffer(vector, dtype=np.float32))  # no copy
             return out
 
         return await self._call(lambda: run(self._connection()))

@@ -4,7 +4,8 @@ A write hands the texts of the entities it touched to `after_write`; they are em
 batches) and stored by the store's own `store_vectors`, which keeps a vector only if the entity's text is still the
 one it was computed from. A semantic search first waits for its scope's pending texts (`settled`), so an agent
 always finds what it just wrote; beyond `max_pending` texts in flight, writers wait for their own (backpressure).
-A vector handed in with the texts (a backfill copying vectors) is used when its text matches, instead of the model.
+A vector handed in with the texts (a backfill copying vectors) is used when the hash of the text it was computed from
+matches, instead of the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import numpy as np
 
 from adapters.embedder import Embedder, Vector
+from adapters.records import text_hash
 
 log = logging.getLogger("memshift.store.embedding")
 Key = tuple[str, str]  # (scope, entity name)
@@ -53,8 +55,9 @@ class PendingEmbeddings:
             await asyncio.gather(*waits, return_exceptions=True)
 
     async def embed(self, texts: dict[Key, str], vectors: Mapping[Key, tuple[str, Vector]] | None = None) -> None:
-        """Embed and store now. With `vectors` (a backfill), only matching vectors are stored: an entity whose
-        text does not match yet has observations still to come, and the store's embed_stale settles it."""
+        """Embed and store now. With `vectors` (a backfill: text hash and vector per entity), only vectors of the
+        entity's current text are stored: one that does not match yet has observations still to come, and the
+        store's embed_stale settles it."""
         if not texts:
             return
         dim = self._embedder.info.dimension
@@ -62,7 +65,7 @@ class PendingEmbeddings:
         missing: list[Key] = []
         for key, text in texts.items():
             given = vectors.get(key) if vectors is not None else None
-            if given is not None and given[0] == text and len(given[1]) == dim:
+            if given is not None and given[0] == text_hash(text) and len(given[1]) == dim:
                 ready[key] = (text, np.asarray(given[1], dtype=np.float32))
             elif vectors is None:
                 missing.append(key)

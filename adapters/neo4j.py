@@ -613,7 +613,7 @@ class Neo4jBackend(PlannedWrites):
         if not texts:
             return {}
         found = await self._load_vectors(list(texts))
-        return {k: (texts[k], v) for k, v in found.items() if k in texts}
+        return {k: (text_hash(texts[k]), v) for k, v in found.items() if k in texts}
 
     async def count(self, scope: str | None = None) -> Counts:
         out = []

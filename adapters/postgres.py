@@ -632,15 +632,17 @@ class PostgresBackend(PlannedWrites):
         await self._embeddings.settled()
 
         async def run(conn: asyncpg.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
-            texts = await self._texts(conn, list(dict.fromkeys(keys)), mark=False, childless_only=childless_only)
-            if not texts:
-                return {}
+            # vector_hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the
+            # transaction that changes the text), so the text itself need not be rebuilt.
+            childless = (" AND NOT EXISTS (SELECT 1 FROM observations x WHERE x.scope = e.scope"
+                         " AND x.entity = e.name AND NOT x.deleted)") if childless_only else ""
+            unique = list(dict.fromkeys(keys))
             rows = await conn.fetch(
-                "SELECT e.scope, e.name, e.embedding FROM entities e JOIN unnest($1::text[], $2::text[])"
+                "SELECT e.scope, e.name, e.vector_hash, e.embedding FROM entities e JOIN unnest($1::text[], $2::text[])"
                 " AS k(scope, name) ON e.scope = k.scope AND e.name = k.name"
-                " WHERE e.embedding IS NOT NULL AND e.vector_hash = e.embed_hash",
-                [k[0] for k in texts], [k[1] for k in texts])
-            return {(r["scope"], r["name"]): (texts[(r["scope"], r["name"])], _array(r["embedding"])) for r in rows}
+                f" WHERE NOT e.deleted AND e.embedding IS NOT NULL AND e.vector_hash = e.embed_hash{childless}",
+                [k[0] for k in unique], [k[1] for k in unique])
+            return {(r["scope"], r["name"]): (r["vector_hash"], _array(r["embedding"])) for r in rows}
 
         return await self._read(run)
 

@@ -54,6 +54,7 @@ from adapters.records import (
     decode_cursor,
     embedding_text,
     encode_cursor,
+    text_hash,
 )
 
 T = TypeVar("T")
@@ -467,7 +468,7 @@ class QdrantBackend(PlannedWrites):
             pl = p.payload or {}
             key = (pl["scope"], pl["name"])
             if isinstance(p.vector, dict) and VECTOR in p.vector and pl.get("vector_text") == texts.get(key):
-                out[key] = (texts[key], np.asarray(p.vector[VECTOR], dtype=np.float32))
+                out[key] = (text_hash(texts[key]), np.asarray(p.vector[VECTOR], dtype=np.float32))
         return out
 
     async def count(self, scope: str | None = None) -> Counts:

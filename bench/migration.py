@@ -28,7 +28,7 @@ from adapters.base import Backend, VectorMap
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.model import ObservationAddition, Relation
-from adapters.records import EntityRecord, ObservationRecord, Record, embedding_text
+from adapters.records import EntityRecord, ObservationRecord, Record, embedding_text, text_hash
 from bench.__main__ import Table, free_port, wait_ready
 from bench.__main__ import start as start_process
 from memshift.v1 import admin_pb2 as apb
@@ -59,7 +59,7 @@ async def fill(store: Backend, n: int, dim: int, scope: str = "bench") -> None:
             recs += [EntityRecord(scope, name, "thing", 1 + i, 1 + i),
                      ObservationRecord(scope, name, obs, 1 + i, 1 + i)]
             vec = rng.standard_normal(dim).astype(np.float32)
-            vectors[(scope, name)] = (embedding_text(name, "thing", (obs,)), vec / np.linalg.norm(vec))
+            vectors[(scope, name)] = (text_hash(embedding_text(name, "thing", (obs,))), vec / np.linalg.norm(vec))
         await store.apply(recs, vectors)
 
 

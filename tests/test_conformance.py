@@ -11,7 +11,7 @@ import pytest
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
-from adapters.records import EntityRecord, Kind, ObservationRecord, RelationRecord, record_digest
+from adapters.records import EntityRecord, Kind, ObservationRecord, RelationRecord, record_digest, text_hash
 from tests.conftest import StoreFactory
 
 S = "agent-1"
@@ -289,7 +289,7 @@ async def test_childless_vectors_are_those_an_entity_record_alone_can_match(
     everyone = [(S, n) for n in ("alice", "bob", "paris", "lonely")]
     assert set(await backend.get_vectors(everyone)) == set(everyone)
     childless = await backend.get_vectors(everyone, childless_only=True)
-    assert set(childless) == {(S, "lonely")} and childless[(S, "lonely")][0] == "lonely thing"
+    assert set(childless) == {(S, "lonely")} and childless[(S, "lonely")][0] == text_hash("lonely thing")
 
 
 async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> None:

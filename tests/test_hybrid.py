@@ -12,6 +12,7 @@ import pytest
 from adapters.embedder import BatchingEmbedder
 from adapters.hybrid import HybridBackend, parse_spec
 from adapters.model import Entity, ObservationAddition
+from adapters.records import embedding_text, text_hash
 from tests.stores import make_store
 
 S = "agent-7"
@@ -64,8 +65,9 @@ async def test_a_failed_vector_write_is_never_served_and_is_repaired(
         assert found["alice"] > found.get("bob", -1.0)
         assert not store._unsynced
         stored = await store.get_vectors([(S, "alice")])
-        text, _ = stored[(S, "alice")]
-        assert "keeps a tea diary" in text and "drinks green tea" in text
+        alice = (await store.open_nodes(S, ["alice"])).entities[0]
+        assert "keeps a tea diary" in alice.observations
+        assert stored[(S, "alice")][0] == text_hash(embedding_text("alice", alice.entity_type, alice.observations))
     finally:
         await store.close()
 
