@@ -15,6 +15,12 @@ writers fill whole batches. Three rules keep that safe:
 - when more than `max_pending_texts` wait for the model, writers wait for their own (backpressure, bounded memory);
 - a vector is stored only if the entity's text has not changed since (`embed_hash` guard), and a crash before it is
   stored is healed at start-up, where every entity whose vector is stale is embedded again.
+
+Vectors are kept in their own table, apart from the entity rows: a 1.5 KB blob inside a WITHOUT ROWID row spills to
+overflow pages and made every entity lookup and update several times slower (SQLite advises WITHOUT ROWID for small
+rows only). The in-memory index holds a scope's vectors from its first semantic search on, not from `open`: a store
+that is only written to (a migration's target during the backfill, the old primary in the mirror window) or a scope
+nobody searches costs no memory for vectors.
 """
 
 from __future__ import annotations
@@ -64,17 +70,23 @@ from adapters.records import (
 from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: vectors moved out of `entities` into `vectors` (upgraded in place on open)
 SMALL_JOB = 16  # records (or names) a job may touch and still run inline on the event loop
 log = logging.getLogger("memshift.store.embedded")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+_ENTITIES = """
 CREATE TABLE IF NOT EXISTS entities (
     scope TEXT NOT NULL, name TEXT NOT NULL, entity_type TEXT NOT NULL, metadata TEXT NOT NULL,
     version INTEGER NOT NULL, created INTEGER NOT NULL, purged INTEGER NOT NULL, deleted INTEGER NOT NULL,
-    embed_hash TEXT, vector_hash TEXT, vector BLOB,
+    embed_hash TEXT,
     PRIMARY KEY (scope, name)) WITHOUT ROWID;
+"""
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+""" + _ENTITIES + """
+CREATE TABLE IF NOT EXISTS vectors (
+    scope TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (scope, name));
 CREATE TABLE IF NOT EXISTS observations (
     scope TEXT NOT NULL, entity TEXT NOT NULL, text TEXT NOT NULL,
     version INTEGER NOT NULL, created INTEGER NOT NULL, deleted INTEGER NOT NULL,
@@ -134,6 +146,7 @@ class _Txn:
         kind, scope, parts = key
         if kind == Kind.ENTITY:
             self.conn.execute("DELETE FROM entities WHERE scope=? AND name=?", (scope, parts[0]))
+            self.conn.execute("DELETE FROM vectors WHERE scope=? AND name=?", (scope, parts[0]))
             self.removed.add((scope, parts[0]))
             self.touched.discard((scope, parts[0]))
         elif kind == Kind.OBSERVATION:
@@ -195,8 +208,8 @@ class _Txn:
                 (rec.scope, rec.name, rec.name, purged))
         key = (rec.scope, rec.name)
         if replaced and rec.deleted:
-            self.conn.execute(
-                "UPDATE entities SET embed_hash=NULL, vector_hash=NULL, vector=NULL WHERE scope=? AND name=?", key)
+            self.conn.execute("UPDATE entities SET embed_hash=NULL WHERE scope=? AND name=?", key)
+            self.conn.execute("DELETE FROM vectors WHERE scope=? AND name=?", key)
             self.removed.add(key)
             self.touched.discard(key)
         elif replaced or purged > old_purged:
@@ -232,6 +245,34 @@ class _Txn:
         return out
 
 
+# Live entities without a vector of their current text (a crash between commit and embedding, or data copied
+# without vectors).
+_STALE = ("SELECT e.scope, e.name FROM entities e LEFT JOIN vectors v ON v.scope=e.scope AND v.name=e.name"
+          " WHERE e.deleted=0 AND (e.embed_hash IS NULL OR v.hash IS NULL OR v.hash<>e.embed_hash)")
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Schema 1 kept each vector inside its entity row: move them to `vectors` and rebuild `entities` without
+    them, in one transaction (an interrupted upgrade leaves the file as it was)."""
+    if "vector" not in {row[1] for row in conn.execute("PRAGMA table_info(entities)")}:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT OR REPLACE INTO vectors SELECT scope, name, vector_hash, vector FROM entities"
+                     " WHERE vector IS NOT NULL AND vector_hash IS NOT NULL AND deleted=0")
+        conn.execute("ALTER TABLE entities RENAME TO entities_v1")
+        conn.execute(_ENTITIES)
+        conn.execute("INSERT INTO entities SELECT scope, name, entity_type, metadata, version, created, purged,"
+                     " deleted, embed_hash FROM entities_v1")
+        conn.execute("DROP TABLE entities_v1")
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("upgraded the embedded store's schema", extra={"schema_version": SCHEMA_VERSION})
+
+
 _SQLITE_THREAD: ThreadPoolExecutor | None = None
 
 
@@ -256,6 +297,7 @@ class EmbeddedBackend(PlannedWrites):
         self._conn_lock = threading.Lock()  # the connection is used by the worker thread and, for small jobs, inline
         self._conn: sqlite3.Connection | None = None
         self._index = VectorIndex(embedder.info.dimension)
+        self._loaded: set[str] = set()  # scopes whose vectors the index holds (from their first search on)
 
     @property
     def name(self) -> str:
@@ -319,11 +361,14 @@ class EmbeddedBackend(PlannedWrites):
         try:
             for (scope, name), (text, vec) in ready.items():
                 h = text_hash(text)
-                cur = self._conn.execute(
-                    "UPDATE entities SET vector=?, vector_hash=? WHERE scope=? AND name=? AND embed_hash=?"
-                    " AND deleted=0 RETURNING entity_type", (vec.astype(np.float32).tobytes(), h, scope, name, h))
-                row = cur.fetchone()
-                if row is not None:  # otherwise the text changed meanwhile; that write embeds its own text
+                row = self._conn.execute("SELECT entity_type FROM entities WHERE scope=? AND name=? AND embed_hash=?"
+                                         " AND deleted=0", (scope, name, h)).fetchone()
+                if row is None:
+                    continue  # the text changed meanwhile; that write embeds its own text
+                self._conn.execute(
+                    "INSERT INTO vectors VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET hash=excluded.hash,"
+                    " vector=excluded.vector", (scope, name, h, vec.astype(np.float32).tobytes()))
+                if scope in self._loaded:
                     self._index.upsert(scope, name, row[0], vec)
             self._conn.execute("COMMIT")
         except BaseException:
@@ -345,6 +390,7 @@ class EmbeddedBackend(PlannedWrites):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            _upgrade(conn)
             conn.create_function("contains_ci", 2, lambda hay, needle: needle in hay.casefold(),
                                  deterministic=True)
             self._check_embedding(conn)
@@ -352,14 +398,8 @@ class EmbeddedBackend(PlannedWrites):
             conn.close()
             raise
         self._conn = conn
-        stale: dict[tuple[str, str], str] = {}
-        dim = self.embedding.dimension
-        for scope, name, etype, vector, vhash, ehash in conn.execute(
-                "SELECT scope, name, entity_type, vector, vector_hash, embed_hash FROM entities WHERE deleted=0"):
-            if vector is not None and vhash == ehash:
-                self._index.upsert(scope, name, etype, np.frombuffer(vector, dtype=np.float32, count=dim))
-            else:
-                stale[(scope, name)] = ""
+        self._index, self._loaded = VectorIndex(self.embedding.dimension), set()
+        stale: dict[tuple[str, str], str] = {(s, n): "" for s, n in conn.execute(_STALE)}
         if stale:  # a crash between commit and embedding, or data written by a replication without vectors
             txn = _Txn(conn, touched=set(stale))
             conn.execute("BEGIN IMMEDIATE")
@@ -484,6 +524,8 @@ class EmbeddedBackend(PlannedWrites):
         await self._embeddings.settled(scope)
 
         def run() -> SearchResult:
+            if scope not in self._loaded:
+                self._load_scope(scope)
             hits = self._index.search(scope, vector, limit, min_score, entity_types)
             by_name = {e.name: e for e in self._entities(scope, [n for n, _ in hits])}
             results = tuple(ScoredEntity(by_name[n], s) for n, s in hits if n in by_name)
@@ -491,7 +533,18 @@ class EmbeddedBackend(PlannedWrites):
 
         # One agent's memory (a few thousand vectors) is scored in well under a millisecond: cheaper on the loop than
         # a hop to the worker thread. Larger scopes go to the thread so the loop keeps serving.
-        return await self._call(run, small=self._index.scope_size(scope) <= INLINE_SEARCH_ROWS)
+        small = scope in self._loaded and self._index.scope_size(scope) <= INLINE_SEARCH_ROWS
+        return await self._call(run, small=small)
+
+    def _load_scope(self, scope: str) -> None:
+        """Bring a scope's current vectors (those of each live entity's current text) into the index."""
+        assert self._conn is not None
+        dim = self.embedding.dimension
+        for name, etype, vector in self._conn.execute(
+                "SELECT v.name, e.entity_type, v.vector FROM vectors v JOIN entities e ON e.scope=v.scope"
+                " AND e.name=v.name AND e.embed_hash=v.hash AND e.deleted=0 WHERE v.scope=?", (scope,)):
+            self._index.upsert(scope, name, etype, np.frombuffer(vector, dtype=np.float32, count=dim))
+        self._loaded.add(scope)
 
     # --- replication -----------------------------------------------------------------------------------------------
     async def apply(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
@@ -532,9 +585,7 @@ class EmbeddedBackend(PlannedWrites):
 
         def run() -> dict[tuple[str, str], str]:
             assert self._conn is not None
-            stale = {(s, n) for s, n in self._conn.execute(
-                "SELECT scope, name FROM entities WHERE deleted=0 AND (vector IS NULL OR vector_hash IS NOT embed_hash"
-                " OR embed_hash IS NULL)").fetchall()}
+            stale = {(s, n) for s, n in self._conn.execute(_STALE).fetchall()}
             return self._write(lambda txn: txn.touched.update(stale))[1]
 
         texts = await self._call(run)
@@ -593,7 +644,7 @@ class EmbeddedBackend(PlannedWrites):
         await self._embeddings.settled()
 
         def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
-            # vector_hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the
+            # hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the
             # transaction that changes the text), so one query answers without rebuilding any text.
             childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
                          " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
@@ -603,8 +654,9 @@ class EmbeddedBackend(PlannedWrites):
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
             for scope, names in by_scope.items():
                 for name, h, vector in conn.execute(
-                        "SELECT name, vector_hash, vector FROM entities WHERE scope=? AND deleted=0 AND vector IS NOT"
-                        f" NULL AND vector_hash=embed_hash AND name IN (SELECT value FROM json_each(?)){childless}",
+                        "SELECT v.name, v.hash, v.vector FROM entities JOIN vectors v ON v.scope=entities.scope AND"
+                        " v.name=entities.name AND v.hash=entities.embed_hash WHERE entities.scope=? AND deleted=0"
+                        f" AND entities.name IN (SELECT value FROM json_each(?)){childless}",
                         (scope, json.dumps(names))):
                     out[(scope, name)] = (h, np.frombuffer(vector, dtype=np.float32))  # no copy
             return out

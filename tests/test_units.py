@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
 from adapters.model import EmbeddingMismatch, Entity
+from adapters.records import EntityRecord, Kind, embedding_text, text_hash
 from proxy.clock import MAX_NODE, HybridClock, unpack
 from proxy.config import ConfigError, load_config
 from proxy.stores import StoreSpecError, backend_for, redact
@@ -125,13 +127,87 @@ async def test_data_and_vectors_survive_a_restart_and_stale_vectors_heal(embedde
     await store.close()
     import sqlite3
     with sqlite3.connect(path) as conn:  # as if the process died between commit and embedding
-        conn.execute("UPDATE entities SET vector=NULL, vector_hash=NULL WHERE name='tea'")
+        conn.execute("DELETE FROM vectors WHERE name='tea'")
     store = EmbeddedBackend(path, embedder)
     await store.open()
     q = (await embedder.embed(["a cup of green tea"]))[0]
     res = await store.semantic_search("s", q, 2, None, [])
     assert [r.entity.name for r in res.results] == ["tea", "car"]
     await store.close()
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE entities (scope TEXT NOT NULL, name TEXT NOT NULL, entity_type TEXT NOT NULL, metadata TEXT NOT NULL,
+    version INTEGER NOT NULL, created INTEGER NOT NULL, purged INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    embed_hash TEXT, vector_hash TEXT, vector BLOB, PRIMARY KEY (scope, name)) WITHOUT ROWID;
+CREATE TABLE observations (scope TEXT NOT NULL, entity TEXT NOT NULL, text TEXT NOT NULL,
+    version INTEGER NOT NULL, created INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    PRIMARY KEY (scope, entity, text)) WITHOUT ROWID;
+CREATE TABLE relations (scope TEXT NOT NULL, source TEXT NOT NULL, relation_type TEXT NOT NULL,
+    target TEXT NOT NULL, metadata TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    PRIMARY KEY (scope, source, relation_type, target)) WITHOUT ROWID;
+"""
+
+
+async def test_a_schema_1_file_is_upgraded_with_its_vectors(embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """Files written before vectors moved to their own table open with every record and vector kept: nothing is
+    embedded again, and search answers as before."""
+    import sqlite3
+    texts = {"tea": embedding_text("tea", "drink", ("green tea from Japan",)),
+             "car": embedding_text("car", "vehicle", ("a red sports car",))}
+    vectors = dict(zip(texts, await embedder.embed(list(texts.values())), strict=True))
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+        info = embedder.info
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("embedding_model", info.model),
+                                                            ("embedding_dim", str(info.dimension)),
+                                                            ("schema_version", "1")])
+        for i, (name, etype, obs) in enumerate((("tea", "drink", "green tea from Japan"),
+                                                ("car", "vehicle", "a red sports car"))):
+            h = text_hash(texts[name])
+            conn.execute("INSERT INTO entities VALUES ('s', ?, ?, '{}', ?, ?, 0, 0, ?, ?, ?)",
+                         (name, etype, 1 + i, 1 + i, h, h, vectors[name].astype(np.float32).tobytes()))
+            conn.execute("INSERT INTO observations VALUES ('s', ?, ?, ?, ?, 0)", (name, obs, 1 + i, 1 + i))
+        conn.execute("INSERT INTO entities VALUES ('s', 'gone', 't', '{}', 5, 3, 5, 1, NULL, NULL, NULL)")
+    store = EmbeddedBackend(path, embedder)
+    await store.open()
+    try:
+        assert await store.embed_stale() == 0  # every vector came across: nothing to embed again
+        q = (await embedder.embed(["a cup of green tea"]))[0]
+        assert [r.entity.name for r in (await store.semantic_search("s", q, 2, None, [])).results] == ["tea", "car"]
+        tomb = await store.get_records([(Kind.ENTITY, "s", ("gone",))])
+        assert tomb == [EntityRecord("s", "gone", "t", 5, 3, 5, True)]
+        assert (await store.get_vectors([("s", "tea")]))[("s", "tea")][0] == text_hash(texts["tea"])
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert dict(conn.execute("SELECT key, value FROM meta"))["schema_version"] == "2"
+        assert "vector" not in {row[1] for row in conn.execute("PRAGMA table_info(entities)")}
+
+
+async def test_vectors_are_held_in_memory_only_for_searched_scopes(embedder: BatchingEmbedder,
+                                                                    tmp_path: Path) -> None:
+    """A store that is only written to (a backfill's target) holds no vectors in memory; a search loads its own
+    scope, and later writes to a loaded scope reach the index."""
+    store = EmbeddedBackend(tmp_path / "m.db", embedder)
+    await store.open()
+    try:
+        await store.create_entities("a", [Entity("tea", "drink", ("green tea",))], 1)
+        await store.create_entities("b", [Entity("car", "vehicle", ("a red car",))], 2)
+        await store.embed_stale()
+        assert len(store._index) == 0
+        q = (await embedder.embed(["tea"]))[0]
+        assert [r.entity.name for r in (await store.semantic_search("a", q, 5, None, [])).results] == ["tea"]
+        assert len(store._index) == 1 and store._index.scope_size("b") == 0
+        await store.create_entities("a", [Entity("coffee", "drink", ("black coffee",))], 3)
+        assert {r.entity.name for r in (await store.semantic_search("a", q, 5, None, [])).results} == {"tea", "coffee"}
+        await store.delete_entities("a", ["tea"], 4)
+        assert [r.entity.name for r in (await store.semantic_search("a", q, 5, None, [])).results] == ["coffee"]
+        assert len(store._index) == 1
+    finally:
+        await store.close()
 
 
 @settings(max_examples=200, deadline=None)
