@@ -65,6 +65,7 @@ from adapters.records import (
     dump_metadata,
     embedding_text,
     encode_cursor,
+    load_metadata,
     text_hash,
 )
 from adapters.vector_index import VectorIndex
@@ -113,7 +114,7 @@ class _Txn:
             " WHERE scope=? AND name=?", (scope, name)).fetchone()
         if row is None:
             return None
-        return EntityRecord(scope, name, row[0], row[2], row[3], row[4], bool(row[5]), json.loads(row[1]))
+        return EntityRecord(scope, name, row[0], row[2], row[3], row[4], bool(row[5]), load_metadata(row[1]))
 
     def _purged(self, scope: str, name: str) -> int:
         row = self.conn.execute("SELECT purged FROM entities WHERE scope=? AND name=?", (scope, name)).fetchone()
@@ -131,7 +132,7 @@ class _Txn:
             " WHERE scope=? AND source=? AND relation_type=? AND target=?", (scope, source, rtype, target)).fetchone()
         if row is None:
             return None
-        return RelationRecord(scope, source, rtype, target, row[1], bool(row[2]), json.loads(row[0]))
+        return RelationRecord(scope, source, rtype, target, row[1], bool(row[2]), load_metadata(row[0]))
 
     def get(self, key: RecordKey) -> Record | None:
         kind, scope, parts = key
@@ -454,7 +455,7 @@ class EmbeddedBackend(PlannedWrites):
                 "SELECT entity, text FROM observations WHERE scope=? AND deleted=0"
                 " AND entity IN (SELECT value FROM json_each(?)) ORDER BY created, text", (scope, arg)):
             obs.setdefault(entity, []).append(text)
-        return [Entity(n, t, tuple(obs.get(n, ())), json.loads(m)) for n, t, m in rows]
+        return [Entity(n, t, tuple(obs.get(n, ())), load_metadata(m)) for n, t, m in rows]
 
     def _relations_touching(self, scope: str, names: Sequence[str]) -> list[Relation]:
         assert self._conn is not None
@@ -464,7 +465,7 @@ class EmbeddedBackend(PlannedWrites):
             "SELECT source, relation_type, target, metadata FROM relations WHERE scope=:scope AND deleted=0 AND"
             " (source IN (SELECT value FROM json_each(:names)) OR target IN (SELECT value FROM json_each(:names)))"
             " ORDER BY source, relation_type, target", {"scope": scope, "names": json.dumps(list(names))}).fetchall()
-        return [Relation(s, t, r, json.loads(m)) for s, r, t, m in rows]
+        return [Relation(s, t, r, load_metadata(m)) for s, r, t, m in rows]
 
     def _graph(self, scope: str, names: Sequence[str]) -> Graph:
         entities = self._entities(scope, names)
@@ -491,7 +492,7 @@ class EmbeddedBackend(PlannedWrites):
                 "SELECT source, relation_type, target, metadata FROM relations WHERE scope=? AND deleted=0"
                 " AND (source, relation_type, target) > (?,?,?) ORDER BY source, relation_type, target LIMIT ?",
                 (scope, *rel_after, room + 1)).fetchall()
-            rels = [Relation(s, t, r, json.loads(m)) for s, r, t, m in rows[:room]]
+            rels = [Relation(s, t, r, load_metadata(m)) for s, r, t, m in rows[:room]]
             nxt = None
             if len(rows) > room:
                 # A page filled by entities alone resumes relations from where they would have started.
@@ -620,7 +621,7 @@ class EmbeddedBackend(PlannedWrites):
         live = "" if tombstones else "AND deleted=0"
         if kind == Kind.ENTITY:
             where, args = ("AND (scope, name) > (?,?)", pos) if pos else ("", ())
-            return [EntityRecord(s, n, t, v, c, p, bool(d), json.loads(m))
+            return [EntityRecord(s, n, t, v, c, p, bool(d), load_metadata(m))
                     for s, n, t, m, v, c, p, d in conn.execute(
                         "SELECT scope, name, entity_type, metadata, version, created, purged, deleted FROM entities"
                         f" WHERE 1=1 {live} {where} ORDER BY scope, name LIMIT ?", (*args, limit))]
@@ -633,7 +634,7 @@ class EmbeddedBackend(PlannedWrites):
                 f"{'WHERE 1=1' if tombstones else ''} {where} ORDER BY o.scope, o.entity, o.text LIMIT ?",
                 (*args, limit))]
         where, args = ("AND (scope, source, relation_type, target) > (?,?,?,?)", pos) if pos else ("", ())
-        return [RelationRecord(s, a, r, b, v, bool(d), json.loads(m))
+        return [RelationRecord(s, a, r, b, v, bool(d), load_metadata(m))
                 for s, a, r, b, m, v, d in conn.execute(
                     "SELECT scope, source, relation_type, target, metadata, version, deleted FROM relations"
                     f" WHERE 1=1 {live} {where} ORDER BY scope, source, relation_type, target LIMIT ?",

@@ -134,6 +134,11 @@ def dump_metadata(metadata: Any) -> str:
     return json.dumps(dict(metadata), sort_keys=True, ensure_ascii=False)
 
 
+def load_metadata(text: str) -> dict[str, Any]:
+    """`dump_metadata`'s inverse. Most records carry none; skipping the parser for them is a tenth of a page read."""
+    return {} if text == "{}" else dict(json.loads(text))
+
+
 def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
     return base64.urlsafe_b64encode(json.dumps([int(kind), list(after)]).encode()).decode()
 

@@ -377,10 +377,23 @@ class MigrationEngine:
     async def _backfill_loop(self) -> None:
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
         await self._solo_idle.wait()
-        # Up to `workers` pages are in flight: read in order, applied concurrently (apply-if-newer makes their
-        # order irrelevant), and checkpointed strictly in order, so a restart never skips a page.
+        # Up to `workers` pages are being applied (apply-if-newer makes their order irrelevant) and the next page is
+        # already being read, so the stores never wait for this loop: a page's read queues right behind the apply
+        # before it, and its checkpoint overlaps the next apply. Checkpoints go strictly in order, each after its own
+        # page is applied, so a restart never skips a page.
         in_flight: deque[tuple[RecordKey | None, _Page, asyncio.Future[int]]] = deque()
+        ahead: tuple[RecordKey | None, asyncio.Future[_Page]] | None = None
         next_cursor, exhausted = self.state.backfill_cursor, False
+
+        def drop_pipeline() -> None:
+            for _, _, task in in_flight:
+                task.cancel()
+                task.add_done_callback(_consume)  # a batch retried from the checkpoint, or no longer wanted
+            in_flight.clear()
+            if ahead is not None:
+                ahead[1].cancel()
+                ahead[1].add_done_callback(_consume)
+
         while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
             await self._resume.wait()
             started = time.monotonic()
@@ -389,28 +402,33 @@ class MigrationEngine:
                 if secondary is None:
                     return
                 while len(in_flight) < max(1, self.state.options.workers) and not exhausted:
-                    page = await self._read_page(next_cursor)
+                    if ahead is not None and ahead[0] == next_cursor:
+                        page = await ahead[1]
+                    else:
+                        page = await self._read_page(next_cursor)
+                    ahead = None
                     in_flight.append((next_cursor, page, asyncio.ensure_future(secondary.apply(page.records,
                                                                                                 page.vectors))))
                     next_cursor, exhausted = page.next_after, page.next_after is None
+                if ahead is None and not exhausted:
+                    ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
                 cursor, page, applying = in_flight.popleft()
                 await applying
                 copied = await self._checkpoint(page, cursor)
             except asyncio.CancelledError:
-                for _, _, task in in_flight:
-                    task.cancel()
+                drop_pipeline()
                 raise
             except Exception:
                 log.exception("backfill batch failed; retrying from the checkpoint")
-                for _, _, task in in_flight:
-                    task.cancel()
-                in_flight.clear()
+                drop_pipeline()
+                ahead = None
                 next_cursor, exhausted = self.state.backfill_cursor, False
                 await asyncio.sleep(1.0)
                 continue
             rate = self.state.options.rate_limit
             if rate > 0 and copied:
                 await asyncio.sleep(max(0.0, copied / rate - (time.monotonic() - started)))
+        drop_pipeline()
         if self.state.backfill_complete:
             log.info("backfill complete", extra={"records": self.state.backfill_done})
 
@@ -739,6 +757,7 @@ class MigrationEngine:
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a late secondary outcome so asyncio does not warn; its keys are already queued."""
+    """Retrieve the outcome of work nobody waits for any more (a late secondary write, whose keys are already
+    queued; a backfill read or apply dropped for a retry) so asyncio does not warn."""
     if not task.cancelled():
         task.exception()
