@@ -107,8 +107,8 @@ class HybridBackend(Neo4jBackend):
                 id=self._point(k), vector={qdrant.VECTOR: np.asarray(v, dtype=np.float32).tolist()},
                 payload={"scope": k[0], "name": k[1], "entity_type": wanted[k]["entity_type"],
                          "hash": text_hash(t)}) for k, (t, v) in land.items()])
-            await self._run(f"UNWIND $rows AS r MATCH (e:{self.E} {{scope: r.s, name: r.n}})"
-                            " WHERE e.embed_hash = r.h SET e.vector_hash = r.h",
+            await self._write_after(f"UNWIND $rows AS r MATCH (e:{self.E} {{scope: r.s, name: r.n}})"
+                                    " WHERE e.embed_hash = r.h SET e.vector_hash = r.h",
                             rows=[{"s": s, "n": n, "h": text_hash(t)} for (s, n), (t, _) in land.items()])
         for k in ready:
             self._unsynced.pop(k, None)

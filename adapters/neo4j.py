@@ -313,6 +313,13 @@ class Neo4jBackend(PlannedWrites):
             raise StoreUnavailable(f"{self.name}: {exc}") from exc
         return [r.data() for r in result.records]
 
+    async def _write_after(self, query: str, **params: Any) -> Rows:
+        """A write outside the units of work (vectors landing after their text committed) waits its turn behind
+        them: ArcadeDB refuses two concurrent writes to one page even for different nodes, and the driver then backs
+        off for a second, which stalled the pipelined backfill."""
+        async with self._lock:
+            return await self._run(query, **params)
+
     async def _unit(self, work: Callable[[AsyncManagedTransaction], Awaitable[T]]) -> T:
         """One idempotent write transaction; the driver retries it whole on transient failures."""
         try:
@@ -402,7 +409,7 @@ class Neo4jBackend(PlannedWrites):
 
     async def _store_vectors(self, ready: dict[Key, tuple[str, Vector]]) -> None:
         """Kept only if the entity still wants exactly this text (a newer write embeds its own)."""
-        await self._run(self._q["store_vectors"], rows=[
+        await self._write_after(self._q["store_vectors"], rows=[
             {"s": s, "n": n, "h": text_hash(t), "v": np.asarray(v, dtype=np.float32).tolist()}
             for (s, n), (t, v) in ready.items()])
 
