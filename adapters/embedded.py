@@ -220,11 +220,8 @@ class _Txn:
     def current_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The embedding text of each live entity among `keys`: two queries per scope, whatever the number of
         entities."""
-        by_scope: dict[str, list[str]] = {}
-        for scope, name in keys:
-            by_scope.setdefault(scope, []).append(name)
         out: dict[tuple[str, str], str] = {}
-        for scope, names in by_scope.items():
+        for scope, names in _by_scope(keys).items():
             arg = json.dumps(names)
             obs: dict[str, list[str]] = {}
             for entity, text in self.conn.execute(
@@ -244,6 +241,14 @@ class _Txn:
             self.conn.execute(
                 "UPDATE entities SET embed_hash=? WHERE scope=? AND name=?", (text_hash(text), scope, name))
         return out
+
+
+def _by_scope(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(scope, name) keys grouped per scope: one query per scope answers for all its names."""
+    out: dict[str, list[str]] = {}
+    for scope, name in keys:
+        out.setdefault(scope, []).append(name)
+    return out
 
 
 # Live entities without a vector of their current text (a crash between commit and embedding, or data copied
@@ -649,11 +654,8 @@ class EmbeddedBackend(PlannedWrites):
             # transaction that changes the text), so one query answers without rebuilding any text.
             childless = (" AND NOT EXISTS (SELECT 1 FROM observations o WHERE o.scope=entities.scope"
                          " AND o.entity=entities.name AND o.deleted=0)") if childless_only else ""
-            by_scope: dict[str, list[str]] = {}
-            for scope, name in keys:
-                by_scope.setdefault(scope, []).append(name)
             out: dict[tuple[str, str], tuple[str, Vector]] = {}
-            for scope, names in by_scope.items():
+            for scope, names in _by_scope(keys).items():
                 for name, h, vector in conn.execute(
                         "SELECT v.name, v.hash, v.vector FROM entities JOIN vectors v ON v.scope=entities.scope AND"
                         " v.name=entities.name AND v.hash=entities.embed_hash WHERE entities.scope=? AND deleted=0"
