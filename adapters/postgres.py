@@ -206,11 +206,13 @@ class PostgresBackend(PlannedWrites):
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"{self.name}: cannot connect: {exc}") from exc
         try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
-            await conn.execute(f'SET search_path TO "{self._schema}", public')
             async with conn.transaction():
+                # Sidecars starting together race on `IF NOT EXISTS` (PostgreSQL answers a unique violation on
+                # pg_namespace), so the whole setup runs under one lock.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('memshift-schema'))")
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                await conn.execute(f'SET search_path TO "{self._schema}", public')
                 await conn.execute(_DDL.format(dim=self.embedding.dimension))
                 await self._check_embedding(conn)
         finally:

@@ -71,10 +71,11 @@ class PostgresControlStore:
         settings = {"search_path": f'"{self._schema}"'}
         conn = await asyncpg.connect(self._dsn)
         try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
-            await conn.execute(f'SET search_path TO "{self._schema}"')
             async with conn.transaction():
+                # Proxies starting together race on `IF NOT EXISTS` (a unique violation on pg_namespace): one at a time.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('memshift-control-schema'))")
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                await conn.execute(f'SET search_path TO "{self._schema}"')
                 await conn.execute(_DDL)
                 first = MigrationState(primary=self._initial_primary)
                 await conn.execute("INSERT INTO state VALUES (1, 0, $1) ON CONFLICT (id) DO NOTHING", state_json(first))

@@ -195,3 +195,19 @@ async def test_a_proxy_cut_off_from_the_control_store_refuses_writes(
     finally:
         await stop_all([proxy])
         await control.close()
+
+
+async def test_a_fleet_starting_together_on_a_fresh_database_opens_every_store(
+        embedder: BatchingEmbedder, servers: dict[str, str]) -> None:
+    """Sidecars start at once: each creates the same schemas (`IF NOT EXISTS` alone races in PostgreSQL and fails
+    one of them with a unique violation)."""
+    pg = servers["postgres"]
+    tag = f"{random.randrange(16**8):08x}"
+    controls = [PostgresControlStore(f"{pg}?schema=race_control_{tag}", "sqlite:///unused") for _ in range(6)]
+    stores = [PostgresBackend(f"{pg}?schema=race_store_{tag}", embedder) for _ in range(6)]
+    await asyncio.gather(*(c.open() for c in controls), *(s.open() for s in stores))
+    try:
+        assert {(await c.load()).revision for c in controls} == {0}
+        assert [await s.count() for s in stores] == [await stores[0].count()] * 6
+    finally:
+        await asyncio.gather(*(c.close() for c in controls), *(s.close() for s in stores))
