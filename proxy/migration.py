@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -108,6 +108,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 
 class MigrationEngine:
+    _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
@@ -129,6 +130,13 @@ class MigrationEngine:
         self._dirty_since: list[set[str]] = []  # one per refresh in progress: scopes queued meanwhile
         self.last_repair_depth = 0  # for the metrics gauge, which cannot await
         self._solo_inflight = 0
+        # A repair reads the primary, then the secondary, then copies. A dual write whose secondary half lands before
+        # that read and whose primary half lands after the first would have the primary's older record copied over
+        # the newer one, and nothing would queue the key again. So dual writes share their scopes and a repair holds
+        # its scopes alone: it waits for the writes in flight there, and new ones wait for it (a few milliseconds).
+        self._scope_gate = asyncio.Condition()
+        self._writing: Counter[str] = Counter()
+        self._repairing: Counter[str] = Counter()
         self._solo_idle = asyncio.Event()
         self._solo_idle.set()
         self._repair_wakeup = asyncio.Event()
@@ -223,6 +231,19 @@ class MigrationEngine:
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
+        touched = op.keys()
+        scopes = {k[1] for k in touched}
+        async with self._scope_gate:
+            await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
+            self._writing.update(scopes)
+        try:
+            return await self._both(op, version, primary, secondary)
+        finally:
+            async with self._scope_gate:
+                self._writing.subtract(scopes)
+                self._scope_gate.notify_all()
+
+    async def _both(self, op: WriteOp[T], version: int, primary: Backend, secondary: Backend) -> WriteResult[T]:
         migration_id = self.state.migration_id
         s_task = asyncio.ensure_future(self._run(op, secondary, "secondary", version))
         try:
@@ -320,7 +341,13 @@ class MigrationEngine:
         items = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
         if not items:
             return 0
+        scopes = {i.key[1] for i in items}
         try:
+            async with self._scope_gate:
+                self._repairing.update(scopes)
+                # Bounded: a primary that hangs holds its caller anyway; the repair comes back to these keys later.
+                await asyncio.wait_for(self._scope_gate.wait_for(lambda: not any(self._writing[s] for s in scopes)),
+                                       self._REPAIR_WAIT)
             moved = set(await self.reconcile([i.key for i in items], self.primary, secondary))
         except Exception as exc:
             self._count(repair_failures=len(items))
@@ -328,6 +355,10 @@ class MigrationEngine:
                 await self._control.repair_failed(item, repr(exc), min(30.0, 0.2 * 2 ** item.attempts))
             log.warning("repair failed; will retry", extra={"error": repr(exc), "keys": len(items)})
             return 0
+        finally:
+            async with self._scope_gate:
+                self._repairing.subtract(scopes)
+                self._scope_gate.notify_all()
         for item in items:
             if item.key in moved:  # a write raced the repair; read both sides again shortly
                 await self._control.repair_failed(item, "raced a write", 0.0)

@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation, StoreUnavailable
+from adapters.records import Kind
 from proxy import ops
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
@@ -340,3 +341,46 @@ test_migration_invariant = MigrationMachine.TestCase
 class TestMigrationInvariantLong(MigrationMachine.TestCase):  # type: ignore[name-defined,misc]
     settings = settings(max_examples=2000, stateful_step_count=60, deadline=None,
                         suppress_health_check=[HealthCheck.too_slow])
+
+
+async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_secondary_from_after_it(
+        tmp_path: Path) -> None:
+    """A dual write lands on the secondary first and on the primary later (here the primary is held). A repair of
+    the same key running in between must not copy the primary's older record over the secondary's newer one: the
+    write's two halves agree, so nothing would queue the key again, and the stores would differ for good."""
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    primary_faults = Faults()
+
+    async def open_store(spec: str) -> Backend:
+        store = backend_for(spec, shared_embedder())
+        await store.open()
+        return FaultyStore(store, primary_faults) if spec == a else store  # type: ignore[return-value]
+
+    control = SqliteControlStore(tmp_path / "control.db", initial_primary=a)
+    engine = MigrationEngine(control, open_store, HybridClock(3), background=False)
+    await engine.start()
+    try:
+        await engine.start_migration(b, MigrationOptions(), "test")
+        while await engine.backfill_step():
+            pass
+        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ("likes tea",))]))
+        key = (Kind.ENTITY, "s", ("alice",))
+        await engine.enqueue_repairs([key])  # a repair of alice is due (as after any refused write)
+        primary_faults.mode = "stall"
+        deleting = asyncio.ensure_future(engine.write(ops.DeleteEntities("s", ["alice"])))
+        secondary = engine.secondary
+        assert secondary is not None
+        while not (await secondary.get_records([key]))[0].deleted:  # noqa: ASYNC110 - the secondary has the delete ...
+            await asyncio.sleep(0.005)
+        repairing = asyncio.ensure_future(engine.repair_once())  # ... the primary does not yet
+        await asyncio.sleep(0.05)
+        primary_faults.mode = "ok"
+        primary_faults.gate.set()
+        await deleting
+        await repairing
+        assert await engine.drain_repairs() == 0
+        assert await engine.primary.get_records([key]) == await secondary.get_records([key])
+        assert (await secondary.get_records([key]))[0].deleted
+    finally:
+        await engine.stop()
+        await control.close()
