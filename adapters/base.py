@@ -112,7 +112,9 @@ class Backend(Protocol):
         """Reconciliation, not replication: make each key hold exactly `record` (None: nothing at all), but only
         where the stored version is still `expected` (None: nothing stored). Returns the keys whose stored version
         had moved on meanwhile; the caller reads again and retries them. An entity's `purged` becomes exactly the
-        given record's (it may go down: a purge the primary never made is undone by reconciling the children)."""
+        given record's (it may go down: a purge the primary never made is undone by reconciling the children).
+        Items are applied one after another in the order given, in one transaction where the store has them: a
+        child is judged against the purge points its entities hold at that moment, so callers put entities first."""
         ...
 
     async def child_keys(self, scope: str, name: str) -> list[RecordKey]:

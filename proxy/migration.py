@@ -90,6 +90,16 @@ def _key_of(r: Record) -> RecordKey:
     return r.key
 
 
+def _entities_of(key: RecordKey) -> list[RecordKey]:
+    """The entity keys a child record hangs from (its entity; a relation's two endpoints)."""
+    kind, scope, parts = key
+    if kind == Kind.OBSERVATION:
+        return [(Kind.ENTITY, scope, (parts[0],))]
+    if kind == Kind.RELATION:
+        return [(Kind.ENTITY, scope, (parts[0],)), (Kind.ENTITY, scope, (parts[2],))]
+    return []
+
+
 def _purge_point(r: Record | None) -> int:
     return r.purged if isinstance(r, EntityRecord) else 0
 
@@ -372,13 +382,22 @@ class MigrationEngine:
         """Make the secondary hold exactly the primary's records for these keys; returns keys that raced.
 
         An entity brings its children along: a purge one store made and the other did not (a delete the primary
-        refused) removed children there, and only reconciling them puts them back."""
+        refused) removed children there, and only reconciling them puts them back. A child is judged against its
+        entities' purge points when it is applied, so the entities a queued child hangs from are compared too, and
+        every entity is fixed before any child: a relation restored while the secondary still held its endpoint's
+        tombstone would be refused again, and nothing would queue it a second time."""
+        queued = list(dict.fromkeys(keys))
+        entities = [k for k in queued if k[0] == Kind.ENTITY]
+        parents = [k for k in dict.fromkeys(p for k in queued for p in _entities_of(k)) if k not in entities]
+        if parents:
+            mine = {r.key: r for r in await primary.get_records(parents)}
+            theirs = {r.key: r for r in await secondary.get_records(parents)}
+            entities += [k for k in parents if not _same(mine.get(k), theirs.get(k))]
         children: list[RecordKey] = []
-        for kind, scope, parts in keys:
-            if kind == Kind.ENTITY:
-                children += await primary.child_keys(scope, parts[0])
-                children += await secondary.child_keys(scope, parts[0])
-        keys = list(dict.fromkeys([*keys, *children]))
+        for _, scope, parts in entities:
+            children += await primary.child_keys(scope, parts[0])
+            children += await secondary.child_keys(scope, parts[0])
+        keys = list(dict.fromkeys([*entities, *queued, *children]))  # entities first; stores apply in this order
         mine = {r.key: r for r in await primary.get_records(keys)}
         theirs = {r.key: r for r in await secondary.get_records(keys)}
         fixes: list[tuple[RecordKey, Record | None, int | None]] = []

@@ -384,3 +384,47 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
     finally:
         await engine.stop()
         await control.close()
+
+
+@pytest.mark.parametrize("queued_first", ["relation", "entity"])
+async def test_a_repair_restores_a_relation_the_secondary_purged_under_a_delete_the_primary_refused(
+        tmp_path: Path, queued_first: str) -> None:
+    """The primary refuses a relation's delete and then its endpoint's delete; the secondary applied both (so its
+    entity tombstone purges the relation). Repairing must give the secondary the primary's relation back, whichever
+    key is repaired first: a relation fixed while the secondary still holds the entity's tombstone would be refused
+    by the purge, and the stores would differ for good (found by the long stateful run, where the secondary then
+    became the primary and an acknowledged relation was gone)."""
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    primary_faults = Faults()
+
+    async def open_store(spec: str) -> Backend:
+        store = backend_for(spec, shared_embedder())
+        await store.open()
+        return FaultyStore(store, primary_faults) if spec == a else store  # type: ignore[return-value]
+
+    control = SqliteControlStore(tmp_path / "control.db", initial_primary=a)
+    engine = MigrationEngine(control, open_store, HybridClock(3), background=False)
+    await engine.start()
+    try:
+        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ()), Entity("bob", "person", ())]))
+        await engine.write(ops.CreateRelations("s", [Relation("bob", "alice", "knows")]))
+        await engine.start_migration(b, MigrationOptions(), "test")
+        while await engine.backfill_step():
+            pass
+        primary_faults.mode = "fail"
+        refused = [ops.DeleteRelations("s", [Relation("bob", "alice", "knows")]), ops.DeleteEntities("s", ["alice"])]
+        for op in refused if queued_first == "relation" else refused[::-1]:
+            with pytest.raises(StoreUnavailable):
+                await engine.write(op)
+        primary_faults.mode = "ok"
+        secondary = engine.secondary
+        assert secondary is not None
+        assert (await secondary.read_graph("s", None, 100)).relations == ()  # the secondary applied both deletes
+        assert await engine.drain_repairs() == 0
+        graph = await engine.primary.read_graph("s", None, 100)
+        assert graph.relations == (Relation("bob", "alice", "knows"),)  # nothing was acknowledged: all still there
+        assert await secondary.read_graph("s", None, 100) == graph
+        assert [r async for r in verify(engine.primary, secondary)][-1].differences == 0
+    finally:
+        await engine.stop()
+        await control.close()
