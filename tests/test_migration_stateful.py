@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,11 +344,10 @@ class TestMigrationInvariantLong(MigrationMachine.TestCase):  # type: ignore[nam
                         suppress_health_check=[HealthCheck.too_slow])
 
 
-async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_secondary_from_after_it(
-        tmp_path: Path) -> None:
-    """A dual write lands on the secondary first and on the primary later (here the primary is held). A repair of
-    the same key running in between must not copy the primary's older record over the secondary's newer one: the
-    write's two halves agree, so nothing would queue the key again, and the stores would differ for good."""
+@contextlib.asynccontextmanager
+async def faulty_primary_engine(tmp_path: Path) -> AsyncIterator[tuple[MigrationEngine, Faults, str]]:
+    """An engine driven step by step (no background work) whose primary, an embedded store, is wrapped in the fault
+    injector; yields it, the faults and the spec of the store to migrate to."""
     a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
     primary_faults = Faults()
 
@@ -360,6 +360,18 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
     engine = MigrationEngine(control, open_store, HybridClock(3), background=False)
     await engine.start()
     try:
+        yield engine, primary_faults, b
+    finally:
+        await engine.stop()
+        await control.close()
+
+
+async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_secondary_from_after_it(
+        tmp_path: Path) -> None:
+    """A dual write lands on the secondary first and on the primary later (here the primary is held). A repair of
+    the same key running in between must not copy the primary's older record over the secondary's newer one: the
+    write's two halves agree, so nothing would queue the key again, and the stores would differ for good."""
+    async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
         await engine.start_migration(b, MigrationOptions(), "test")
         while await engine.backfill_step():
             pass
@@ -381,9 +393,6 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
         assert await engine.drain_repairs() == 0
         assert await engine.primary.get_records([key]) == await secondary.get_records([key])
         assert (await secondary.get_records([key]))[0].deleted
-    finally:
-        await engine.stop()
-        await control.close()
 
 
 @pytest.mark.parametrize("queued_first", ["relation", "entity"])
@@ -394,18 +403,7 @@ async def test_a_repair_restores_a_relation_the_secondary_purged_under_a_delete_
     key is repaired first: a relation fixed while the secondary still holds the entity's tombstone would be refused
     by the purge, and the stores would differ for good (found by the long stateful run, where the secondary then
     became the primary and an acknowledged relation was gone)."""
-    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
-    primary_faults = Faults()
-
-    async def open_store(spec: str) -> Backend:
-        store = backend_for(spec, shared_embedder())
-        await store.open()
-        return FaultyStore(store, primary_faults) if spec == a else store  # type: ignore[return-value]
-
-    control = SqliteControlStore(tmp_path / "control.db", initial_primary=a)
-    engine = MigrationEngine(control, open_store, HybridClock(3), background=False)
-    await engine.start()
-    try:
+    async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
         await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ()), Entity("bob", "person", ())]))
         await engine.write(ops.CreateRelations("s", [Relation("bob", "alice", "knows")]))
         await engine.start_migration(b, MigrationOptions(), "test")
@@ -425,6 +423,3 @@ async def test_a_repair_restores_a_relation_the_secondary_purged_under_a_delete_
         assert graph.relations == (Relation("bob", "alice", "knows"),)  # nothing was acknowledged: all still there
         assert await secondary.read_graph("s", None, 100) == graph
         assert [r async for r in verify(engine.primary, secondary)][-1].differences == 0
-    finally:
-        await engine.stop()
-        await control.close()
