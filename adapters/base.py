@@ -30,7 +30,6 @@ from adapters.records import Counts, Record, RecordKey, RecordPage
 
 T = TypeVar("T")
 
-# (scope, entity name) -> (the text the vector was computed from, the vector)
 # (scope, entity) -> (text_hash of the embedding text the vector was computed from, vector): a store receiving it
 # keeps the vector only if the hash matches its own text for that entity, so a copied vector is never stale.
 VectorMap = Mapping[tuple[str, str], tuple[str, Vector]]

@@ -101,15 +101,16 @@ class HybridBackend(Neo4jBackend):
     async def _land(self, ready: dict[Key, tuple[str, Vector]]) -> None:
         """Steps 2 and 3 of the module docstring, for the entities that still want these texts."""
         wanted = await self._live(list(ready))
-        land = {k: v for k, v in ready.items() if k in wanted and wanted[k]["embed_hash"] == text_hash(v[0])}
+        hashes = {k: text_hash(t) for k, (t, _) in ready.items()}
+        land = {k: v for k, (_, v) in ready.items() if k in wanted and wanted[k]["embed_hash"] == hashes[k]}
         if land:
             await self._vq.upsert(self._collection, [models.PointStruct(
                 id=self._point(k), vector={qdrant.VECTOR: np.asarray(v, dtype=np.float32).tolist()},
-                payload={"scope": k[0], "name": k[1], "entity_type": wanted[k]["entity_type"],
-                         "hash": text_hash(t)}) for k, (t, v) in land.items()])
+                payload={"scope": k[0], "name": k[1], "entity_type": wanted[k]["entity_type"], "hash": hashes[k]})
+                for k, v in land.items()])
             await self._write_after(f"UNWIND $rows AS r MATCH (e:{self.E} {{scope: r.s, name: r.n}})"
                                     " WHERE e.embed_hash = r.h SET e.vector_hash = r.h",
-                            rows=[{"s": s, "n": n, "h": text_hash(t)} for (s, n), (t, _) in land.items()])
+                                    rows=[{"s": s, "n": n, "h": hashes[(s, n)]} for s, n in land])
         for k in ready:
             self._unsynced.pop(k, None)
 

@@ -39,6 +39,7 @@ from proxy import ops
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.migration import MigrationEngine
+from proxy.stores import backend_for
 
 
 def rss_mb() -> float:
@@ -101,8 +102,9 @@ async def read_rate(path: Path, embedder: BatchingEmbedder, records: int) -> flo
 
 
 async def engine_on(work: Path, embedder: BatchingEmbedder, a: str) -> tuple[MigrationEngine, SqliteControlStore]:
+    """A started engine (background backfill) whose primary is the store spec `a`; any store spec can be a target."""
     async def open_store(spec: str) -> Backend:
-        store = EmbeddedBackend(spec.removeprefix("sqlite:///"), embedder)
+        store = backend_for(spec, embedder)
         await store.open()
         return store
 

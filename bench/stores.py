@@ -19,15 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.base import Backend, VectorMap
+from adapters.base import VectorMap
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.records import Record
 from bench.__main__ import Table
-from bench.migration import bulk_rate, fill, pages_of, wait_backfill
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, SqliteControlStore
-from proxy.migration import MigrationEngine
+from bench.migration import bulk_rate, engine_on, fill, pages_of, wait_backfill
+from proxy.control import MigrationOptions
 from proxy.stores import backend_for
 from tests.servers import ArcadeDBServer, PostgresServer
 
@@ -43,14 +41,7 @@ async def measure(table: Table, label: str, target: str, work: Path, embedder: B
     raw_rate = await bulk_rate(raw, pages)
     table.add(f"{label}: raw bulk load, vectors included (baseline)", rate=raw_rate)
 
-    async def open_store(s: str) -> Backend:
-        store = backend_for(s, embedder)
-        await store.open()
-        return store
-
-    control = SqliteControlStore(work / f"control-{label}.db", initial_primary=source)
-    engine = MigrationEngine(control, open_store, HybridClock(9))
-    await engine.start()
+    engine, control = await engine_on(work, embedder, source)
     await engine.start_migration(target, MigrationOptions(batch_size=500, workers=2), "bench")
     secs = await wait_backfill(engine)
     rate = engine.state.backfill_done / secs

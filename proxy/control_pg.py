@@ -65,7 +65,8 @@ class PostgresControlStore:
         self.lease_seconds = lease_seconds
         self._pool: Any = None
         self._listener: Any = None
-        self._leader: Any = None
+        self._leader: Any = None  # the connection that asks for, and once taken holds, the leader's lock
+        self._leading = False
 
     async def open(self) -> None:
         settings = {"search_path": f'"{self._schema}"'}
@@ -177,31 +178,32 @@ class PostgresControlStore:
         rows = await self._p().fetch(
             "SELECT node, address, phase, migration_id, revision, leader,"
             " extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM proxies ORDER BY node")
-        return [Member(r["node"], r["address"], Phase(r["phase"]), int(r["migration_id"]), int(r["revision"]),
-                       bool(r["leader"]) and r["age"] < self.lease_seconds, float(r["age"]),
-                       float(r["age"]) < self.lease_seconds) for r in rows]
+        out = []
+        for r in rows:
+            age = float(r["age"])
+            live = age < self.lease_seconds
+            out.append(Member(r["node"], r["address"], Phase(r["phase"]), int(r["migration_id"]),
+                              int(r["revision"]), bool(r["leader"]) and live, age, live))
+        return out
 
     async def forget(self, node: str) -> None:
         """A proxy shutting down cleanly leaves the fleet at once instead of waiting out its lease."""
         await self._p().execute("DELETE FROM proxies WHERE node = $1", node)
 
     async def try_lead(self) -> bool:
-        """Hold (or take) the backfill leader's lock; False while another live proxy holds it."""
-        if self._leader is not None and not self._leader.is_closed():
-            return True
-        conn = await asyncpg.connect(self._dsn)
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK):
-            self._leader = conn
-            return True
-        await conn.close()
-        return False
-
-    def leading(self) -> bool:
-        return self._leader is not None and not self._leader.is_closed()
+        """Hold (or take) the backfill leader's lock; False while another live proxy holds it. One connection asks
+        each round and, once it has the lock, keeps it: a session lock goes with its connection."""
+        if self._leader is None or self._leader.is_closed():
+            self._leading = False
+            self._leader = await asyncpg.connect(self._dsn)
+        if not self._leading:
+            self._leading = bool(await self._leader.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK))
+        return self._leading
 
     async def resign(self) -> None:
+        """Give up the lock (closing its connection releases it), or stop asking for it."""
         if self._leader is not None:
-            leader, self._leader = self._leader, None
+            leader, self._leader, self._leading = self._leader, None, False
             with contextlib.suppress(Exception):
                 await leader.close()
 

@@ -89,8 +89,7 @@ class FleetSync:
             leader = await self._control.try_lead()
         else:
             leader = False
-            if self._control.leading():
-                await self._control.resign()
+            await self._control.resign()  # nothing to lead: hold no lock and no connection for it
         await self._control.heartbeat(self.node, self._address, acked, leader)
         self._engine.lease_renewed(started + self._control.lease_seconds)
         if not leader:

@@ -119,6 +119,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 class MigrationEngine:
     _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
+
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
@@ -241,8 +242,8 @@ class MigrationEngine:
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
-        touched = op.keys()
-        scopes = {k[1] for k in touched}
+        keys = op.keys()  # a WriteOp's keys, not a mapping's
+        scopes = {k[1] for k in keys}
         async with self._scope_gate:
             await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
             self._writing.update(scopes)
@@ -388,18 +389,25 @@ class MigrationEngine:
         tombstone would be refused again, and nothing would queue it a second time."""
         queued = list(dict.fromkeys(keys))
         entities = [k for k in queued if k[0] == Kind.ENTITY]
-        parents = [k for k in dict.fromkeys(p for k in queued for p in _entities_of(k)) if k not in entities]
-        if parents:
-            mine = {r.key: r for r in await primary.get_records(parents)}
-            theirs = {r.key: r for r in await secondary.get_records(parents)}
-            entities += [k for k in parents if not _same(mine.get(k), theirs.get(k))]
+        queued_entities = set(entities)
+        parents = [k for k in dict.fromkeys(p for k in queued for p in _entities_of(k)) if k not in queued_entities]
+        mine: dict[RecordKey, Record] = {}
+        theirs: dict[RecordKey, Record] = {}
+
+        async def fetch(wanted: list[RecordKey]) -> None:
+            if wanted:
+                mine.update((r.key, r) for r in await primary.get_records(wanted))
+                theirs.update((r.key, r) for r in await secondary.get_records(wanted))
+
+        await fetch(parents)
+        entities += [k for k in parents if not _same(mine.get(k), theirs.get(k))]
         children: list[RecordKey] = []
         for _, scope, parts in entities:
             children += await primary.child_keys(scope, parts[0])
             children += await secondary.child_keys(scope, parts[0])
         keys = list(dict.fromkeys([*entities, *queued, *children]))  # entities first; stores apply in this order
-        mine = {r.key: r for r in await primary.get_records(keys)}
-        theirs = {r.key: r for r in await secondary.get_records(keys)}
+        fetched = set(parents)
+        await fetch([k for k in keys if k not in fetched])  # the parents' records are already here
         fixes: list[tuple[RecordKey, Record | None, int | None]] = []
         for key in keys:
             p, s = mine.get(key), theirs.get(key)

@@ -52,10 +52,11 @@ def sqlite_path(spec: str) -> str:
     return rest[1:]
 
 
-_SERVER_STORES: dict[str, Callable[[str, Embedder], Backend]] = {
-    **dict.fromkeys(("postgresql", "postgres"), PostgresBackend),
-    **dict.fromkeys(("qdrant+local", "qdrant", "qdrants"), QdrantBackend),
-    **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), Neo4jBackend),
+# Scheme of a store behind a server -> (its OpenTelemetry `db.system.name`, the store).
+_SERVER_STORES: dict[str, tuple[str, Callable[[str, Embedder], Backend]]] = {
+    **dict.fromkeys(("postgresql", "postgres"), ("postgresql", PostgresBackend)),
+    **dict.fromkeys(("qdrant+local", "qdrant", "qdrants"), ("qdrant", QdrantBackend)),
+    **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), ("neo4j", Neo4jBackend)),
 }
 
 
@@ -68,7 +69,7 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
     elif scheme == "sqlite":
         return EmbeddedBackend(sqlite_path(spec), embedder)
     elif scheme in _SERVER_STORES:
-        make = _SERVER_STORES[scheme]
+        make = _SERVER_STORES[scheme][1]
     else:
         raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
                              "qdrant+local, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid")
@@ -79,9 +80,7 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.
-_SYSTEMS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql", "qdrant": "qdrant",
-            "qdrants": "qdrant", "qdrant+local": "qdrant", "hybrid": "hybrid",
-            **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), "neo4j")}
+_SYSTEMS = {"sqlite": "sqlite", "hybrid": "hybrid", **{s: system for s, (system, _) in _SERVER_STORES.items()}}
 
 
 def system_of(spec: str) -> str:

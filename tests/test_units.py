@@ -244,7 +244,6 @@ async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedde
                                                                          tmp_path: Path) -> None:
     """The repair loop and a fleet broadcast refresh the dirty scopes at the same time; a scope queued during both
     stays dirty (its reads stay on the primary) and neither refresh fails."""
-    from adapters.records import Kind
     from proxy.control import SqliteControlStore
     from proxy.migration import MigrationEngine
 
