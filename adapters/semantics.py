@@ -193,10 +193,10 @@ def plan_apply(records: Sequence[Record], stored: Stored) -> ApplyPlan:
         old = cur.purged if isinstance(cur, EntityRecord) else 0
         merged = max(old, e.purged)
         if cur is None or e.version > cur.version:
-            new: Record = replace(e, purged=merged)
+            new: Record = e._replace(purged=merged)
             out.count += 1
         elif merged > old and isinstance(cur, EntityRecord):
-            new = replace(cur, purged=merged)
+            new = cur._replace(purged=merged)
         else:
             continue
         now[e.key] = new

@@ -80,7 +80,9 @@ def _change_pb(h: HistoryEntry) -> pb.PhaseChange:
 def _record_text(rec: Record | None) -> str:
     if rec is None:
         return ""
-    data = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+    data = rec._asdict()
+    if "metadata" in data:
+        data["metadata"] = dict(data["metadata"])
     return json.dumps(data, default=str, ensure_ascii=False)
 
 
