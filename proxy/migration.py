@@ -69,8 +69,10 @@ class BackfillProgress:
     paused: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Counters:
+    """Counted in place, on every dual write: a copy per write cost as much as a small store write."""
+
     dual_writes: int = 0
     secondary_failures: int = 0
     secondary_late: int = 0
@@ -148,6 +150,7 @@ class MigrationEngine:
         self._scope_gate = asyncio.Condition()
         self._writing: Counter[str] = Counter()
         self._repairing: Counter[str] = Counter()
+        self._repairs_running = 0
         self._solo_idle = asyncio.Event()
         self._solo_idle.set()
         self._repair_wakeup = asyncio.Event()
@@ -244,15 +247,21 @@ class MigrationEngine:
                           secondary: Backend) -> WriteResult[T]:
         keys = op.keys()  # a WriteOp's keys, not a mapping's
         scopes = {k[1] for k in keys}
-        async with self._scope_gate:
-            await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
+        # With no repair running anywhere, nobody waits on the gate and nobody needs waking: the write goes through
+        # without its lock (the check and the count happen with no await between them, so no repair can slip in).
+        if self._repairs_running:
+            async with self._scope_gate:
+                await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
+                self._writing.update(scopes)
+        else:
             self._writing.update(scopes)
         try:
             return await self._both(op, version, primary, secondary)
         finally:
-            async with self._scope_gate:
-                self._writing.subtract(scopes)
-                self._scope_gate.notify_all()
+            self._writing.subtract(scopes)
+            if self._repairs_running:
+                async with self._scope_gate:
+                    self._scope_gate.notify_all()
 
     async def _both(self, op: WriteOp[T], version: int, primary: Backend, secondary: Backend) -> WriteResult[T]:
         migration_id = self.state.migration_id
@@ -261,7 +270,7 @@ class MigrationEngine:
             p_result = await self._run(op, primary, "primary", version)
         except BaseException as p_exc:
             # The primary refused: the caller gets that error, and whatever the secondary kept is undone.
-            s_done = (await asyncio.wait({s_task}, timeout=self._grace))[0]
+            s_done = await _done_within(s_task, self._grace)
             # Agreement: nothing written on the secondary either, or both refused definitively (NOT_FOUND). An
             # "unavailable" can hide a committed write on a network store, so it never counts as agreement.
             s_exc = s_task.exception() if s_done else None
@@ -272,7 +281,7 @@ class MigrationEngine:
             if not s_done:
                 s_task.add_done_callback(_consume)
             raise p_exc
-        done = {s_task} if s_task.done() else (await asyncio.wait({s_task}, timeout=self._grace))[0]
+        done = await _done_within(s_task, self._grace)
         self._count(dual_writes=1)
         if not done:
             s_task.add_done_callback(_consume)
@@ -303,7 +312,8 @@ class MigrationEngine:
         return p_result
 
     def _count(self, **inc: int) -> None:
-        self.counters = replace(self.counters, **{k: getattr(self.counters, k) + v for k, v in inc.items()})
+        for name, n in inc.items():
+            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     def _secondary_outcome(self, error: bool) -> None:
         if self.observations is not None:
@@ -353,9 +363,12 @@ class MigrationEngine:
         if not items:
             return 0
         scopes = {i.key[1] for i in items}
+        registered = False  # undo only what was done: a count left below zero would hold writers back for good
         try:
             async with self._scope_gate:
                 self._repairing.update(scopes)
+                self._repairs_running += 1
+                registered = True
                 # Bounded: a primary that hangs holds its caller anyway; the repair comes back to these keys later.
                 await asyncio.wait_for(self._scope_gate.wait_for(lambda: not any(self._writing[s] for s in scopes)),
                                        self._REPAIR_WAIT)
@@ -367,9 +380,11 @@ class MigrationEngine:
             log.warning("repair failed; will retry", extra={"error": repr(exc), "keys": len(items)})
             return 0
         finally:
-            async with self._scope_gate:
-                self._repairing.subtract(scopes)
-                self._scope_gate.notify_all()
+            if registered:
+                async with self._scope_gate:
+                    self._repairing.subtract(scopes)
+                    self._repairs_running -= 1
+                    self._scope_gate.notify_all()
         for item in items:
             if item.key in moved:  # a write raced the repair; read both sides again shortly
                 await self._control.repair_failed(item, "raced a write", 0.0)
@@ -812,6 +827,28 @@ class MigrationEngine:
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         return await self._control.history(limit)
+
+
+async def _done_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether `task` is done within `seconds`; it is left running if not. `asyncio.wait` for one task, without the
+    sets and generality it would cost on every dual write."""
+    if task.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -61,9 +61,15 @@ class RpcCall:
 PHASES = ("NotStarted", "DataMigration", "DualWrite", "Completed", "RolledBack")
 
 
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
 class Telemetry:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
                  meter_provider: metrics.MeterProvider | None = None) -> None:
+        # Nothing configured: no span or sample is kept anywhere, so the per-call helpers skip building them (the
+        # API's no-op objects still cost several context managers per call, paid twice by every dual write).
+        self._off = tracer_provider is None and meter_provider is None
         self.tracer: Tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(SCOPE)
         meter: Meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter(SCOPE)
         self._gauges: Callable[[], Gauges] | None = None
@@ -123,9 +129,12 @@ class Telemetry:
             return [Observation(g.shadow_rate)]
         return callback
 
-    @contextlib.contextmanager
-    def rpc(self, service: str, method: str) -> Iterator[RpcCall]:
+    def rpc(self, service: str, method: str) -> contextlib.AbstractContextManager[RpcCall]:
         """The server span of one RPC and its duration sample; the caller sets `status` to the gRPC code sent."""
+        return contextlib.nullcontext(RpcCall()) if self._off else self._rpc(service, method)
+
+    @contextlib.contextmanager
+    def _rpc(self, service: str, method: str) -> Iterator[RpcCall]:
         full = f"{service}/{method}"
         call = RpcCall()
         start = time.perf_counter()
@@ -141,10 +150,13 @@ class Telemetry:
                 self.rpc_duration.record(time.perf_counter() - start, {
                     "rpc.system.name": "grpc", "rpc.method": full, "rpc.response.status_code": call.status})
 
-    @contextlib.contextmanager
     def store_call(self, role: str, system: str, operation: str, *,
-                   parent: Any = None) -> Iterator[Span]:
+                   parent: Any = None) -> contextlib.AbstractContextManager[Span]:
         """A client span and a duration sample for one call to a store. `role` is primary, secondary or shadow."""
+        return _NO_SPAN if self._off else self._store_call(role, system, operation, parent)
+
+    @contextlib.contextmanager
+    def _store_call(self, role: str, system: str, operation: str, parent: Any) -> Iterator[Span]:
         attrs = {"db.system.name": system, "db.operation.name": operation, "memshift.store.role": role}
         start = time.perf_counter()
         with self.tracer.start_as_current_span(f"{operation} {role}", context=parent, kind=SpanKind.CLIENT,
