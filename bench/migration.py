@@ -2,6 +2,7 @@
 
     python -m bench.migration [--entities 20000] [--memory-entities 200000] [--writes 2000] [--rounds 5]
 
+- write latency through the proxy: one proxy left in NotStarted and one dual-writing, measured in alternating rounds;
 - read latency in DualWrite with and without 100 % shadow reads, back to back and paced like an agent;
 - write latency with no migration vs while dual-writing (parallel) — measured at the engine, without gRPC, which
   is the harsher ratio (the transport would add the same constant to both);
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -146,47 +149,59 @@ async def wait_backfill(engine: MigrationEngine) -> float:
     return time.perf_counter() - t
 
 
-async def through_proxy(work: Path, table: Table, writes: int) -> None:
-    """What an agent sees: write latency through the proxy (its own process), before and during dual-write."""
+@contextlib.asynccontextmanager
+async def proxy(work: Path, name: str) -> AsyncIterator[tuple[memory_pb2_grpc.MemoryStub,
+                                                                admin_pb2_grpc.MigrationAdminStub]]:
+    """A proxy in its own process on `work/name-a.db`, with 500 entities; yields its memory and admin stubs."""
     port, admin_port = free_port(), free_port()
     proc = start_process(["-m", "proxy.cli", "serve"], {
         "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "MEMSHIFT_STORE": f"sqlite:///{work}/p-a.db", "MEMSHIFT_CONTROL": f"sqlite:///{work}/p-control.db",
+        "MEMSHIFT_STORE": f"sqlite:///{work}/{name}-a.db", "MEMSHIFT_CONTROL": f"sqlite:///{work}/{name}-control.db",
         "MEMSHIFT_ADMIN_TOKEN": "bench", "MEMSHIFT_LOG_LEVEL": "WARNING"})
-    auth = (("authorization", "Bearer bench"),)
     try:
         await wait_ready(f"127.0.0.1:{port}", proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ach:
-            memory, admin = memory_pb2_grpc.MemoryStub(mch), admin_pb2_grpc.MigrationAdminStub(ach)
+            memory = memory_pb2_grpc.MemoryStub(mch)
             await memory.CreateEntities(pb.CreateEntitiesRequest(scope="bench", entities=[
                 pb.Entity(name=f"e{i:04d}", entity_type="thing", observations=[f"fact {i}"]) for i in range(500)]))
-            counter = itertools.count()
-
-            async def measure(label: str) -> list[float]:
-                lat = []
-                for _ in range(writes + 50):
-                    i = next(counter)
-                    rel = pb.Relation(**{"from": f"e{i % 500:04d}"}, to=f"e{(i * 7) % 500:04d}", relation_type=label)
-                    t = time.perf_counter()
-                    await memory.CreateRelations(pb.CreateRelationsRequest(scope="bench", relations=[rel]))
-                    lat.append(time.perf_counter() - t)
-                return lat[50:]
-
-            solo = await measure("solo")
-            await admin.StartMigration(apb.StartMigrationRequest(target=f"sqlite:///{work}/p-b.db"), metadata=auth)
-            while not (await admin.GetStatus(apb.GetStatusRequest(), metadata=auth)).backfill.complete:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=auth)
-            await memory.SemanticSearch(pb.SemanticSearchRequest(scope="bench", query="settle"))
-            dual = await measure("dual")
-            ratio = statistics.median(dual) / statistics.median(solo)
-            table.add("proxy CreateRelations over gRPC, NotStarted", solo)
-            table.add("proxy CreateRelations over gRPC, DualWrite", dual, note=f"{ratio:.2f} x NotStarted p50")
-            await shadow_reads(memory, admin, auth, table, writes)
+            yield memory, admin_pb2_grpc.MigrationAdminStub(ach)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def through_proxy(work: Path, table: Table, writes: int) -> None:
+    """What an agent sees: write latency through a proxy (its own process) with no migration, and through another
+    one dual-writing, measured in alternating rounds so a slow spell of this shared machine lands on both alike."""
+    auth = (("authorization", "Bearer bench"),)
+    async with proxy(work, "solo") as (solo, _), proxy(work, "dual") as (dual, admin):
+        await admin.StartMigration(apb.StartMigrationRequest(target=f"sqlite:///{work}/dual-b.db"), metadata=auth)
+        while not (await admin.GetStatus(apb.GetStatusRequest(), metadata=auth)).backfill.complete:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=auth)
+        for memory in (solo, dual):  # both embedding queues settled before measuring
+            await memory.SemanticSearch(pb.SemanticSearchRequest(scope="bench", query="settle"))
+        counter = itertools.count()
+
+        async def measure(memory: memory_pb2_grpc.MemoryStub, n: int) -> list[float]:
+            lat = []
+            for _ in range(n + 10):  # the first calls of a round wake a proxy that sat idle during the other's
+                i = next(counter)
+                rel = pb.Relation(**{"from": f"e{i % 500:04d}"}, to=f"e{(i * 7) % 500:04d}", relation_type=f"r{i}")
+                t = time.perf_counter()
+                await memory.CreateRelations(pb.CreateRelationsRequest(scope="bench", relations=[rel]))
+                lat.append(time.perf_counter() - t)
+            return lat[10:]
+
+        lat: dict[str, list[float]] = {"solo": [], "dual": []}
+        for r in range(20):
+            for name in ("solo", "dual") if r % 2 == 0 else ("dual", "solo"):
+                lat[name] += await measure(solo if name == "solo" else dual, writes // 20)
+        ratio = statistics.median(lat["dual"]) / statistics.median(lat["solo"])
+        table.add("proxy CreateRelations over gRPC, NotStarted", lat["solo"])
+        table.add("proxy CreateRelations over gRPC, DualWrite", lat["dual"], note=f"{ratio:.2f} x NotStarted p50")
+        await shadow_reads(dual, admin, auth, table, writes)
 
 
 async def shadow_reads(memory: memory_pb2_grpc.MemoryStub, admin: admin_pb2_grpc.MigrationAdminStub,
