@@ -149,8 +149,7 @@ class MigrationEngine:
         # its scopes alone: it waits for the writes in flight there, and new ones wait for it (a few milliseconds).
         self._scope_gate = asyncio.Condition()
         self._writing: Counter[str] = Counter()
-        self._repairing: Counter[str] = Counter()
-        self._repairs_running = 0
+        self._repairing: Counter[str] = Counter()  # both hold only scopes in use: empty means none
         self._solo_idle = asyncio.Event()
         self._solo_idle.set()
         self._repair_wakeup = asyncio.Event()
@@ -249,7 +248,7 @@ class MigrationEngine:
         scopes = {k[1] for k in keys}
         # With no repair running anywhere, nobody waits on the gate and nobody needs waking: the write goes through
         # without its lock (the check and the count happen with no await between them, so no repair can slip in).
-        if self._repairs_running:
+        if self._repairing:
             async with self._scope_gate:
                 await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
                 self._writing.update(scopes)
@@ -258,8 +257,8 @@ class MigrationEngine:
         try:
             return await self._both(op, version, primary, secondary)
         finally:
-            self._writing.subtract(scopes)
-            if self._repairs_running:
+            _release(self._writing, scopes)
+            if self._repairing:
                 async with self._scope_gate:
                     self._scope_gate.notify_all()
 
@@ -270,7 +269,7 @@ class MigrationEngine:
             p_result = await self._run(op, primary, "primary", version)
         except BaseException as p_exc:
             # The primary refused: the caller gets that error, and whatever the secondary kept is undone.
-            s_done = await _done_within(s_task, self._grace)
+            s_done = bool((await asyncio.wait({s_task}, timeout=self._grace))[0])
             # Agreement: nothing written on the secondary either, or both refused definitively (NOT_FOUND). An
             # "unavailable" can hide a committed write on a network store, so it never counts as agreement.
             s_exc = s_task.exception() if s_done else None
@@ -281,7 +280,7 @@ class MigrationEngine:
             if not s_done:
                 s_task.add_done_callback(_consume)
             raise p_exc
-        done = await _done_within(s_task, self._grace)
+        done = s_task.done() or bool((await asyncio.wait({s_task}, timeout=self._grace))[0])
         self._count(dual_writes=1)
         if not done:
             s_task.add_done_callback(_consume)
@@ -363,11 +362,10 @@ class MigrationEngine:
         if not items:
             return 0
         scopes = {i.key[1] for i in items}
-        registered = False  # undo only what was done: a count left below zero would hold writers back for good
+        registered = False  # undo only what was done: counting out scopes never counted in would free others'
         try:
             async with self._scope_gate:
                 self._repairing.update(scopes)
-                self._repairs_running += 1
                 registered = True
                 # Bounded: a primary that hangs holds its caller anyway; the repair comes back to these keys later.
                 await asyncio.wait_for(self._scope_gate.wait_for(lambda: not any(self._writing[s] for s in scopes)),
@@ -382,8 +380,7 @@ class MigrationEngine:
         finally:
             if registered:
                 async with self._scope_gate:
-                    self._repairing.subtract(scopes)
-                    self._repairs_running -= 1
+                    _release(self._repairing, scopes)
                     self._scope_gate.notify_all()
         for item in items:
             if item.key in moved:  # a write raced the repair; read both sides again shortly
@@ -829,26 +826,14 @@ class MigrationEngine:
         return await self._control.history(limit)
 
 
-async def _done_within(task: asyncio.Future[Any], seconds: float) -> bool:
-    """Whether `task` is done within `seconds`; it is left running if not. `asyncio.wait` for one task, without the
-    sets and generality it would cost on every dual write."""
-    if task.done():
-        return True
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    task.add_done_callback(wake)
-    timer = loop.call_later(seconds, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        task.remove_done_callback(wake)
-    return task.done()
+def _release(held: Counter[str], scopes: set[str]) -> None:
+    """Count `scopes` out of `held`, dropping those no longer held: an empty counter then means nothing is held, and
+    it does not keep an entry for every scope ever written."""
+    for scope in scopes:
+        if held[scope] > 1:
+            held[scope] -= 1
+        else:
+            held.pop(scope, None)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
