@@ -46,6 +46,7 @@ class Faults:
     mode: str = "ok"  # ok | fail | stall
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
     is_secondary: Any = lambda: True  # a stall only makes sense where the engine does not wait
+    held: frozenset[str] = frozenset()  # methods (reads too) that wait for the gate whatever the mode
 
 
 class FaultyStore:
@@ -56,10 +57,12 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
-        if name not in WRITE_METHODS:
+        if name not in WRITE_METHODS and name not in self._faults.held:
             return attr
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
+            if name in self._faults.held:
+                await self._faults.gate.wait()
             if self._faults.mode == "fail":
                 raise StoreUnavailable("injected failure")
             # Held past the engine's grace, landing whenever the test says.
@@ -393,6 +396,43 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
         assert await engine.drain_repairs() == 0
         assert await engine.primary.get_records([key]) == await secondary.get_records([key])
         assert (await secondary.get_records([key]))[0].deleted
+
+
+async def test_a_write_waits_while_a_repair_holds_its_scope_and_a_write_elsewhere_does_not(tmp_path: Path) -> None:
+    """A repair compares both stores and replaces what differs, expecting each key at the version it read. A write
+    to the same scope meanwhile would move keys under it, so writes to a scope being repaired wait at the gate
+    until the repair is done; writes to every other scope go straight through."""
+    async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
+        alice, bob = (Kind.ENTITY, "s", ("alice",)), (Kind.ENTITY, "t", ("bob",))
+        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ())]))
+        await engine.write(ops.CreateEntities("t", [Entity("bob", "person", ())]))
+        await engine.start_migration(b, MigrationOptions(), "test")
+        while await engine.backfill_step():
+            pass
+        secondary = engine.secondary
+        assert secondary is not None
+        await engine.enqueue_repairs([alice])
+        primary_faults.held = frozenset({"get_records"})  # the repair reads the primary first, and is held there
+        repairing = asyncio.ensure_future(engine.repair_once())
+        await asyncio.sleep(0.05)
+        assert not repairing.done()
+        writing = asyncio.ensure_future(
+            engine.write(ops.AddObservations("s", [ObservationAddition("alice", ("likes tea",))])))
+        elsewhere = await asyncio.wait_for(
+            engine.write(ops.AddObservations("t", [ObservationAddition("bob", ("plays chess",))])), 10)
+        assert elsewhere.answer == (ObservationAddition("bob", ("plays chess",)),)
+        await asyncio.sleep(0.1)
+        assert not writing.done()
+        for store in (engine.primary, secondary):  # held before touching either store
+            assert (await store.open_nodes("s", ["alice"])).entities[0].observations == ()
+        primary_faults.held = frozenset()
+        primary_faults.gate.set()
+        assert await asyncio.wait_for(repairing, 10) == 1
+        await asyncio.wait_for(writing, 10)
+        assert await engine.drain_repairs() == 0
+        for store in (engine.primary, secondary):
+            assert (await store.open_nodes("s", ["alice"])).entities[0].observations == ("likes tea",)
+        assert await engine.primary.get_records([alice, bob]) == await secondary.get_records([alice, bob])
 
 
 @pytest.mark.parametrize("queued_first", ["relation", "entity"])
