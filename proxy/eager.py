@@ -38,12 +38,17 @@ def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     task = loop.create_task(_carry_on(coro, waiting_on), context=context)
 
     def cancelled_before_carrying_on(_: asyncio.Task[T]) -> None:
-        # A task cancelled before its first step never runs its coroutine, so `coro` would stay suspended with
-        # its `finally` blocks unrun: cancel what it waits on and close it, as a cancelled task would have.
-        if inspect.getcoroutinestate(coro) == inspect.CORO_SUSPENDED:
-            if isinstance(waiting_on, asyncio.Future):
-                waiting_on.cancel()
-            coro.close()
+        # A task cancelled before its first step never runs its coroutine, so `coro` would stay suspended with its
+        # handlers unrun: cancel what it waits on and throw the cancellation in, as a cancelled task would have.
+        if inspect.getcoroutinestate(coro) != inspect.CORO_SUSPENDED:
+            return
+        if isinstance(waiting_on, asyncio.Future):
+            waiting_on.cancel()
+        try:
+            coro.throw(asyncio.CancelledError())
+        except (Exception, asyncio.CancelledError):
+            return  # it finished: returned, re-raised the cancellation, or raised something else
+        coro.close()  # it swallowed the cancellation and waits again, where nothing would ever resume it
 
     task.add_done_callback(cancelled_before_carrying_on, context=context)
     return task

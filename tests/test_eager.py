@@ -60,22 +60,30 @@ def test_an_eager_start_ends_as_a_task_would(steps: list[str], ending: str) -> N
     asyncio.run(run())
 
 
-async def test_a_cancelled_eager_start_cancels_the_coroutine_at_its_wait() -> None:
+@pytest.mark.parametrize("task_ran", [False, True])
+async def test_a_cancelled_eager_start_cancels_the_coroutine_at_its_wait(task_ran: bool) -> None:
+    """Cancelled before the task took its first step, or while it waits: either way the coroutine sees the
+    cancellation where it waits, as in a task."""
     cleaned: list[str] = []
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def waits() -> None:
         try:
             await gate
+        except asyncio.CancelledError:
+            cleaned.append("saw the cancellation")
+            raise
         finally:
             cleaned.append("finally ran")
 
     started = start_eagerly(waits())
     assert not started.done()
+    if task_ran:
+        await asyncio.sleep(0)
     started.cancel()
     with pytest.raises(asyncio.CancelledError):
         await started
-    assert cleaned == ["finally ran"]
+    assert cleaned == ["saw the cancellation", "finally ran"]
     assert gate.cancelled()  # what it waited on was cancelled too, as a task does
 
 
