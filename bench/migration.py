@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -43,6 +43,14 @@ from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.migration import MigrationEngine
 from proxy.stores import backend_for
+
+
+def alternating(rounds: int, *sides: str) -> Iterator[tuple[int, str]]:
+    """(round, side) for every side in every round, the order reversed every other round: a slow spell of this shared
+    machine then lands on all sides alike."""
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            yield r, side
 
 
 def rss_mb() -> float:
@@ -195,9 +203,8 @@ async def through_proxy(work: Path, table: Table, writes: int) -> None:
             return lat[10:]
 
         lat: dict[str, list[float]] = {"solo": [], "dual": []}
-        for r in range(20):
-            for name in ("solo", "dual") if r % 2 == 0 else ("dual", "solo"):
-                lat[name] += await measure(solo if name == "solo" else dual, writes // 20)
+        for _, name in alternating(20, "solo", "dual"):
+            lat[name] += await measure(solo if name == "solo" else dual, writes // 20)
         ratio = statistics.median(lat["dual"]) / statistics.median(lat["solo"])
         table.add("proxy CreateRelations over gRPC, NotStarted", lat["solo"])
         table.add("proxy CreateRelations over gRPC, DualWrite", lat["dual"], note=f"{ratio:.2f} x NotStarted p50")
@@ -260,11 +267,10 @@ async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
     await dual_engine.advance(Phase.DATA_MIGRATION, "bench")
     kinds = ("relation", "observation")
     lat: dict[tuple[str, str], list[float]] = {(e, k): [] for e in ("solo", "dual") for k in kinds}
-    for r in range(10):
-        for name in ("solo", "dual") if r % 2 == 0 else ("dual", "solo"):
-            for k in kinds:
-                lat[(name, k)] += await write_latency(solo_engine if name == "solo" else dual_engine, writes // 10, k,
-                                                      f"{name}{r}")
+    for r, name in alternating(10, "solo", "dual"):
+        for k in kinds:
+            lat[(name, k)] += await write_latency(solo_engine if name == "solo" else dual_engine, writes // 10, k,
+                                                  f"{name}{r}")
     for k, label in (("relation", "CreateRelations"), ("observation", "AddObservations")):
         ratio = statistics.median(lat[("dual", k)]) / statistics.median(lat[("solo", k)])
         table.add(f"engine {label}, NotStarted (no gRPC)", lat[("solo", k)])
