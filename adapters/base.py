@@ -41,6 +41,16 @@ class WriteResult(Generic[T]):
     effects: tuple[Record, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ExportPage:
+    """One page of a copy: `list_records(after, limit, tombstones=True)`, and, when asked, the vectors a target may
+    keep for those records (`vectors` is None when not asked)."""
+
+    records: tuple[Record, ...]
+    next_after: RecordKey | None
+    vectors: VectorMap | None
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A memory store. Implementations: embedded (SQLite), postgres, neo4j, qdrant, hybrid."""
@@ -136,6 +146,12 @@ class Backend(Protocol):
         from (only vectors of the entity's current text: a `VectorMap`). With
         `childless_only`, only entities without live observations: in record order an entity comes before its
         observations, so only theirs can already match when the entity record alone is copied."""
+        ...
+
+    async def export_page(self, after: RecordKey | None, limit: int, vectors: bool) -> ExportPage:
+        """What a backfill reads per batch: every stored record after `after` (tombstones included), and with
+        `vectors` those of `adapters.export.vector_keys(records)`. It equals `list_records` plus `get_vectors`
+        (`adapters.export.ExportInParts` does exactly that); a store that can answer in one round trip does."""
         ...
 
     async def count(self, scope: str | None = None) -> Counts:

@@ -41,6 +41,7 @@ from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
+from adapters.export import ExportInParts
 from adapters.model import (
     EmbeddingMismatch,
     Entity,
@@ -118,7 +119,7 @@ def _after(fields: list[str], n: int = 0) -> str:
     return f"({fields[n]} > $p{n} OR ({fields[n]} = $p{n} AND {_after(fields, n + 1)}))"
 
 
-class Neo4jBackend(PlannedWrites):
+class Neo4jBackend(PlannedWrites, ExportInParts):
     def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._uri: str = parsed["uri"]

@@ -35,6 +35,7 @@ from pgvector.asyncpg import register_vector
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
+from adapters.export import ExportInParts
 from adapters.model import (
     EmbeddingMismatch,
     Entity,
@@ -181,7 +182,7 @@ def parse_spec(spec: str, default_schema: str = "memshift") -> tuple[str, str]:
     return dsn, schema
 
 
-class PostgresBackend(PlannedWrites):
+class PostgresBackend(PlannedWrites, ExportInParts):
     def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
         self._dsn, self._schema = parse_spec(spec)
         parts = urlsplit(self._dsn)

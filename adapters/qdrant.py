@@ -31,6 +31,7 @@ from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
+from adapters.export import ExportInParts
 from adapters.model import (
     EmbeddingMismatch,
     Entity,
@@ -135,7 +136,7 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return {"client": args, "prefix": prefix}
 
 
-class QdrantBackend(PlannedWrites):
+class QdrantBackend(PlannedWrites, ExportInParts):
     def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._client_args: dict[str, Any] = parsed["client"]

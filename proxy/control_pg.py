@@ -69,7 +69,9 @@ class PostgresControlStore:
         self._leading = False
 
     async def open(self) -> None:
-        settings = {"search_path": f'"{self._schema}"'}
+        # Commits wait for their WAL flush whatever the server's default: a phase change or a queued repair lost with
+        # the server's power would be a lost write. Only checkpoints opt out, one transaction at a time (save).
+        settings = {"search_path": f'"{self._schema}"', "synchronous_commit": "on"}
         conn = await asyncpg.connect(self._dsn)
         try:
             async with conn.transaction():
@@ -94,9 +96,11 @@ class PostgresControlStore:
         body = await self._p().fetchval("SELECT body FROM state WHERE id = 1")
         return state_load(cast(str, body))
 
-    async def save(self, state: MigrationState, expected_revision: int) -> MigrationState:
+    async def save(self, state: MigrationState, expected_revision: int, durable: bool = True) -> MigrationState:
         new = replace(state, revision=expected_revision + 1)
         async with self._p().acquire() as conn, conn.transaction():
+            if not durable:  # the commit returns before its WAL is flushed; a later durable commit flushes it
+                await conn.execute("SET LOCAL synchronous_commit TO OFF")
             status = await conn.execute("UPDATE state SET revision = $1, body = $2 WHERE id = 1 AND revision = $3",
                                         new.revision, state_json(new), expected_revision)
             if status != "UPDATE 1":

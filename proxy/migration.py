@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from adapters.base import Backend, VectorMap, WriteResult
+from adapters.base import Backend, ExportPage, WriteResult
 from adapters.model import EntityNotFound
-from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, record_digest
+from adapters.records import EntityRecord, Kind, Record, RecordKey, record_digest
 from policies.rules import Observations
 from proxy.clock import HybridClock
 from proxy.control import (
@@ -80,13 +80,6 @@ class Counters:
     effect_mismatches: int = 0
     repairs_done: int = 0
     repair_failures: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Page:
-    records: tuple[Record, ...]
-    next_after: RecordKey | None
-    vectors: VectorMap | None
 
 
 def _key_of(r: Record) -> RecordKey:
@@ -456,8 +449,8 @@ class MigrationEngine:
         # the next apply before the checkpoint was measured slower on the embedded store: the control store's
         # thread then competes with the store's for the interpreter.) Checkpoints go strictly in order, each after
         # its own page is applied, so a restart never skips a page.
-        in_flight: deque[tuple[RecordKey | None, _Page, asyncio.Future[int]]] = deque()
-        ahead: tuple[RecordKey | None, asyncio.Future[_Page]] | None = None
+        in_flight: deque[tuple[RecordKey | None, ExportPage, asyncio.Future[int]]] = deque()
+        ahead: tuple[RecordKey | None, asyncio.Future[ExportPage]] | None = None
         next_cursor, exhausted = self.state.backfill_cursor, False
 
         def drop_pipeline() -> None:
@@ -517,22 +510,13 @@ class MigrationEngine:
         await secondary.apply(page.records, page.vectors)
         return await self._checkpoint(page, cursor)
 
-    async def _read_page(self, cursor: RecordKey | None) -> _Page:
-        secondary = self.secondary
+    async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
-        page = await self.primary.list_records(cursor, state.options.batch_size, tombstones=True)
-        vectors = None
-        if secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding:
-            # Entities come before their observations in record order. An entity record alone can only match the
-            # vector of an entity without observations; the others get theirs with their observations' page.
-            ents = [(r.scope, r.name) for r in page.records if isinstance(r, EntityRecord) and not r.deleted]
-            owners = list(dict.fromkeys((r.scope, r.entity) for r in page.records
-                                        if isinstance(r, ObservationRecord) and not r.deleted))
-            vectors = {**(await self.primary.get_vectors(ents, childless_only=True) if ents else {}),
-                       **(await self.primary.get_vectors(owners) if owners else {})}
-        return _Page(page.records, page.next_after, vectors)
+        secondary = self.secondary
+        keep = secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding
+        return await self.primary.export_page(cursor, state.options.batch_size, vectors=keep)
 
-    async def _checkpoint(self, page: _Page, cursor: RecordKey | None) -> int:
+    async def _checkpoint(self, page: ExportPage, cursor: RecordKey | None) -> int:
         """Record that the page starting after `cursor` is on the secondary; returns its size (0 if stale)."""
         state = self.state
         secondary = self.secondary
@@ -547,7 +531,8 @@ class MigrationEngine:
             await self._save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),
                 backfill_total=max(cur.backfill_total, cur.backfill_done + len(page.records)),
-                backfill_complete=page.next_after is None))
+                backfill_complete=page.next_after is None),
+                durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
         self.telemetry.backfill_records.add(len(page.records))
         return len(page.records)
 
@@ -617,9 +602,9 @@ class MigrationEngine:
         return self._backfill_task is not None and not self._backfill_task.done()
 
     # --- phase changes ---------------------------------------------------------------------------------------------
-    async def _save(self, new: MigrationState) -> None:
+    async def _save(self, new: MigrationState, durable: bool = True) -> None:
         try:
-            self.state = await self._control.save(new, self.state.revision)
+            self.state = await self._control.save(new, self.state.revision, durable)
         except Conflict:
             self.state = await self._control.load()
             raise
@@ -808,7 +793,7 @@ class MigrationEngine:
 
     async def save_verify_cursor(self, cursor: RecordKey | None) -> None:
         async with self._lock:
-            await self._save(replace(self.state, verify_cursor=cursor))
+            await self._save(replace(self.state, verify_cursor=cursor), durable=False)  # a resume point, see save
 
     def _expire_mirror_if_due(self) -> None:
         s = self.state

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
-from adapters.base import Backend
+from adapters.base import Backend, ExportPage
 from adapters.embedder import BatchingEmbedder
+from adapters.export import ExportInParts
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import EntityRecord, Kind, ObservationRecord, RelationRecord, record_digest, text_hash
 from tests.conftest import StoreFactory
@@ -290,6 +292,43 @@ async def test_childless_vectors_are_those_an_entity_record_alone_can_match(
     assert set(await backend.get_vectors(everyone)) == set(everyone)
     childless = await backend.get_vectors(everyone, childless_only=True)
     assert set(childless) == {(S, "lonely")} and childless[(S, "lonely")][0] == text_hash("lonely thing")
+
+
+def same_export(a: ExportPage, b: ExportPage) -> bool:
+    if (a.records, a.next_after) != (b.records, b.next_after) or (a.vectors is None) != (b.vectors is None):
+        return False
+    if a.vectors is None or b.vectors is None:
+        return True
+    return a.vectors.keys() == b.vectors.keys() and all(
+        a.vectors[k][0] == b.vectors[k][0] and np.array_equal(a.vectors[k][1], b.vectors[k][1]) for k in a.vectors)
+
+
+async def test_export_page_is_every_record_with_the_vectors_a_copy_keeps(backend: Backend,
+                                                                        v: itertools.count[int]) -> None:
+    """A backfill's read: all records, tombstones included, and the vectors of childless entities with their own
+    record and of the others with their observations; it must equal the list and vector calls it stands for."""
+    await seed(backend, v)
+    await backend.create_entities(S, [Entity("lonely", "thing"), Entity("zed", "thing", ("last one",))], next(v))
+    await backend.create_entities("agent-0", [Entity("z", "t", ("o",))], next(v))
+    await backend.delete_entities(S, ["bob"], next(v))
+    await backend.delete_observations(S, [ObservationDeletion("paris", ("capital of France",))], next(v))
+    everything = await backend.list_records(None, 10_000, tombstones=True)
+    whole = await backend.export_page(None, 10_000, vectors=True)
+    assert whole.records == everything.records and whole.next_after is None
+    assert whole.vectors is not None and set(whole.vectors) == {
+        ("agent-0", "z"), (S, "alice"), (S, "lonely"), (S, "zed"), (S, "paris")}  # bob is deleted
+    assert whole.vectors[(S, "lonely")][0] == text_hash("lonely thing")
+    assert (await backend.export_page(None, 10_000, vectors=False)).vectors is None
+    for size in (1, 2, 3, 5):
+        walked, after = [], None
+        while True:
+            page = await backend.export_page(after, size, vectors=True)
+            assert same_export(page, await ExportInParts.export_page(backend, after, size, vectors=True))
+            walked += page.records
+            if page.next_after is None:
+                break
+            after = page.next_after
+        assert walked == list(everything.records)
 
 
 async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> None:

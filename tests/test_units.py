@@ -7,6 +7,7 @@ import filecmp
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,3 +268,87 @@ async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedde
     finally:
         await engine.stop()
         await control.close()
+
+
+_ENTITY = st.tuples(st.sampled_from(["s1", "s2"]), st.sampled_from("abcdefgh"), st.booleans(),
+                    st.lists(st.tuples(st.sampled_from(["likes tea", "plays chess", "owns a cat"]), st.booleans()),
+                             max_size=3))
+
+
+@settings(max_examples=100, deadline=None)
+@given(entities=st.lists(_ENTITY, max_size=12), relations=st.lists(st.tuples(st.sampled_from("abcdefgh"),
+                                                                             st.sampled_from("abcdefgh")), max_size=4),
+       size=st.integers(1, 12))
+def test_embedded_export_page_equals_its_parts(embedder: BatchingEmbedder, entities: list[Any],
+                                               relations: list[tuple[str, str]], size: int) -> None:
+    """The embedded store answers a backfill's page in one pass, its vectors by key range; whatever the store holds
+    (childless entities between owners, tombstones, several scopes) and however it is paged, that equals the list
+    and vector calls it replaces."""
+    from adapters.export import ExportInParts
+    from adapters.records import ObservationRecord, Record, RelationRecord
+    from tests.test_conformance import same_export
+
+    async def run() -> None:
+        store = EmbeddedBackend(":memory:", embedder)
+        await store.open()
+        try:
+            recs: list[Record] = []
+            for v, (scope, name, deleted, observations) in enumerate(entities, start=1):
+                recs.append(EntityRecord(scope, name, "thing", v, v, v if deleted else 0, deleted))
+                recs += [ObservationRecord(scope, name, text, v, v, gone) for text, gone in observations]
+            recs += [RelationRecord("s1", a, "knows", b, 100 + i) for i, (a, b) in enumerate(relations)]
+            await store.apply(recs)
+            await store.embed_stale()
+            after, walked, listed = None, 0, await store.list_records(None, 10_000, tombstones=True)
+            while True:
+                page = await store.export_page(after, size, vectors=True)
+                assert same_export(page, await ExportInParts.export_page(store, after, size, vectors=True))
+                walked += len(page.records)
+                if page.next_after is None:
+                    break
+                after = page.next_after
+            assert walked == len(listed.records)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind: str, tmp_path: Path,
+                                                                          servers: dict[str, str]) -> None:
+    """Backfill checkpoints skip the disk flush (save(durable=False)): they must still be there for the next
+    process, a lost compare-and-set must change nothing, and the relaxed flush must not leak into the phase
+    changes and repair-queue writes that follow."""
+    from dataclasses import replace
+
+    from proxy.control import Conflict, ControlStore, SqliteControlStore
+    from proxy.control_pg import PostgresControlStore
+
+    def make() -> ControlStore:
+        if kind == "sqlite":
+            return SqliteControlStore(tmp_path / "control.db", "sqlite:///a.db")
+        return PostgresControlStore(f"{servers['postgres']}?schema=checkpoint_{tmp_path.name[-12:]}", "sqlite:///a.db")
+
+    async def opened() -> ControlStore:
+        store = make()
+        if isinstance(store, PostgresControlStore):
+            await store.open()
+        return store
+
+    control = await opened()
+    state = await control.save(await control.load(), 0)
+    state = await control.save(replace(state, backfill_done=10), state.revision, durable=False)
+    with pytest.raises(Conflict):
+        await control.save(replace(state, backfill_done=20), state.revision - 1, durable=False)
+    if isinstance(control, SqliteControlStore):
+        assert control._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    else:
+        for _ in range(4):  # every pooled connection
+            assert await control._p().fetchval("SHOW synchronous_commit") == "on"
+    await control.close()
+    again = await opened()
+    try:
+        assert (await again.load()).backfill_done == 10
+    finally:
+        await again.close()
