@@ -66,6 +66,7 @@ from adapters.records import (
     dump_metadata,
     embedding_text,
     encode_cursor,
+    kinds_after,
     load_metadata,
     text_hash,
 )
@@ -648,11 +649,9 @@ class EmbeddedBackend(PlannedWrites):
     def _list_page(self, conn: sqlite3.Connection, after: RecordKey | None, limit: int,
                    tombstones: bool) -> RecordPage:
         out: list[Record] = []
-        start_kind = after[0] if after else Kind.ENTITY
-        for kind in Kind:
-            if kind < start_kind or len(out) >= limit:
-                continue
-            pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
+        for kind, pos in kinds_after(after):
+            if len(out) >= limit:
+                break
             out.extend(self._list_kind(conn, kind, pos, limit - len(out), tombstones))
         nxt = out[-1].key if len(out) >= limit else None
         return RecordPage(tuple(out), nxt)

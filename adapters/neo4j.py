@@ -66,6 +66,7 @@ from adapters.records import (
     dump_metadata,
     embedding_text,
     encode_cursor,
+    kinds_after,
     text_hash,
 )
 
@@ -593,11 +594,9 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
 
     async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
         out: list[Record] = []
-        start = after[0] if after else Kind.ENTITY
-        for kind in Kind:
-            if kind < start or len(out) >= limit:
-                continue
-            pos = (after[1], *after[2]) if after and kind == after[0] else ()
+        for kind, pos in kinds_after(after):
+            if len(out) >= limit:
+                break
             args = dict(zip(("p0", "p1", "p2", "p3"), (*pos, "", "", "", "")[:4], strict=True))
             out += await self._list_kind(kind, args, not pos, limit - len(out), tombstones)
         return RecordPage(tuple(out), out[-1].key if len(out) >= limit else None)

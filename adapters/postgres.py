@@ -60,6 +60,7 @@ from adapters.records import (
     dump_metadata,
     embedding_text,
     encode_cursor,
+    kinds_after,
     newest_per_key,
     text_hash,
 )
@@ -595,11 +596,9 @@ class PostgresBackend(PlannedWrites, ExportInParts):
     async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
         async def run(conn: asyncpg.Connection) -> RecordPage:
             out: list[Record] = []
-            start_kind = after[0] if after else Kind.ENTITY
-            for kind in Kind:
-                if kind < start_kind or len(out) >= limit:
-                    continue
-                pos: tuple[str, ...] = (after[1], *after[2]) if after and kind == after[0] else ()
+            for kind, pos in kinds_after(after):
+                if len(out) >= limit:
+                    break
                 out.extend(await self._list_kind(conn, kind, pos, limit - len(out), tombstones))
             return RecordPage(tuple(out), out[-1].key if len(out) >= limit else None)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
@@ -141,6 +141,15 @@ def dump_metadata(metadata: Any) -> str:
 def load_metadata(text: str) -> dict[str, Any]:
     """`dump_metadata`'s inverse. Most records carry none; skipping the parser for them is a tenth of a page read."""
     return {} if text == "{}" else dict(json.loads(text))
+
+
+def kinds_after(after: RecordKey | None) -> Iterator[tuple[Kind, tuple[str, ...]]]:
+    """Where a walk in record order resumes after `after`: each kind still to visit, in order, with the key
+    position to continue after within it (empty: from the kind's start)."""
+    start = after[0] if after else Kind.ENTITY
+    for kind in Kind:
+        if kind >= start:
+            yield kind, ((after[1], *after[2]) if after and kind == after[0] else ())
 
 
 def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
