@@ -6,6 +6,7 @@ import asyncio
 import filecmp
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -325,10 +326,12 @@ async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind:
     from proxy.control import Conflict, ControlStore, SqliteControlStore
     from proxy.control_pg import PostgresControlStore
 
+    schema = uuid.uuid4().hex[:12]
+
     def make() -> ControlStore:
         if kind == "sqlite":
             return SqliteControlStore(tmp_path / "control.db", "sqlite:///a.db")
-        return PostgresControlStore(f"{servers['postgres']}?schema=checkpoint_{tmp_path.name[-12:]}", "sqlite:///a.db")
+        return PostgresControlStore(f"{servers['postgres']}?schema=checkpoint_{schema}", "sqlite:///a.db")
 
     async def opened() -> ControlStore:
         store = make()
