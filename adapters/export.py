@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from adapters.base import Backend, ExportPage
 from adapters.records import EntityRecord, ObservationRecord, Record, RecordKey
@@ -31,3 +31,14 @@ class ExportInParts:
         found = {**(await self.get_vectors(ents, childless_only=True) if ents else {}),
                  **(await self.get_vectors(owners) if owners else {})}
         return ExportPage(page.records, page.next_after, found)
+
+
+async def export_pages(store: Backend, size: int, vectors: bool,
+                       after: RecordKey | None = None) -> AsyncIterator[ExportPage]:
+    """Every page of `store` from after `after` on, as a backfill reads them."""
+    while True:
+        page = await store.export_page(after, size, vectors)
+        yield page
+        if page.next_after is None:
+            return
+        after = page.next_after

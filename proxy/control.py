@@ -230,24 +230,19 @@ class SqliteControlStore:
         new = replace(state, revision=expected_revision + 1)
 
         def run() -> None:
-            if not durable:  # in WAL mode, NORMAL syncs the log only at its checkpoints and at the next FULL commit
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+            # In WAL mode NORMAL syncs the log only at its checkpoints and at the next FULL commit.
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             try:
-                write()
+                self._conn.execute("BEGIN IMMEDIATE")
+                rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
+                current = state_load(rows[0][0]).revision if rows else 0
+                if current != expected_revision:
+                    self._conn.execute("ROLLBACK")
+                    raise Conflict(f"state is at revision {current}, expected {expected_revision}")
+                self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (state_json(new),))
+                self._conn.execute("COMMIT")
             finally:
-                if not durable:
-                    self._conn.execute("PRAGMA synchronous=FULL")
-
-        def write() -> None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
-            row = rows[0] if rows else None
-            current = state_load(row[0]).revision if row else 0
-            if current != expected_revision:
-                self._conn.execute("ROLLBACK")
-                raise Conflict(f"state is at revision {current}, expected {expected_revision}")
-            self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (state_json(new),))
-            self._conn.execute("COMMIT")
+                self._conn.execute("PRAGMA synchronous=FULL")  # every other write of this store is flushed
 
         await self._run(run)
         return new

@@ -347,8 +347,13 @@ async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind:
     if isinstance(control, SqliteControlStore):
         assert control._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     else:
-        for _ in range(4):  # every pooled connection
-            assert await control._p().fetchval("SHOW synchronous_commit") == "on"
+        held = [await control._p().acquire() for _ in range(4)]  # the pool's every connection (max_size 4)
+        try:
+            for conn in held:
+                assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        finally:
+            for conn in held:
+                await control._p().release(conn)
     await control.close()
     again = await opened()
     try:
