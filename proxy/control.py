@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -54,6 +54,9 @@ class MigrationState:
     backfill_total: int = 0
     backfill_complete: bool = False
     backfill_started_at: float = 0.0
+    # Seconds spent copying: pauses, restarts and a fleet's hand-overs between leaders are not counted, so the rate
+    # (done / this) stays true after the copy ends or while it is paused, instead of decaying with the wall clock.
+    backfill_seconds: float = 0.0
     verify_cursor: RecordKey | None = None
     last_verify_differences: int = -1  # -1: never verified in this migration
     mirror_until: float = 0.0  # Completed: wall-clock end of the rollback window
@@ -175,10 +178,17 @@ def state_json(state: MigrationState) -> str:
     return json.dumps(data)
 
 
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `cls` in `data`. A field written by a newer Memshift is left out rather than refused, so a
+    fleet mid-upgrade keeps running on the state its newer members write."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 def state_load(raw: str) -> MigrationState:
-    data = json.loads(raw)
+    data = _known(MigrationState, json.loads(raw))
     data["phase"] = Phase(data["phase"])
-    data["options"] = MigrationOptions(**data["options"])
+    data["options"] = MigrationOptions(**_known(MigrationOptions, data["options"]))
     data["backfill_cursor"] = key_load(data["backfill_cursor"])
     data["verify_cursor"] = key_load(data["verify_cursor"])
     data["ramp_steps"] = tuple(data.get("ramp_steps", ()))

@@ -64,7 +64,7 @@ NEXT: dict[Phase, tuple[Phase, ...]] = {
 class BackfillProgress:
     done: int
     total: int
-    rate: float  # records per second since the backfill started
+    rate: float  # records per second of copying (MigrationState.backfill_seconds)
     eta_seconds: float  # -1 when unknown
     complete: bool
     paused: bool
@@ -452,6 +452,7 @@ class MigrationEngine:
         in_flight: deque[tuple[RecordKey | None, ExportPage, asyncio.Future[int]]] = deque()
         ahead: tuple[RecordKey | None, asyncio.Future[ExportPage]] | None = None
         next_cursor, exhausted = self.state.backfill_cursor, False
+        copying_since = time.monotonic()  # each checkpoint adds the time since the one before (or a start, a resume)
 
         def drop_pipeline() -> None:
             for _, _, task in in_flight:
@@ -463,7 +464,9 @@ class MigrationEngine:
                 ahead[1].add_done_callback(_consume)
 
         while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
-            await self._resume.wait()
+            if not self._resume.is_set():
+                await self._resume.wait()
+                copying_since = time.monotonic()
             started = time.monotonic()
             try:
                 secondary = self.secondary
@@ -482,7 +485,9 @@ class MigrationEngine:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
                 cursor, page, applying = in_flight.popleft()
                 await applying
-                copied = await self._checkpoint(page, cursor)
+                now = time.monotonic()
+                copied = await self._checkpoint(page, cursor, now - copying_since)
+                copying_since = now
             except asyncio.CancelledError:
                 drop_pipeline()
                 raise
@@ -505,10 +510,10 @@ class MigrationEngine:
         secondary = self.secondary
         if secondary is None or self.state.backfill_complete:
             return 0
-        cursor = self.state.backfill_cursor
+        cursor, started = self.state.backfill_cursor, time.monotonic()
         page = await self._read_page(cursor)
         await secondary.apply(page.records, page.vectors)
-        return await self._checkpoint(page, cursor)
+        return await self._checkpoint(page, cursor, time.monotonic() - started)
 
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
@@ -516,8 +521,9 @@ class MigrationEngine:
         keep = secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding
         return await self.primary.export_page(cursor, state.options.batch_size, vectors=keep)
 
-    async def _checkpoint(self, page: ExportPage, cursor: RecordKey | None) -> int:
-        """Record that the page starting after `cursor` is on the secondary; returns its size (0 if stale)."""
+    async def _checkpoint(self, page: ExportPage, cursor: RecordKey | None, spent: float) -> int:
+        """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
+        checkpoint before; returns its size (0 if stale)."""
         state = self.state
         secondary = self.secondary
         if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
@@ -531,15 +537,14 @@ class MigrationEngine:
             await self._save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),
                 backfill_total=max(cur.backfill_total, cur.backfill_done + len(page.records)),
-                backfill_complete=page.next_after is None),
+                backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
         self.telemetry.backfill_records.add(len(page.records))
         return len(page.records)
 
     def progress(self) -> BackfillProgress:
         s = self.state
-        elapsed = max(1e-9, time.time() - s.backfill_started_at) if s.backfill_started_at else 0.0
-        rate = s.backfill_done / elapsed if elapsed else 0.0
+        rate = s.backfill_done / s.backfill_seconds if s.backfill_seconds > 0 else 0.0
         left = max(0, s.backfill_total - s.backfill_done)
         eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
         return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
@@ -643,8 +648,8 @@ class MigrationEngine:
             new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
-                          backfill_started_at=time.time(), verify_cursor=None, last_verify_differences=-1,
-                          read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
+                          backfill_started_at=time.time(), backfill_seconds=0.0, verify_cursor=None,
+                          last_verify_differences=-1, read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
             # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)

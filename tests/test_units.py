@@ -360,3 +360,24 @@ async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind:
         assert (await again.load()).backfill_done == 10
     finally:
         await again.close()
+
+
+@given(done=st.integers(0, 10**9), seconds=st.floats(0, 1e7, allow_nan=False), batch=st.integers(1, 10_000),
+       cursor=st.one_of(st.none(), st.tuples(st.sampled_from(list(Kind)), st.text(max_size=8),
+                                             st.lists(st.text(max_size=8), min_size=1, max_size=3).map(tuple))))
+def test_the_control_state_round_trips_and_loads_fields_of_a_newer_version(
+        done: int, seconds: float, batch: int, cursor: Any) -> None:
+    """A fleet is upgraded one proxy at a time, so an older proxy reads state its newer peers wrote: fields it does
+    not know are left out, and everything it knows is read back as written."""
+    import json
+
+    from proxy.control import MigrationOptions, MigrationState, Phase, state_json, state_load
+
+    state = MigrationState(phase=Phase.DATA_MIGRATION, primary="sqlite:///a.db", secondary="sqlite:///b.db",
+                           options=MigrationOptions(batch_size=batch), backfill_cursor=cursor, backfill_done=done,
+                           backfill_seconds=seconds, ramp_steps=(0.1, 1.0))
+    assert state_load(state_json(state)) == state
+    newer = json.loads(state_json(state))
+    newer["a_field_from_later"] = {"x": 1}
+    newer["options"]["an_option_from_later"] = True
+    assert state_load(json.dumps(newer)) == state
