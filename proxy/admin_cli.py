@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         elif cmd == "mismatches":
             found = stub.ListMismatches(pb.ListMismatchesRequest(limit=args.limit, operation=args.operation,
                                                                  scope=args.scope), metadata=metadata)
-            print(f"{found.total_mismatches} mismatches seen by this proxy; latest {len(found.samples)}:")
+            latest = f"; the latest {len(found.samples)}:" if found.samples else ""
+            print(f"{found.total_mismatches} mismatches seen by this proxy{latest}")
             for m in found.samples:
                 when = time.strftime("%H:%M:%S", time.localtime(m.at_unix))
                 print(f"{when}  {m.operation} scope={m.scope} request={m.request!r}\n    {m.detail}\n"

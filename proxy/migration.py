@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -485,8 +486,11 @@ class MigrationEngine:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
                 cursor, page, applying = in_flight.popleft()
                 await applying
+                rate = self.state.options.rate_limit
+                if rate > 0:  # before the checkpoint, so even a copy of one batch never reports more than the limit
+                    await asyncio.sleep(max(0.0, len(page.records) / rate - (time.monotonic() - started)))
                 now = time.monotonic()
-                copied = await self._checkpoint(page, cursor, now - copying_since)
+                await self._checkpoint(page, cursor, now - copying_since)
                 copying_since = now
             except asyncio.CancelledError:
                 drop_pipeline()
@@ -498,9 +502,6 @@ class MigrationEngine:
                 next_cursor, exhausted = self.state.backfill_cursor, False
                 await asyncio.sleep(1.0)
                 continue
-            rate = self.state.options.rate_limit
-            if rate > 0 and copied:
-                await asyncio.sleep(max(0.0, copied / rate - (time.monotonic() - started)))
         drop_pipeline()
         if self.state.backfill_complete:
             log.info("backfill complete", extra={"records": self.state.backfill_done})
@@ -519,7 +520,10 @@ class MigrationEngine:
         state = self.state
         secondary = self.secondary
         keep = secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding
-        return await self.primary.export_page(cursor, state.options.batch_size, vectors=keep)
+        size, rate = state.options.batch_size, state.options.rate_limit
+        if rate > 0:  # at most a second's worth of records a batch: under a low limit progress still moves evenly
+            size = min(size, max(1, math.ceil(rate)))
+        return await self.primary.export_page(cursor, size, vectors=keep)
 
     async def _checkpoint(self, page: ExportPage, cursor: RecordKey | None, spent: float) -> int:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
