@@ -49,6 +49,8 @@ from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 T = TypeVar("T")
+MAX_BATCH = 10_000  # records per backfill batch
+MAX_WORKERS = 16  # batches applied at once
 StoreOpener = Callable[[str], Awaitable[Backend]]
 
 # What each phase may move to, for error messages and checks.
@@ -641,10 +643,12 @@ class MigrationEngine:
                                         "open; Advance from Completed to close it, or Rollback")
             if target == self.state.primary:
                 raise IllegalTransition(f"the target {target!r} is the current primary")
-            if options.batch_size < 1:
-                raise InvalidInput("batch_size", "must be at least 1")
-            if options.workers < 1:
-                raise InvalidInput("workers", "must be at least 1")
+            # Up to workers + 1 batches are held at once, each record with its vector: the bounds keep that in
+            # hundreds of megabytes at worst, whatever an operator types.
+            if not 1 <= options.batch_size <= MAX_BATCH:
+                raise InvalidInput("batch_size", f"is {options.batch_size}, must be in [1, {MAX_BATCH}]")
+            if not 1 <= options.workers <= MAX_WORKERS:
+                raise InvalidInput("workers", f"is {options.workers}, must be in [1, {MAX_WORKERS}]")
             if options.rate_limit < 0:
                 raise InvalidInput("rate_limit", "must not be negative (0 means unlimited)")
             await self._store(target)

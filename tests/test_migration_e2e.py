@@ -226,6 +226,13 @@ async def test_admin_needs_the_token_and_refuses_illegal_changes(cluster: Cluste
         await cluster.admin.Rollback(apb.RollbackRequest(reason="x"), metadata=AUTH)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "DataMigration" in (err.value.details() or "")  # says what is allowed
+    for bad, field_ in ((dict(batch_size=-1), "batch_size"), (dict(batch_size=10_001), "batch_size"),
+                        (dict(workers=17), "workers"), (dict(rate_limit=-1.0), "rate_limit"), (dict(), "target")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await cluster.admin.StartMigration(apb.StartMigrationRequest(
+                target=cluster.target if field_ != "target" else "", **bad), metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_ in (err.value.details() or "")
+        assert (await status(cluster)).phase == apb.NOT_STARTED  # nothing started, nothing half-made
     await seed(cluster, 100)  # enough that a 1 record/s backfill is surely not done yet
     await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, rate_limit=1),
                                        metadata=AUTH)

@@ -506,11 +506,11 @@ class StartMigrationRequest(_message.Message):
     target: _builtins.str
     """Store spec of the new store, e.g. sqlite:///./data/new.db."""
     batch_size: _builtins.int
-    """Records per backfill batch; 0 means 500."""
+    """Records per backfill batch, at most 10000; 0 means 500."""
     rate_limit: _builtins.float
     """Backfill records per second; 0 means unlimited."""
     workers: _builtins.int
-    """Backfill workers; 0 means 1."""
+    """Backfill workers (batches applied at once), at most 16; 0 means 1."""
     reembed: _builtins.bool
     """Re-embed every entity even when the embedding model and dimension match."""
     mirror_seconds: _builtins.float
