@@ -53,7 +53,6 @@ class MigrationState:
     backfill_done: int = 0
     backfill_total: int = 0
     backfill_complete: bool = False
-    backfill_started_at: float = 0.0
     # Seconds spent copying: pauses, restarts and a fleet's hand-overs between leaders are not counted, so the rate
     # (done / this) stays true after the copy ends or while it is paused, instead of decaying with the wall clock.
     backfill_seconds: float = 0.0

@@ -656,8 +656,8 @@ class MigrationEngine:
             new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
-                          backfill_started_at=time.time(), backfill_seconds=0.0, verify_cursor=None,
-                          last_verify_differences=-1, read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
+                          backfill_seconds=0.0, verify_cursor=None, last_verify_differences=-1, read_fraction=0.0,
+                          ramp_step=-1, mirror_until=0.0)
             # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)
