@@ -279,19 +279,23 @@ async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
     await fill(src, n, dim)
     pages = await pages_of(src)
     await src.close()
-    # Baseline and backfill alternate, so a slow spell of this shared machine lands on both alike; medians reported.
+    # Baseline, read and backfill alternate, in reversed order every other round, so neither a slow spell of this
+    # shared machine nor going first or last favours one side; medians reported.
     raw_rates, rates, read_rates = [], [], []
-    for r in range(rounds):
-        raw = EmbeddedBackend(work / f"raw{r}.db", embedder)
-        await raw.open()
-        raw_rates.append(await bulk_rate(raw, pages))
-        read_rates.append(await read_rate(work / "src.db", embedder))
-        engine, control = await engine_on(work, embedder, f"sqlite:///{work}/src.db")
-        await engine.start_migration(f"sqlite:///{work}/dst{r}.db", MigrationOptions(batch_size=500), "bench")
-        secs = await wait_backfill(engine)
-        rates.append(engine.state.backfill_done / secs)
-        await engine.stop()
-        await control.close()
+    for r, side in alternating(rounds, "raw", "read", "backfill"):
+        if side == "raw":
+            raw = EmbeddedBackend(work / f"raw{r}.db", embedder)
+            await raw.open()
+            raw_rates.append(await bulk_rate(raw, pages))
+        elif side == "read":
+            read_rates.append(await read_rate(work / "src.db", embedder))
+        else:
+            engine, control = await engine_on(work, embedder, f"sqlite:///{work}/src.db")
+            await engine.start_migration(f"sqlite:///{work}/dst{r}.db", MigrationOptions(batch_size=500), "bench")
+            secs = await wait_backfill(engine)
+            rates.append(engine.state.backfill_done / secs)
+            await engine.stop()
+            await control.close()
     raw_rate, rate = statistics.median(raw_rates), statistics.median(rates)
     ratios = sorted(b / a for a, b in zip(raw_rates, rates, strict=True))
     table.add(f"target raw bulk apply, {n} entities + vectors (baseline, median of {rounds})", rate=raw_rate)

@@ -8,6 +8,7 @@ uses a PostgreSQL implementation of the same `ControlStore` protocol.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 import time
@@ -177,10 +178,15 @@ def state_json(state: MigrationState) -> str:
     return json.dumps(data)
 
 
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The fields of `cls` in `data`. A field written by a newer Memshift is left out rather than refused, so a
     fleet mid-upgrade keeps running on the state its newer members write."""
-    names = {f.name for f in fields(cls)}
+    names = _field_names(cls)
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -243,8 +249,8 @@ class SqliteControlStore:
             self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                rows = self._conn.execute("SELECT body FROM state WHERE id=1").fetchall()
-                current = state_load(rows[0][0]).revision if rows else 0
+                rows = self._conn.execute("SELECT json_extract(body, '$.revision') FROM state WHERE id=1").fetchall()
+                current = int(rows[0][0]) if rows else 0  # the revision alone, not the whole state parsed
                 if current != expected_revision:
                     self._conn.execute("ROLLBACK")
                     raise Conflict(f"state is at revision {current}, expected {expected_revision}")

@@ -46,6 +46,7 @@ from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed
 from proxy.ops import WriteOp
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
+from proxy.validation import within
 
 log = logging.getLogger("memshift.migration")
 T = TypeVar("T")
@@ -645,10 +646,8 @@ class MigrationEngine:
                 raise IllegalTransition(f"the target {target!r} is the current primary")
             # Up to workers + 1 batches are held at once, each record with its vector: the bounds keep that in
             # hundreds of megabytes at worst, whatever an operator types.
-            if not 1 <= options.batch_size <= MAX_BATCH:
-                raise InvalidInput("batch_size", f"is {options.batch_size}, must be in [1, {MAX_BATCH}]")
-            if not 1 <= options.workers <= MAX_WORKERS:
-                raise InvalidInput("workers", f"is {options.workers}, must be in [1, {MAX_WORKERS}]")
+            within("batch_size", options.batch_size, 1, MAX_BATCH)
+            within("workers", options.workers, 1, MAX_WORKERS)
             if options.rate_limit < 0:
                 raise InvalidInput("rate_limit", "must not be negative (0 means unlimited)")
             await self._store(target)
@@ -737,10 +736,8 @@ class MigrationEngine:
             log.info("backfill resumed", extra={"actor": actor})
 
     async def set_read_routing(self, read_fraction: float, shadow_rate: float) -> None:
-        if not 0.0 <= read_fraction <= 1.0:
-            raise InvalidInput("read_fraction", f"is {read_fraction}, must be in [0, 1]")
-        if not 0.0 <= shadow_rate <= 1.0:
-            raise InvalidInput("shadow_sample_rate", f"is {shadow_rate}, must be in [0, 1]")
+        within("read_fraction", read_fraction, 0, 1)
+        within("shadow_sample_rate", shadow_rate, 0, 1)
         async with self._lock:
             await self._fresh()
             if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
@@ -756,8 +753,7 @@ class MigrationEngine:
             await self._fresh()
             if self.state.phase != Phase.DUAL_WRITE:
                 raise self._illegal("ramp reads onto the secondary (only in DualWrite)")
-            if not 0.0 <= shadow_rate <= 1.0:
-                raise InvalidInput("shadow_sample_rate", f"is {shadow_rate}, must be in [0, 1]")
+            within("shadow_sample_rate", shadow_rate, 0, 1)
             plan = ", ".join(f"{f:.0%}" for f in steps)
             await self._save(replace(self.state, ramp_steps=steps, ramp_interval=interval, ramp_step=0,
                                      ramp_step_started_at=time.time(), read_fraction=steps[0],

@@ -115,6 +115,11 @@ def search_limit(value: int, limits: Limits) -> int:
     return value or 10
 
 
+def within(field: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidInput(field, f"is {value}, must be in [{low:g}, {high:g}]")
+
+
 def min_score(value: float | None) -> float | None:
     if value is not None and not -1.0 <= value <= 1.0:
         raise InvalidInput("min_score", f"is {value}, must be a cosine similarity in [-1, 1]")

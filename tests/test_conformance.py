@@ -13,7 +13,15 @@ from adapters.base import Backend, ExportPage
 from adapters.embedder import BatchingEmbedder
 from adapters.export import ExportInParts
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
-from adapters.records import EntityRecord, Kind, ObservationRecord, RelationRecord, record_digest, text_hash
+from adapters.records import (
+    EntityRecord,
+    Kind,
+    ObservationRecord,
+    Record,
+    RelationRecord,
+    record_digest,
+    text_hash,
+)
 from tests.conftest import StoreFactory
 
 S = "agent-1"
@@ -303,6 +311,20 @@ def same_export(a: ExportPage, b: ExportPage) -> bool:
         a.vectors[k][0] == b.vectors[k][0] and np.array_equal(a.vectors[k][1], b.vectors[k][1]) for k in a.vectors)
 
 
+async def walk_checking_parts(store: Backend, size: int) -> list[Record]:
+    """Every record of `store` as a backfill pages through it with `export_page`, each page checked against the list
+    and vector calls it stands for (`ExportInParts`) at the same position."""
+    walked: list[Record] = []
+    after = None
+    while True:
+        page = await store.export_page(after, size, vectors=True)
+        assert same_export(page, await ExportInParts.export_page(store, after, size, vectors=True))
+        walked += page.records
+        if page.next_after is None:
+            return walked
+        after = page.next_after
+
+
 async def test_export_page_is_every_record_with_the_vectors_a_copy_keeps(backend: Backend,
                                                                         v: itertools.count[int]) -> None:
     """A backfill's read: all records, tombstones included, and the vectors of childless entities with their own
@@ -320,15 +342,7 @@ async def test_export_page_is_every_record_with_the_vectors_a_copy_keeps(backend
     assert whole.vectors[(S, "lonely")][0] == text_hash("lonely thing")
     assert (await backend.export_page(None, 10_000, vectors=False)).vectors is None
     for size in (1, 2, 3, 5):
-        walked, after = [], None
-        while True:
-            page = await backend.export_page(after, size, vectors=True)
-            assert same_export(page, await ExportInParts.export_page(backend, after, size, vectors=True))
-            walked += page.records
-            if page.next_after is None:
-                break
-            after = page.next_after
-        assert walked == list(everything.records)
+        assert await walk_checking_parts(backend, size) == list(everything.records)
 
 
 async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> None:
