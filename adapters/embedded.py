@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from adapters import semantics
 from adapters.base import ExportPage, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
@@ -422,7 +423,7 @@ class EmbeddedBackend(PlannedWrites):
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
             _upgrade(conn)
-            conn.create_function("contains_ci", 2, lambda hay, needle: needle in hay.casefold(),
+            conn.create_function("contains_ci", 2, lambda hay, needle: semantics.search_hit(needle, hay),
                                  deterministic=True)
             self._check_embedding(conn)
         except Exception:
@@ -533,7 +534,7 @@ class EmbeddedBackend(PlannedWrites):
         return await self._call(run)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
-        needle = query.casefold()
+        needle = semantics.lowered(query)
 
         def run() -> Graph:
             assert self._conn is not None

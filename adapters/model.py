@@ -45,6 +45,7 @@ class ObservationDeletion:
 class Graph:
     entities: tuple[Entity, ...] = ()
     relations: tuple[Relation, ...] = ()
+    truncated: str = ""  # what was cut to fit the message limit, and how to get it ("" when whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class GraphPage:
     entities: tuple[Entity, ...]
     relations: tuple[Relation, ...]
     next_cursor: str | None
+    truncated: str = ""  # set only when one entity alone exceeded the message limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class ScoredEntity:
 class SearchResult:
     results: tuple[ScoredEntity, ...]
     relations: tuple[Relation, ...]
+    truncated: str = ""  # what was cut to fit the message limit ("" when whole)
 
 
 class StoreError(Exception):

@@ -208,10 +208,10 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
                       f" AND {_after(['a.name', 'r.relation_type', 'b.name'])} RETURN a.name AS source,"
                       " r.relation_type AS relation_type, b.name AS target, r.metadata AS metadata"
                       " ORDER BY source, relation_type, target LIMIT $limit",
-            "find_e": f"MATCH (e:{EL}) WHERE e.scope = $scope AND e.deleted = false AND (toLower(e.name) CONTAINS"
-                      " $needle OR toLower(e.entity_type) CONTAINS $needle) RETURN e.name AS name",
+            "find_e": f"MATCH (e:{EL}) WHERE e.scope = $scope AND e.deleted = false"
+                      " RETURN e.name AS name, e.entity_type AS entity_type",
             "find_o": f"MATCH (e:{EL})-[:HAS_OBSERVATION]->(o:{OL}) WHERE e.scope = $scope AND e.deleted = false"
-                      " AND o.deleted = false AND toLower(o.text) CONTAINS $needle RETURN DISTINCT e.name AS name",
+                      " AND o.deleted = false RETURN e.name AS name, o.text AS text",
             "exact": f"MATCH (e:{EL}) WHERE e.scope = $scope AND e.deleted = false AND e.embedding IS NOT NULL"
                      " AND e.vector_hash = e.embed_hash AND (size($types) = 0 OR e.entity_type IN $types)"
                      " WITH e, vector.similarity.cosine(e.embedding, $q) AS score"
@@ -484,9 +484,12 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
         return GraphPage(tuple(entities), tuple(rels), nxt)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
-        needle = query.casefold()
-        names = {r["name"] for q in ("find_e", "find_o") for r in await self._run(self._q[q], scope=scope,
-                                                                                 needle=needle)}
+        # Matched here with the one shared rule: Cypher's toLower() is the server's (Java's, locale-dependent).
+        needle = semantics.lowered(query)
+        names = {r["name"] for r in await self._run(self._q["find_e"], scope=scope)
+                 if semantics.search_hit(needle, r["name"], r["entity_type"])}
+        names |= {r["name"] for r in await self._run(self._q["find_o"], scope=scope)
+                  if semantics.search_hit(needle, r["text"])}
         return await self._graph(scope, sorted(names))
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:

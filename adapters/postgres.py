@@ -32,6 +32,7 @@ import asyncpg
 import numpy as np
 from pgvector.asyncpg import register_vector
 
+from adapters import semantics
 from adapters.base import VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
@@ -478,15 +479,18 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         return await self._read(run)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
-        needle = query.casefold()
+        needle = semantics.lowered(query)
 
         async def run(conn: asyncpg.Connection) -> Graph:
-            names = [r["name"] for r in await conn.fetch(
-                "SELECT name FROM entities e WHERE scope = $1 AND NOT deleted AND (strpos(lower(name), $2) > 0"
-                " OR strpos(lower(entity_type), $2) > 0 OR EXISTS (SELECT 1 FROM observations o WHERE"
-                " o.scope = $1 AND o.entity = e.name AND NOT o.deleted AND strpos(lower(o.text), $2) > 0))"
-                " ORDER BY name", scope, needle)]
-            return await self._graph(conn, scope, names)
+            # Matched here with the one shared rule: PostgreSQL's lower() follows the server's locale.
+            hits = {r["name"] for r in await conn.fetch(
+                "SELECT name, entity_type FROM entities WHERE scope = $1 AND NOT deleted", scope)
+                if semantics.search_hit(needle, r["name"], r["entity_type"])}
+            hits |= {r["entity"] for r in await conn.fetch(
+                "SELECT o.entity, o.text FROM observations o JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
+                " WHERE o.scope = $1 AND NOT o.deleted AND NOT e.deleted", scope)
+                if semantics.search_hit(needle, r["text"])}
+            return await self._graph(conn, scope, sorted(hits))
 
         return await self._read(run)
 

@@ -348,13 +348,13 @@ class QdrantBackend(PlannedWrites, ExportInParts):
         return GraphPage(tuple(entities), tuple(rels), nxt)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
-        needle = query.casefold()
+        needle = semantics.lowered(query)
         ents = [p.payload or {} for p in await self._scroll(Kind.ENTITY, _match(scope=scope, deleted=False))]
-        hits = {e["name"] for e in ents if needle in e["name"].casefold() or needle in e["entity_type"].casefold()}
+        hits = {e["name"] for e in ents if semantics.search_hit(needle, e["name"], e["entity_type"])}
         live = {e["name"] for e in ents}
         for p in await self._scroll(Kind.OBSERVATION, _match(scope=scope, deleted=False)):
             pl = p.payload or {}
-            if pl["entity"] in live and needle in pl["text"].casefold():
+            if pl["entity"] in live and semantics.search_hit(needle, pl["text"]):
                 hits.add(pl["entity"])
         return await self._graph(scope, sorted(hits))
 

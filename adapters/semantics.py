@@ -18,6 +18,18 @@ Stored = Mapping[RecordKey, Record]
 Effects = tuple[Record, ...]
 
 
+def lowered(text: str) -> str:
+    """Case as `SearchNodes` ignores it, the MCP memory server's way: Unicode's default lower-case mapping
+    (JavaScript's toLowerCase, Python's str.lower), not case folding, so "STRASSE" does not find "Straße". Every store
+    matches with this one function, never with its own database's lower(), whose result depends on its locale."""
+    return text.lower()
+
+
+def search_hit(needle: str, *texts: str) -> bool:
+    """Does any of `texts` contain `needle` (already `lowered`), ignoring case?"""
+    return any(needle in lowered(t) for t in texts)
+
+
 def entity_key(scope: str, name: str) -> RecordKey:
     return (Kind.ENTITY, scope, (name,))
 

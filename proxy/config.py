@@ -32,6 +32,7 @@ class Limits:
     max_observation_chars: int = 8192
     max_metadata_entries: int = 32
     max_metadata_chars: int = 1024
+    max_entity_bytes: int = 1024 * 1024  # one entity's name, type, observations and metadata, in UTF-8 bytes
     max_query_chars: int = 2048
     max_page_size: int = 5000
     default_page_size: int = 500

@@ -22,7 +22,8 @@ from adapters.model import (
 from proxy import ops, reads
 from proxy import validation as check
 from proxy.config import Limits
-from proxy.errors import InvalidInput
+from proxy.errors import InvalidInput, TooLarge
+from proxy.fit import fit_graph, fit_page, fit_search
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 
@@ -34,14 +35,20 @@ class Router:
         self._embedder = embedder
         self._limits = limits
 
+    # An empty list is a no-op answered without stamping a version or touching a store (the MCP memory server
+    # treats it so, and LLM agents send them).
     async def create_entities(self, scope: str, entities: Sequence[Entity]) -> tuple[Entity, ...]:
         check.scope(scope)
         check.entities(entities, self._limits)
+        if not entities:
+            return ()
         return (await self._engine.write(ops.CreateEntities(scope, entities))).answer
 
     async def create_relations(self, scope: str, relations: Sequence[Relation]) -> tuple[Relation, ...]:
         check.scope(scope)
         check.relations(relations, self._limits)
+        if not relations:
+            return ()
         return (await self._engine.write(ops.CreateRelations(scope, relations))).answer
 
     async def add_observations(
@@ -49,40 +56,67 @@ class Router:
     ) -> tuple[ObservationAddition, ...]:
         check.scope(scope)
         check.additions(additions, self._limits)
+        if not additions:
+            return ()
+        await self._check_growth(scope, additions)
         return (await self._engine.write(ops.AddObservations(scope, additions))).answer
+
+    async def _check_growth(self, scope: str, additions: Sequence[ObservationAddition]) -> None:
+        """`max_entity_bytes` holds across calls: what an entity already holds (read from the primary) plus what this
+        call adds. Two calls racing on one entity may each pass; the overshoot is bounded by one call's size."""
+        adding: dict[str, dict[str, None]] = {}
+        for add in additions:
+            adding.setdefault(add.entity_name, {}).update(dict.fromkeys(add.contents))
+        current = {e.name: e for e in (await self._engine.primary.open_nodes(scope, list(adding))).entities}
+        for i, add in enumerate(additions):
+            ent = current.get(add.entity_name)
+            if ent is None:
+                continue  # the write answers NOT_FOUND
+            new = [o for o in adding[add.entity_name] if o not in set(ent.observations)]
+            grown = check.entity_bytes(ent) + sum(len(o.encode()) for o in new)
+            if grown > self._limits.max_entity_bytes:
+                raise TooLarge(f"observations[{i}].contents",
+                               f"would make entity {add.entity_name!r} hold {grown} bytes of text, at most "
+                               f"{self._limits.max_entity_bytes} per entity (name, type, observations and metadata)")
 
     async def delete_entities(self, scope: str, names: Sequence[str]) -> None:
         check.scope(scope)
         check.names("entity_names", names, self._limits)
-        await self._engine.write(ops.DeleteEntities(scope, names))
+        if names:
+            await self._engine.write(ops.DeleteEntities(scope, names))
 
     async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion]) -> None:
         check.scope(scope)
         check.deletions(deletions, self._limits)
-        await self._engine.write(ops.DeleteObservations(scope, deletions))
+        if any(d.observations for d in deletions):
+            await self._engine.write(ops.DeleteObservations(scope, deletions))
 
     async def delete_relations(self, scope: str, relations: Sequence[Relation]) -> None:
         check.scope(scope)
         check.relations(relations, self._limits, with_metadata=False)
-        await self._engine.write(ops.DeleteRelations(scope, relations))
+        if relations:
+            await self._engine.write(ops.DeleteRelations(scope, relations))
 
     async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage:
         check.scope(scope)
         size = check.page_size(page_size, self._limits)
         try:
-            return await self._reads.read(reads.ReadGraph(scope, page_token or None, size))
+            page = await self._reads.read(reads.ReadGraph(scope, page_token or None, size))
         except ValueError as exc:
             raise InvalidInput("page_token", "is not a token returned by ReadGraph") from exc
+        return fit_page(page, self._limits.max_message_bytes)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         check.scope(scope)
         check.query(query, self._limits)
-        return await self._reads.read(reads.SearchNodes(scope, query))
+        return fit_graph(await self._reads.read(reads.SearchNodes(scope, query)), self._limits.max_message_bytes)
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         check.scope(scope)
         check.names("names", names, self._limits)
-        return await self._reads.read(reads.OpenNodes(scope, names))
+        if not names:
+            return Graph()
+        return fit_graph(await self._reads.read(reads.OpenNodes(scope, names)), self._limits.max_message_bytes)
 
     async def semantic_search(
         self, scope: str, query: str, limit: int, min_score: float | None, entity_types: Sequence[str]
@@ -93,4 +127,5 @@ class Router:
         threshold = check.min_score(min_score)
         check.entity_types(entity_types, self._limits)
         vector = (await self._embedder.embed([query]))[0]
-        return await self._reads.read(reads.SemanticSearch(scope, query, vector, k, threshold, entity_types))
+        result = await self._reads.read(reads.SemanticSearch(scope, query, vector, k, threshold, entity_types))
+        return fit_search(result, self._limits.max_message_bytes)

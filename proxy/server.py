@@ -43,10 +43,13 @@ from proxy.shadow import ShadowReader
 from proxy.stores import backend_for, redact, sqlite_path
 from proxy.telemetry import Gauges, Telemetry
 from proxy.telemetry import build as build_telemetry
+from proxy.wire import add_servicer
 
 log = logging.getLogger("memshift.server")
-MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["MigrationAdmin"].full_name
+MEMORY_DESCRIPTOR = memory_pb2.DESCRIPTOR.services_by_name["Memory"]
+ADMIN_DESCRIPTOR = admin_pb2.DESCRIPTOR.services_by_name["MigrationAdmin"]
+MEMORY_SERVICE = MEMORY_DESCRIPTOR.full_name
+ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def build_embedder(config: EmbeddingConfig) -> BatchingEmbedder:
@@ -141,7 +144,8 @@ class MemshiftServer:
         limit = cfg.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self._server = grpc.aio.server(options=options)
-        memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(self.router, self.telemetry), self._server)
+        add_servicer(self._server, memory_pb2_grpc.add_MemoryServicer_to_server,
+                     MemoryServicer(self.router, self.telemetry, cfg.limits), MEMORY_DESCRIPTOR)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -151,7 +155,7 @@ class MemshiftServer:
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
         admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet))
-        admin_pb2_grpc.add_MigrationAdminServicer_to_server(admin, self._admin)
+        add_servicer(self._admin, admin_pb2_grpc.add_MigrationAdminServicer_to_server, admin, ADMIN_DESCRIPTOR)
         self.admin_port = self._bind(self._admin, cfg.admin_listen)
 
         await self._server.start()

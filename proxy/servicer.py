@@ -5,17 +5,20 @@ Each error becomes the status DESIGN.md names for it, with a message that says w
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
+from proxy.config import Limits
 from proxy.control import Conflict
 from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, TooLarge
 from proxy.router import Router
@@ -24,7 +27,9 @@ from proxy.stores import StoreSpecError
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.rpc")
+T = TypeVar("T")
 Req = TypeVar("Req")
+_INLINE_BYTES = 256 * 1024  # requests smaller than this are converted on the event loop: a thread costs more
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
@@ -92,43 +97,57 @@ def _run_hooks(hooks: list[Callable[[], None]]) -> None:
 class MemoryServicer(pb_grpc.MemoryServicer):
     SERVICE = "memshift.v1.Memory"
 
-    def __init__(self, router: Router, telemetry: Telemetry) -> None:
+    def __init__(self, router: Router, telemetry: Telemetry, limits: Limits) -> None:
         self._router = router
         self.telemetry = telemetry
+        self._limits = limits
+
+    async def _convert(self, request: Message, convert_it: Callable[[], T]) -> T:
+        """Counts checked on the wire message before anything is converted, so an over-count request costs a few
+        `len` calls; a large request is then converted on a worker thread, so health checks and other callers are
+        not held behind one caller's input."""
+        convert.check_counts(request, self._limits)
+        if request.ByteSize() < _INLINE_BYTES:
+            return convert_it()
+        return await asyncio.to_thread(convert_it)
 
     @rpc
     async def CreateEntities(self, request: pb.CreateEntitiesRequest, context: Any) -> pb.CreateEntitiesResponse:
-        created = await self._router.create_entities(request.scope, [convert.entity_in(e) for e in request.entities])
+        entities = await self._convert(request, lambda: [convert.entity_in(e) for e in request.entities])
+        created = await self._router.create_entities(request.scope, entities)
         return pb.CreateEntitiesResponse(created=[convert.entity_out(e) for e in created])
 
     @rpc
     async def CreateRelations(self, request: pb.CreateRelationsRequest, context: Any) -> pb.CreateRelationsResponse:
-        created = await self._router.create_relations(
-            request.scope, [convert.relation_in(r) for r in request.relations])
+        relations = await self._convert(request, lambda: [convert.relation_in(r) for r in request.relations])
+        created = await self._router.create_relations(request.scope, relations)
         return pb.CreateRelationsResponse(created=[convert.relation_out(r) for r in created])
 
     @rpc
     async def AddObservations(self, request: pb.AddObservationsRequest, context: Any) -> pb.AddObservationsResponse:
-        results = await self._router.add_observations(
-            request.scope, [convert.addition_in(a) for a in request.observations])
+        additions = await self._convert(request, lambda: [convert.addition_in(a) for a in request.observations])
+        results = await self._router.add_observations(request.scope, additions)
         return pb.AddObservationsResponse(results=[
             pb.ObservationResult(entity_name=r.entity_name, added_observations=r.contents) for r in results])
 
     @rpc
     async def DeleteEntities(self, request: pb.DeleteEntitiesRequest, context: Any) -> pb.DeleteEntitiesResponse:
-        await self._router.delete_entities(request.scope, list(request.entity_names))
+        names = await self._convert(request, lambda: list(request.entity_names))
+        await self._router.delete_entities(request.scope, names)
         return pb.DeleteEntitiesResponse()
 
     @rpc
     async def DeleteObservations(
         self, request: pb.DeleteObservationsRequest, context: Any
     ) -> pb.DeleteObservationsResponse:
-        await self._router.delete_observations(request.scope, [convert.deletion_in(d) for d in request.deletions])
+        deletions = await self._convert(request, lambda: [convert.deletion_in(d) for d in request.deletions])
+        await self._router.delete_observations(request.scope, deletions)
         return pb.DeleteObservationsResponse()
 
     @rpc
     async def DeleteRelations(self, request: pb.DeleteRelationsRequest, context: Any) -> pb.DeleteRelationsResponse:
-        await self._router.delete_relations(request.scope, [convert.relation_in(r) for r in request.relations])
+        relations = await self._convert(request, lambda: [convert.relation_in(r) for r in request.relations])
+        await self._router.delete_relations(request.scope, relations)
         return pb.DeleteRelationsResponse()
 
     @rpc
@@ -137,7 +156,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         return pb.ReadGraphResponse(
             entities=[convert.entity_out(e) for e in page.entities],
             relations=[convert.relation_out(r) for r in page.relations],
-            next_page_token=page.next_cursor or "")
+            next_page_token=page.next_cursor or "", truncated=page.truncated)
 
     @rpc
     async def SearchNodes(self, request: pb.SearchNodesRequest, context: Any) -> pb.Graph:
@@ -145,13 +164,15 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @rpc
     async def OpenNodes(self, request: pb.OpenNodesRequest, context: Any) -> pb.Graph:
-        return convert.graph_out(await self._router.open_nodes(request.scope, list(request.names)))
+        names = await self._convert(request, lambda: list(request.names))
+        return convert.graph_out(await self._router.open_nodes(request.scope, names))
 
     @rpc
     async def SemanticSearch(self, request: pb.SemanticSearchRequest, context: Any) -> pb.SemanticSearchResponse:
+        convert.check_counts(request, self._limits)
         result = await self._router.semantic_search(
             request.scope, request.query, request.limit,
             request.min_score if request.HasField("min_score") else None, list(request.entity_types))
         return pb.SemanticSearchResponse(
             results=[pb.ScoredEntity(entity=convert.entity_out(r.entity), score=r.score) for r in result.results],
-            relations=[convert.relation_out(r) for r in result.relations])
+            relations=[convert.relation_out(r) for r in result.relations], truncated=result.truncated)

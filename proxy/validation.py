@@ -7,20 +7,23 @@ validation runs on the whole request first, a rejected call stores nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from proxy.config import Limits
 from proxy.errors import InvalidInput, TooLarge
 
-SCOPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+SCOPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # always fullmatch: `$` also matches before a "\n"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# The one value domain every store round-trips: any Unicode text but NUL (PostgreSQL's text type cannot hold it)
+# and unpaired surrogates (not encodable as UTF-8; JSON over MCP can carry them, protobuf cannot).
+_UNSTORABLE_RE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def scope(value: str) -> str:
     if not value:
         raise InvalidInput("scope", "is required (one agent's or team's memory, e.g. 'agent-42')")
-    if not SCOPE_RE.match(value):
+    if not SCOPE_RE.fullmatch(value):
         raise InvalidInput("scope", f"{value[:40]!r} is malformed: 1-128 characters of [A-Za-z0-9._:/-],"
                                     " starting with a letter or digit")
     return value
@@ -32,12 +35,16 @@ def text(field: str, value: str, max_chars: int, *, required: bool = True, singl
     if len(value) > max_chars:
         raise InvalidInput(field, f"is {len(value)} characters long, at most {max_chars} allowed")
     if single_line and _CONTROL_RE.search(value):
-        raise InvalidInput(field, "must not contain control characters")
+        raise InvalidInput(field, "must not contain control characters (U+0000-U+001F, U+007F)")
+    bad = _UNSTORABLE_RE.search(value)
+    if bad:
+        what = "NUL (U+0000)" if bad.group() == "\x00" else f"an unpaired surrogate (U+{ord(bad.group()):04X})"
+        raise InvalidInput(field, f"must not contain {what}; no store can keep it (at character {bad.start()})")
 
 
-def count(field: str, items: Sequence[object], limit: int, *, required: bool = True) -> None:
-    if required and not items:
-        raise InvalidInput(field, "must name at least one item")
+def count(field: str, items: Sized, limit: int) -> None:
+    """An empty list is a no-op, as in the MCP memory server (LLM agents do send them); too many is refused before
+    any item is converted or checked, so the work an oversized request costs is bounded."""
     if len(items) > limit:
         raise TooLarge(field, f"has {len(items)} items, at most {limit} per call")
 
@@ -55,12 +62,22 @@ def entities(items: Sequence[Entity], limits: Limits) -> None:
     for i, ent in enumerate(items):
         text(f"entities[{i}].name", ent.name, limits.max_name_chars)
         text(f"entities[{i}].entity_type", ent.entity_type, limits.max_type_chars)
-        observations(f"entities[{i}].observations", ent.observations, limits, required=False)
+        observations(f"entities[{i}].observations", ent.observations, limits)
         metadata(f"entities[{i}].metadata", ent.metadata, limits)
+        size = entity_bytes(ent)
+        if size > limits.max_entity_bytes:
+            raise TooLarge(f"entities[{i}]", f"holds {size} bytes of text, at most {limits.max_entity_bytes} per "
+                                            "entity (name, type, observations and metadata together)")
 
 
-def observations(field: str, items: Sequence[str], limits: Limits, *, required: bool = True) -> None:
-    count(field, items, limits.max_observations_per_entity, required=required)
+def entity_bytes(ent: Entity) -> int:
+    """What one entity holds, in UTF-8 bytes: the figure `max_entity_bytes` bounds."""
+    return (len(ent.name.encode()) + len(ent.entity_type.encode()) + sum(len(o.encode()) for o in ent.observations)
+            + sum(len(k.encode()) + len(v.encode()) for k, v in ent.metadata.items()))
+
+
+def observations(field: str, items: Sequence[str], limits: Limits) -> None:
+    count(field, items, limits.max_observations_per_entity)
     for j, obs in enumerate(items):
         text(f"{field}[{j}]", obs, limits.max_observation_chars, single_line=False)
 
@@ -127,6 +144,6 @@ def min_score(value: float | None) -> float | None:
 
 
 def entity_types(items: Sequence[str], limits: Limits) -> None:
-    count("entity_types", items, limits.max_items_per_call, required=False)
+    count("entity_types", items, limits.max_items_per_call)
     for i, t in enumerate(items):
         text(f"entity_types[{i}]", t, limits.max_type_chars)

@@ -350,3 +350,15 @@ async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> No
     await backend.delete_entities(S, ["bob"], next(v))
     assert await backend.purge_tombstones(next(v)) >= 1
     assert await backend.get_records([(Kind.ENTITY, S, ("bob",))]) == []
+
+
+async def test_search_nodes_ignores_case_by_unicode_lower_casing_not_folding(backend: Backend,
+                                                                           v: itertools.count[int]) -> None:
+    """The MCP memory server's rule (JavaScript's toLowerCase on both sides), the same on every store whatever its
+    database's locale: 'STRASSE' does not find 'Straße', a capital sigma finds its final form."""
+    await backend.create_entities(S, [Entity("Straße", "road"), Entity("σίσυφος", "myth"), Entity("ÉCOLE", "place")],
+                                  next(v))
+    assert (await backend.search_nodes(S, "STRASSE")).entities == ()
+    assert [e.name for e in (await backend.search_nodes(S, "STRAßE")).entities] == ["Straße"]
+    assert [e.name for e in (await backend.search_nodes(S, "ΣΊΣΥΦΟΣ")).entities] == ["σίσυφος"]
+    assert [e.name for e in (await backend.search_nodes(S, "école")).entities] == ["ÉCOLE"]

@@ -7,7 +7,16 @@ Semantics follow the MCP memory server, so MCP-style agents work unchanged:
   * creating an entity or relation that already exists is skipped, not an error;
   * adding observations to a missing entity is NOT_FOUND (and nothing of the call is stored);
   * deleting is idempotent; deleting an entity deletes its observations and its relations;
-  * SearchNodes, OpenNodes and SemanticSearch return the relations touching the returned entities.
+  * SearchNodes, OpenNodes and SemanticSearch return the relations touching the returned entities;
+  * an empty list (no entities, no names, no contents, nothing to delete) is a no-op, not an error.
+
+Values: any Unicode text except NUL (U+0000); names, entity and relation types, scopes and metadata keys also
+exclude the other control characters (U+0001-U+001F, U+007F); names and types must not be blank. Whatever is
+accepted is stored and returned exactly, by every store. One entity holds at most `max_entity_bytes` (1 MiB by
+default) of UTF-8 text: name, type, observations and metadata together, across calls.
+
+Every answer fits the message limit: ReadGraph pages end early when their entities are large (keep following
+next_page_token); SearchNodes, OpenNodes and SemanticSearch say in `truncated` what they had to leave out.
 
 Every request carries a `scope`: one agent's or one team's memory. Scopes never see each other's data.
 A scope is 1-128 characters of [A-Za-z0-9._:/-], starting with a letter or digit.
@@ -139,6 +148,9 @@ class Graph(_message.Message):
 
     ENTITIES_FIELD_NUMBER: _builtins.int
     RELATIONS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.str
+    """Empty when the answer is whole; otherwise what was cut to fit the message limit and how to get the rest."""
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]: ...
     @_builtins.property
@@ -148,10 +160,11 @@ class Graph(_message.Message):
         *,
         entities: _abc.Iterable[Global___Entity] | None = ...,
         relations: _abc.Iterable[Global___Relation] | None = ...,
+        truncated: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "relations", b"relations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "relations", b"relations", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -503,8 +516,13 @@ class ReadGraphResponse(_message.Message):
     ENTITIES_FIELD_NUMBER: _builtins.int
     RELATIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Empty on the last page. A page holds fewer than page_size items when more would exceed the message limit."""
+    truncated: _builtins.str
+    """Set only when one entity alone exceeds the message limit (data stored before max_entity_bytes): it is sent
+    with the observations that fit, and this names it.
+    """
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]: ...
     @_builtins.property
@@ -515,10 +533,11 @@ class ReadGraphResponse(_message.Message):
         entities: _abc.Iterable[Global___Entity] | None = ...,
         relations: _abc.Iterable[Global___Relation] | None = ...,
         next_page_token: _builtins.str = ...,
+        truncated: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "next_page_token", b"next_page_token", "relations", b"relations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "next_page_token", b"next_page_token", "relations", b"relations", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +655,9 @@ class SemanticSearchResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     RELATIONS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.str
+    """Empty when the answer is whole; otherwise what was cut to fit the message limit."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredEntity]: ...
     @_builtins.property
@@ -645,10 +667,11 @@ class SemanticSearchResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___ScoredEntity] | None = ...,
         relations: _abc.Iterable[Global___Relation] | None = ...,
+        truncated: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["relations", b"relations", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relations", b"relations", "results", b"results", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

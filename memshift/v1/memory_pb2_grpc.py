@@ -140,7 +140,9 @@ class MemoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchNodes(self, request, context):
-        """Case-insensitive substring match on entity name, type and observations.
+        """Substring match on entity name, type and observations, ignoring case the way the MCP memory server does: both
+        sides are lower-cased with Unicode's default mapping (JavaScript's toLowerCase, Python's str.lower), with no
+        case folding: "STRASSE" does not find "Straße", "ΣΊΣΥΦΟΣ" finds "σίσυφος".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

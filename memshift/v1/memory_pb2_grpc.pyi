@@ -7,7 +7,16 @@ Semantics follow the MCP memory server, so MCP-style agents work unchanged:
   * creating an entity or relation that already exists is skipped, not an error;
   * adding observations to a missing entity is NOT_FOUND (and nothing of the call is stored);
   * deleting is idempotent; deleting an entity deletes its observations and its relations;
-  * SearchNodes, OpenNodes and SemanticSearch return the relations touching the returned entities.
+  * SearchNodes, OpenNodes and SemanticSearch return the relations touching the returned entities;
+  * an empty list (no entities, no names, no contents, nothing to delete) is a no-op, not an error.
+
+Values: any Unicode text except NUL (U+0000); names, entity and relation types, scopes and metadata keys also
+exclude the other control characters (U+0001-U+001F, U+007F); names and types must not be blank. Whatever is
+accepted is stored and returned exactly, by every store. One entity holds at most `max_entity_bytes` (1 MiB by
+default) of UTF-8 text: name, type, observations and metadata together, across calls.
+
+Every answer fits the message limit: ReadGraph pages end early when their entities are large (keep following
+next_page_token); SearchNodes, OpenNodes and SemanticSearch say in `truncated` what they had to leave out.
 
 Every request carries a `scope`: one agent's or one team's memory. Scopes never see each other's data.
 A scope is 1-128 characters of [A-Za-z0-9._:/-], starting with a letter or digit.
@@ -62,7 +71,10 @@ class MemoryStub:
     ReadGraph: _grpc.UnaryUnaryMultiCallable[_memory_pb2.ReadGraphRequest, _memory_pb2.ReadGraphResponse]
     """The whole graph of a scope, paged: entities in name order, then relations; follow next_page_token."""
     SearchNodes: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SearchNodesRequest, _memory_pb2.Graph]
-    """Case-insensitive substring match on entity name, type and observations."""
+    """Substring match on entity name, type and observations, ignoring case the way the MCP memory server does: both
+    sides are lower-cased with Unicode's default mapping (JavaScript's toLowerCase, Python's str.lower), with no
+    case folding: "STRASSE" does not find "Straße", "ΣΊΣΥΦΟΣ" finds "σίσυφος".
+    """
     OpenNodes: _grpc.UnaryUnaryMultiCallable[_memory_pb2.OpenNodesRequest, _memory_pb2.Graph]
     """The named entities (missing names are left out) and the relations touching them."""
     SemanticSearch: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SemanticSearchRequest, _memory_pb2.SemanticSearchResponse]
@@ -88,7 +100,10 @@ class MemoryAsyncStub(MemoryStub):
     ReadGraph: _aio.UnaryUnaryMultiCallable[_memory_pb2.ReadGraphRequest, _memory_pb2.ReadGraphResponse]  # type: ignore[assignment]
     """The whole graph of a scope, paged: entities in name order, then relations; follow next_page_token."""
     SearchNodes: _aio.UnaryUnaryMultiCallable[_memory_pb2.SearchNodesRequest, _memory_pb2.Graph]  # type: ignore[assignment]
-    """Case-insensitive substring match on entity name, type and observations."""
+    """Substring match on entity name, type and observations, ignoring case the way the MCP memory server does: both
+    sides are lower-cased with Unicode's default mapping (JavaScript's toLowerCase, Python's str.lower), with no
+    case folding: "STRASSE" does not find "Straße", "ΣΊΣΥΦΟΣ" finds "σίσυφος".
+    """
     OpenNodes: _aio.UnaryUnaryMultiCallable[_memory_pb2.OpenNodesRequest, _memory_pb2.Graph]  # type: ignore[assignment]
     """The named entities (missing names are left out) and the relations touching them."""
     SemanticSearch: _aio.UnaryUnaryMultiCallable[_memory_pb2.SemanticSearchRequest, _memory_pb2.SemanticSearchResponse]  # type: ignore[assignment]
@@ -159,7 +174,10 @@ class MemoryServicer(metaclass=_abc_1.ABCMeta):
         request: _memory_pb2.SearchNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.Graph, _abc.Awaitable[_memory_pb2.Graph]]:
-        """Case-insensitive substring match on entity name, type and observations."""
+        """Substring match on entity name, type and observations, ignoring case the way the MCP memory server does: both
+        sides are lower-cased with Unicode's default mapping (JavaScript's toLowerCase, Python's str.lower), with no
+        case folding: "STRASSE" does not find "Straße", "ΣΊΣΥΦΟΣ" finds "σίσυφος".
+        """
 
     @_abc_1.abstractmethod
     def OpenNodes(
