@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -12,10 +11,13 @@ from typing import Any
 import yaml
 
 from policies.comparators import CompareSettings
+from policies.numbers import problem
 from policies.ramp import RampSchedule
 from policies.rules import Action, Metric, Policy, Rule
 
 PHASES = ("DataMigration", "DualWrite", "Completed")
+DAY = 86_400.0
+MAX_NUMBER = 1e12  # a bound for figures with no natural one (a latency threshold in ms): finite, never reached
 
 
 class PolicyError(ValueError):
@@ -49,25 +51,21 @@ class _Fields:
     def _path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
 
-    def number(self, key: str, default: float | None = None, *, low: float = 0.0, high: float = math.inf,
+    def number(self, key: str, default: float | None = None, *, low: float = 0.0, high: float = MAX_NUMBER,
                above_low: bool = False) -> float:
         value = self.raw.get(key, default)
         if value is None:
             raise PolicyError(f"{self._path(key)}: is required")
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise PolicyError(f"{self._path(key)}: must be a number, got {value!r}")
-        if value < low or value > high or (above_low and value == low):
-            bound = f"> {low}" if above_low else f">= {low}"
-            raise PolicyError(f"{self._path(key)}: is {value}, must be {bound}" +
-                              (f" and <= {high}" if high != math.inf else ""))
+        if (why := problem(value, low, high, above_low=above_low)) is not None:
+            raise PolicyError(f"{self._path(key)}: {why}")
         return float(value)
 
-    def integer(self, key: str, default: int | None = None, *, low: int = 0) -> int:
+    def integer(self, key: str, default: int | None = None, *, low: int = 0, high: int = 1_000_000_000) -> int:
         value = self.raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise PolicyError(f"{self._path(key)}: must be a whole number, got {value!r}")
-        if value < low:
-            raise PolicyError(f"{self._path(key)}: is {value}, must be >= {low}")
+        if not low <= value <= high:
+            raise PolicyError(f"{self._path(key)}: is {value}, must be in [{low}, {high}]")
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
@@ -91,13 +89,13 @@ def _rule(f: _Fields) -> Rule:
     if not isinstance(name, str) or not name:
         raise PolicyError(f"{f.where}.name: must be a non-empty string")
     metric = Metric(f.choice("metric", tuple(m.value for m in Metric)))
-    high = 1.0 if metric is not Metric.ADDED_P99_MS else math.inf
+    high = 1.0 if metric is not Metric.ADDED_P99_MS else MAX_NUMBER
     phases = f.strings("phases")
     for i, p in enumerate(phases):
         if p not in PHASES:
             raise PolicyError(f"{f.where}.phases[{i}]: is {p!r}, must be one of: {', '.join(PHASES)}")
     return Rule(name=name, metric=metric, threshold=f.number("threshold", high=high),
-                window_seconds=f.number("window_seconds", low=0.0, above_low=True),
+                window_seconds=f.number("window_seconds", low=0.0, high=DAY, above_low=True),
                 min_samples=f.integer("min_samples", low=1), consecutive=f.integer("consecutive", 1, low=1),
                 action=Action(f.choice("action", tuple(a.value for a in Action))), phases=frozenset(phases))
 
@@ -108,17 +106,17 @@ def parse(raw: Any, where: str = "policy") -> PolicyFile:
     try:
         top = _Fields("", raw, {"evaluate_every_seconds", "shadow", "compare", "ramp", "rules"})
         shadow_f = top.sub("shadow", {"max_concurrency", "timeout_seconds"})
-        shadow = ShadowSettings(shadow_f.integer("max_concurrency", 32, low=1),
-                                shadow_f.number("timeout_seconds", 2.0, above_low=True))
+        shadow = ShadowSettings(shadow_f.integer("max_concurrency", 32, low=1, high=10_000),
+                                shadow_f.number("timeout_seconds", 2.0, high=600.0, above_low=True))
         c = top.sub("compare", {"noise_fields", "search_top_k", "search_min_overlap", "search_min_rank_agreement",
                                 "search_tie_epsilon"})
         compare = CompareSettings(frozenset(c.strings("noise_fields")), c.integer("search_top_k", 10, low=1),
                                   c.number("search_min_overlap", 0.8, high=1.0),
                                   c.number("search_min_rank_agreement", 0.8, high=1.0),
-                                  c.number("search_tie_epsilon", 1e-3))
+                                  c.number("search_tie_epsilon", 1e-3, high=2.0))
         r = top.sub("ramp", {"steps", "interval_seconds"})
         ramp = ramp_schedule(r.raw.get("steps", [0.01, 0.05, 0.25, 0.5, 1.0]),
-                             r.number("interval_seconds", 300.0, above_low=True), f"{r.where}.steps")
+                             r.number("interval_seconds", 300.0, high=DAY, above_low=True), f"{r.where}.steps")
         rules_raw = top.raw.get("rules")
         if not isinstance(rules_raw, list) or not rules_raw:
             raise PolicyError("rules: must be a non-empty list")
@@ -127,7 +125,7 @@ def parse(raw: Any, where: str = "policy") -> PolicyFile:
         names = [rule.name for rule in rules]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise PolicyError(f"rules: the name {dupes[0]!r} is used twice")
-        policy = Policy(rules, top.number("evaluate_every_seconds", 5.0, above_low=True))
+        policy = Policy(rules, top.number("evaluate_every_seconds", 5.0, high=3600.0, above_low=True))
     except PolicyError as exc:
         raise PolicyError(f"{where}: {exc}") from None
     return PolicyFile(policy, compare, shadow, ramp)
@@ -136,9 +134,11 @@ def parse(raw: Any, where: str = "policy") -> PolicyFile:
 def ramp_schedule(steps: Any, interval_seconds: float, where: str = "ramp.steps") -> RampSchedule:
     if not isinstance(steps, list | tuple) or not steps:
         raise PolicyError(f"{where}: must be a non-empty list of fractions")
+    if (why := problem(interval_seconds, 0.0, DAY, above_low=True)) is not None:
+        raise PolicyError(f"interval_seconds: {why}")
     out: list[float] = []
     for i, s in enumerate(steps):
-        if isinstance(s, bool) or not isinstance(s, int | float) or not 0 < s <= 1:
+        if problem(s, 0.0, 1.0, above_low=True) is not None:
             raise PolicyError(f"{where}[{i}]: is {s!r}, must be a fraction in (0, 1]")
         if out and s <= out[-1]:
             raise PolicyError(f"{where}[{i}]: is {s}, steps must rise ({out[-1]} before it)")

@@ -27,9 +27,11 @@ from proxy.read_routing import ReadRouting
 from proxy.servicer import rpc
 from proxy.shadow import ShadowReader
 from proxy.stores import redact
+from proxy.validation import within
 from proxy.verify import VerifyReport, verify
 
 log = logging.getLogger("memshift.admin")
+
 
 PHASE_TO_PB = {
     Phase.NOT_STARTED: pb.NOT_STARTED, Phase.DATA_MIGRATION: pb.DATA_MIGRATION, Phase.DUAL_WRITE: pb.DUAL_WRITE,
@@ -179,8 +181,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
     @rpc
     async def SetReadRouting(self, request: pb.SetReadRoutingRequest, context: Any) -> pb.MigrationStatus:
         if request.ramp or request.ramp_steps:
-            if request.ramp_interval_seconds < 0:
-                raise InvalidInput("ramp_interval_seconds", "must not be negative (0 means the policy's interval)")
+            within("ramp_interval_seconds", request.ramp_interval_seconds, 0, 86_400)  # 0: the policy's interval
             default = self._watchers.guard.policy.ramp
             try:
                 schedule = ramp_schedule(list(request.ramp_steps) or list(default.steps),

@@ -28,6 +28,7 @@ import grpc
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import admin_cli
+from proxy.redaction import scrub
 
 
 def _print_graph(entities: Iterable[pb.Entity], relations: Iterable[pb.Relation],
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             asyncio.run(serve(config))
         except Exception as exc:  # start-up failures: say what and exit non-zero, no traceback wall
-            print(f"memshift: cannot serve: {exc}", file=sys.stderr)
+            print(f"memshift: cannot serve: {scrub(str(exc))}", file=sys.stderr)
             return 1
         return 0
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from policies.numbers import problem
 from proxy.clock import MAX_NODE
 from proxy.telemetry import TelemetryConfig
 
@@ -111,6 +112,21 @@ ENV_VARS: dict[str, str] = {
 }
 
 
+# Every number of the configuration, checked (finite, in range) before anything uses it.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "grace_seconds": (0, 3600), "lease_seconds": (0, 3600),
+    "embedding.max_batch": (1, 4096), "embedding.max_wait_ms": (0, 10_000),
+    "limits.max_items_per_call": (1, 1_000_000), "limits.max_observations_per_entity": (1, 1_000_000),
+    "limits.max_name_chars": (1, 65_536), "limits.max_type_chars": (1, 65_536),
+    "limits.max_observation_chars": (1, 64 * 1024 * 1024), "limits.max_metadata_entries": (0, 10_000),
+    "limits.max_metadata_chars": (1, 64 * 1024 * 1024), "limits.max_entity_bytes": (1024, 1024 * 1024 * 1024),
+    "limits.max_query_chars": (1, 1024 * 1024), "limits.max_page_size": (1, 1_000_000),
+    "limits.default_page_size": (1, 1_000_000), "limits.max_search_limit": (1, 1_000_000),
+    "limits.max_message_bytes": (64 * 1024, 2**31 - 1),
+}
+_POSITIVE = {"lease_seconds"}  # 0 would be a lease that lapses at once
+
+
 def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -173,6 +189,11 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     config: Config = _build(Config, data, "")
     if config.node_id is not None and not 0 <= config.node_id <= MAX_NODE:
         raise ConfigError(f"node_id: must be in 0..{MAX_NODE}")
+    for path, (low, high) in BOUNDS.items():
+        section, _, name = path.rpartition(".")
+        value = getattr(getattr(config, section) if section else config, name)
+        if (why := problem(value, low, high, above_low=path in _POSITIVE)) is not None:
+            raise ConfigError(f"{path}: {why}")
     if config.log_format not in {"json", "text"}:
         raise ConfigError("log_format: must be json or text")
     return config

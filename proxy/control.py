@@ -8,11 +8,13 @@ uses a PostgreSQL implementation of the same `ControlStore` protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
@@ -104,6 +106,11 @@ class Conflict(Exception):
     """The state changed since it was read (compare-and-set lost)."""
 
 
+class UnreadableState(Exception):
+    """The stored control state cannot be loaded (a hand edit, a bug of an older version): the proxy refuses to start
+    and says what and where, instead of serving on a guess."""
+
+
 class ControlStore(Protocol):
     async def load(self) -> MigrationState: ...
 
@@ -170,12 +177,28 @@ def key_load(raw: str | None) -> RecordKey | None:
     return (Kind(kind), scope, tuple(parts))
 
 
+def _non_finite(data: Any, path: str = "") -> str | None:
+    """The path of the first number in `data` that is NaN or infinite (which JSON cannot hold), if any."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path or "state"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
 def state_json(state: MigrationState) -> str:
+    """The state as stored. Refuses (ValueError naming the field) a state no later load could read back, so a bad
+    number fails the one call that carried it instead of every call after it."""
     data = asdict(state)
+    if bad := _non_finite(data):
+        raise ValueError(f"control state: {bad} is not a finite number; nothing was written")
     data["phase"] = state.phase.value
     data["backfill_cursor"] = key_json(state.backfill_cursor)
     data["verify_cursor"] = key_json(state.verify_cursor)
-    return json.dumps(data)
+    return json.dumps(data, allow_nan=False)
 
 
 @functools.cache
@@ -190,14 +213,26 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
-def state_load(raw: str) -> MigrationState:
-    data = _known(MigrationState, json.loads(raw))
-    data["phase"] = Phase(data["phase"])
-    data["options"] = MigrationOptions(**_known(MigrationOptions, data["options"]))
-    data["backfill_cursor"] = key_load(data["backfill_cursor"])
-    data["verify_cursor"] = key_load(data["verify_cursor"])
-    data["ramp_steps"] = tuple(data.get("ramp_steps", ()))
-    return MigrationState(**data)
+def state_load(raw: str, where: str = "the control store") -> MigrationState:
+    """The stored state; UnreadableState saying what is wrong and where when it cannot be read back."""
+    try:
+        data = _known(MigrationState, json.loads(raw, parse_constant=_refuse_constant))
+        data["phase"] = Phase(data["phase"])
+        data["options"] = MigrationOptions(**_known(MigrationOptions, data["options"]))
+        data["backfill_cursor"] = key_load(data["backfill_cursor"])
+        data["verify_cursor"] = key_load(data["verify_cursor"])
+        data["ramp_steps"] = tuple(data.get("ramp_steps", ()))
+        state = MigrationState(**data)
+        if bad := _non_finite(asdict(state)):
+            raise ValueError(f"{bad} is not a finite number")
+        return state
+    except Exception as exc:
+        raise UnreadableState(f"the migration state in {where} cannot be read ({type(exc).__name__}: {exc}); "
+                              "fix or restore that row (table `state`) before starting the proxy") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"the number {name} (JSON holds only finite numbers)")
 
 
 class SqliteControlStore:
@@ -225,6 +260,18 @@ class SqliteControlStore:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception: a transaction left open after a failed statement
+        would make every later call of this connection fail."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
     def _exec(self, sql: str, params: Any, many: bool = False) -> None:
         """Run a statement in the worker thread and drop its cursor there: a cursor finalised later on another
         thread resets its statement concurrently with the next call (SQLITE_MISUSE)."""
@@ -236,7 +283,7 @@ class SqliteControlStore:
             row = rows[0] if rows else None
             if row is None:
                 return MigrationState(primary=self._initial_primary)
-            return state_load(row[0])
+            return state_load(row[0], self._path)
 
         state: MigrationState = await self._run(run)
         return state
@@ -246,16 +293,16 @@ class SqliteControlStore:
 
         def run() -> None:
             # In WAL mode NORMAL syncs the log only at its checkpoints and at the next FULL commit.
+            body = state_json(new)  # refuses a state that could not be read back, before any transaction
             self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                rows = self._conn.execute("SELECT json_extract(body, '$.revision') FROM state WHERE id=1").fetchall()
-                current = int(rows[0][0]) if rows else 0  # the revision alone, not the whole state parsed
-                if current != expected_revision:
-                    self._conn.execute("ROLLBACK")
-                    raise Conflict(f"state is at revision {current}, expected {expected_revision}")
-                self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (state_json(new),))
-                self._conn.execute("COMMIT")
+                with self._transaction():
+                    rows = self._conn.execute("SELECT json_extract(body, '$.revision') FROM state WHERE id=1"
+                                              ).fetchall()
+                    current = int(rows[0][0]) if rows else 0  # the revision alone, not the whole state parsed
+                    if current != expected_revision:
+                        raise Conflict(f"state is at revision {current}, expected {expected_revision}")
+                    self._conn.execute("INSERT OR REPLACE INTO state VALUES (1, ?)", (body,))
             finally:
                 self._conn.execute("PRAGMA synchronous=FULL")  # every other write of this store is flushed
 
@@ -298,11 +345,10 @@ class SqliteControlStore:
 
     async def carry_over_repairs(self, migration_id: int) -> None:
         def run() -> None:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("INSERT OR IGNORE INTO repairs (migration_id, key) SELECT ?, key FROM repairs"
-                               " WHERE migration_id<>?", (migration_id, migration_id))
-            self._conn.execute("DELETE FROM repairs WHERE migration_id<>?", (migration_id,))
-            self._conn.execute("COMMIT")
+            with self._transaction():
+                self._conn.execute("INSERT OR IGNORE INTO repairs (migration_id, key) SELECT ?, key FROM repairs"
+                                   " WHERE migration_id<>?", (migration_id, migration_id))
+                self._conn.execute("DELETE FROM repairs WHERE migration_id<>?", (migration_id,))
 
         await self._run(run)
 

@@ -39,6 +39,7 @@ from proxy.control import (
     state_json,
     state_load,
 )
+from proxy.redaction import redact
 
 log = logging.getLogger("memshift.control")
 CHANNEL = "memshift_control"
@@ -94,7 +95,7 @@ class PostgresControlStore:
     # --- the ControlStore protocol ----------------------------------------------------------------------------------
     async def load(self) -> MigrationState:
         body = await self._p().fetchval("SELECT body FROM state WHERE id = 1")
-        return state_load(cast(str, body))
+        return state_load(cast(str, body), f"{redact(self._dsn)} (schema {self._schema})")
 
     async def save(self, state: MigrationState, expected_revision: int, durable: bool = True) -> MigrationState:
         new = replace(state, revision=expected_revision + 1)

@@ -42,8 +42,9 @@ from proxy.control import (
     Phase,
 )
 from proxy.eager import start_eagerly
-from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed
+from proxy.errors import IllegalTransition, LeaseLapsed
 from proxy.ops import WriteOp
+from proxy.redaction import redact, scrub
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
 from proxy.validation import within
@@ -52,6 +53,8 @@ log = logging.getLogger("memshift.migration")
 T = TypeVar("T")
 MAX_BATCH = 10_000  # records per backfill batch
 MAX_WORKERS = 16  # batches applied at once
+MAX_RATE_LIMIT = 1e9  # records per second: far above any store, yet finite
+MAX_MIRROR_SECONDS = 366 * 86_400.0  # a rollback window of at most a year
 StoreOpener = Callable[[str], Awaitable[Backend]]
 
 # What each phase may move to, for error messages and checks.
@@ -624,9 +627,10 @@ class MigrationEngine:
     async def _change(self, to: MigrationState, actor: str, reason: str, figures: dict[str, Any]) -> None:
         before = self.state.phase
         await self._save(to)
-        await self._control.record(HistoryEntry(time.time(), before, to.phase, actor, reason, figures))
-        log.info("phase change", extra={"from": before.value, "to": to.phase.value, "actor": actor,
-                                        "reason": reason, **figures})
+        entry = _history(before, to.phase, actor, reason, figures)
+        await self._control.record(entry)
+        log.info("phase change", extra={"from": before.value, "to": to.phase.value, "actor": entry.actor,
+                                        "reason": entry.reason, **entry.figures})
 
     def _illegal(self, wanted: str) -> IllegalTransition:
         allowed = ", ".join(p.value for p in NEXT[self.state.phase])
@@ -648,8 +652,8 @@ class MigrationEngine:
             # hundreds of megabytes at worst, whatever an operator types.
             within("batch_size", options.batch_size, 1, MAX_BATCH)
             within("workers", options.workers, 1, MAX_WORKERS)
-            if options.rate_limit < 0:
-                raise InvalidInput("rate_limit", "must not be negative (0 means unlimited)")
+            within("rate_limit", options.rate_limit, 0, MAX_RATE_LIMIT)  # 0: unlimited
+            within("mirror_seconds", options.mirror_seconds, 0, MAX_MIRROR_SECONDS)
             await self._store(target)
             total = (await self.primary.count()).total
             new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
@@ -661,7 +665,7 @@ class MigrationEngine:
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)
             # Dual-writing starts with this save, before the first backfill batch.
-            await self._change(new, actor, reason or f"start migration to {target}",
+            await self._change(new, actor, reason or f"start migration to {redact(target)}",
                                {"records_to_copy": total, "batch_size": options.batch_size})
             self._resume.set()
             self._start_backfill()
@@ -688,7 +692,7 @@ class MigrationEngine:
                 await self._change(replace(s, phase=Phase.COMPLETED, primary=s.secondary, secondary=s.primary,
                                            read_fraction=0.0, ramp_step=-1,
                                            mirror_until=time.time() + s.options.mirror_seconds),
-                                   actor, reason or "cutover", {"new_primary": s.secondary,
+                                   actor, reason or "cutover", {"new_primary": redact(s.secondary),
                                                                 "mirror_seconds": s.options.mirror_seconds})
             elif s.phase == Phase.COMPLETED and s.secondary:
                 await self._change(replace(s, secondary="", mirror_until=0.0), actor,
@@ -794,7 +798,7 @@ class MigrationEngine:
 
     async def _note(self, actor: str, reason: str, figures: dict[str, Any]) -> None:
         phase = self.state.phase
-        await self._control.record(HistoryEntry(time.time(), phase, phase, actor, reason, figures))
+        await self._control.record(_history(phase, phase, actor, reason, figures))
 
     async def record_verify(self, differences: int) -> None:
         async with self._lock:
@@ -823,6 +827,13 @@ class MigrationEngine:
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         return await self._control.history(limit)
+
+
+def _history(before: Phase, after: Phase, actor: str, reason: str, figures: dict[str, Any]) -> HistoryEntry:
+    """A history entry as it may be kept: every text in it scrubbed of credentials (a reason naming a store spec,
+    typed by an operator or written by the engine), since the history outlives every log."""
+    return HistoryEntry(time.time(), before, after, scrub(actor), scrub(reason),
+                        {k: scrub(v) if isinstance(v, str) else v for k, v in figures.items()})
 
 
 def _release(held: Counter[str], scopes: set[str]) -> None:

@@ -21,6 +21,7 @@ from proxy import convert
 from proxy.config import Limits
 from proxy.control import Conflict
 from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, TooLarge
+from proxy.redaction import scrub
 from proxy.router import Router
 from proxy.shadow import collect_after_reply, reset_after_reply
 from proxy.stores import StoreSpecError
@@ -73,9 +74,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
                                         f"internal error in {method.__name__}; see proxy logs")
                     raise  # unreachable: abort raises
                 call.status = mapped[0].name
-                log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name,
-                                             "detail": mapped[1]})
-                await context.abort(*mapped)
+                detail = scrub(mapped[1])  # a store's error may quote a spec; the caller never sees its secrets
+                log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name, "detail": detail})
+                await context.abort(mapped[0], detail)
                 raise
             finally:
                 reset_after_reply(token)

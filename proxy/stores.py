@@ -13,7 +13,6 @@ $NEO4J_PASSWORD, $QDRANT_API_KEY); specs are logged only redacted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
 
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
@@ -22,33 +21,22 @@ from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
+from proxy.redaction import redact, scrub_secrets
+
+__all__ = ["StoreSpecError", "backend_for", "redact", "sqlite_path", "system_of"]
 
 
 class StoreSpecError(ValueError):
     pass
 
 
-def redact(spec: str) -> str:
-    """The spec without credentials, for logs and status."""
-    if spec.startswith("hybrid:?"):
-        return "hybrid:?" + "&".join(f"{k}={redact(unquote(v))}" for k, _, v in
-                                     (p.partition("=") for p in spec[len("hybrid:?"):].split("&") if p))
-    parts = urlsplit(spec)
-    if parts.password is None and parts.username is None:
-        return spec
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
-
-
 def sqlite_path(spec: str) -> str:
     """The file of a sqlite:/// spec (":memory:" for sqlite:///:memory:)."""
     scheme, sep, rest = spec.partition("://")
     if not sep:
-        raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
+        raise StoreSpecError(f"store spec {redact(spec)!r} has no scheme; e.g. sqlite:///./data/memory.db")
     if scheme != "sqlite" or not rest.startswith("/") or len(rest) < 2:
-        raise StoreSpecError(f"store spec {spec!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
+        raise StoreSpecError(f"store spec {redact(spec)!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
     return rest[1:]
 
 
@@ -65,7 +53,7 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
     if spec.startswith("hybrid:"):
         make: Callable[[str, Embedder], Backend] = HybridBackend
     elif not sep:
-        raise StoreSpecError(f"store spec {spec!r} has no scheme; e.g. sqlite:///./data/memory.db")
+        raise StoreSpecError(f"store spec {redact(spec)!r} has no scheme; e.g. sqlite:///./data/memory.db")
     elif scheme == "sqlite":
         return EmbeddedBackend(sqlite_path(spec), embedder)
     elif scheme in _SERVER_STORES:
@@ -76,7 +64,7 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
     try:
         return make(spec, embedder)
     except (ValueError, OSError) as exc:  # a malformed spec, or an unreadable password file
-        raise StoreSpecError(f"store spec {redact(spec)}: {exc}") from None
+        raise StoreSpecError(scrub_secrets(f"store spec {redact(spec)}: {exc}", spec)) from None
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.

@@ -25,6 +25,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
+from proxy.redaction import scrub
+
 log = logging.getLogger("memshift.telemetry")
 SCOPE = "memshift"
 
@@ -159,13 +161,17 @@ class Telemetry:
     def _store_call(self, role: str, system: str, operation: str, parent: Any) -> Iterator[Span]:
         attrs = {"db.system.name": system, "db.operation.name": operation, "memshift.store.role": role}
         start = time.perf_counter()
+        # Exceptions are recorded by hand, scrubbed: a store's message may quote its spec (proxy.redaction).
         with self.tracer.start_as_current_span(f"{operation} {role}", context=parent, kind=SpanKind.CLIENT,
-                                               attributes=attrs, record_exception=True,
-                                               set_status_on_exception=True) as span:
+                                               attributes=attrs, record_exception=False,
+                                               set_status_on_exception=False) as span:
             try:
                 yield span
             except BaseException as exc:
                 error = type(exc).__name__
+                message = scrub(str(exc))
+                span.add_event("exception", {"exception.type": error, "exception.message": message})
+                span.set_status(Status(StatusCode.ERROR, f"{error}: {message}"))
                 self.store_errors.add(1, {**attrs, "error.type": error})
                 self.store_duration.record(time.perf_counter() - start, {**attrs, "error.type": error})
                 raise
@@ -174,7 +180,8 @@ class Telemetry:
     def policy_event(self, action: str, rule: str, figures: dict[str, Any]) -> None:
         """An automatic action as an OpenTelemetry event (on its own span, so it is exported even between RPCs)."""
         attrs = {"memshift.policy.action": action, "memshift.policy.rule": rule,
-                 **{f"memshift.policy.{k}": v for k, v in figures.items() if isinstance(v, int | float | str)}}
+                 **{f"memshift.policy.{k}": scrub(v) if isinstance(v, str) else v for k, v in figures.items()
+                    if isinstance(v, int | float | str)}}
         with self.tracer.start_as_current_span("memshift.policy", kind=SpanKind.INTERNAL) as span:
             span.add_event("memshift.policy.fired", attrs)
             if action == "rollback":

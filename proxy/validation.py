@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence, Sized
 
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
+from policies.numbers import problem
 from proxy.config import Limits
 from proxy.errors import InvalidInput, TooLarge
 
@@ -133,12 +134,13 @@ def search_limit(value: int, limits: Limits) -> int:
 
 
 def within(field: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InvalidInput(field, f"is {value}, must be in [{low:g}, {high:g}]")
+    """Every number an operator supplies passes here (or policies.numbers directly): finite and in range."""
+    if (why := problem(value, low, high)) is not None:
+        raise InvalidInput(field, why)
 
 
 def min_score(value: float | None) -> float | None:
-    if value is not None and not -1.0 <= value <= 1.0:
+    if value is not None and problem(value, -1.0, 1.0) is not None:
         raise InvalidInput("min_score", f"is {value}, must be a cosine similarity in [-1, 1]")
     return value
 
