@@ -21,7 +21,8 @@ _UNREADABLE = "<store spec that cannot be read; redacted>"
 _SECRET_NAMES = re.compile(r"pass|pwd|secret|token|api.?key|apikey|access.?key|auth|credential|^key$|signature",
                            re.IGNORECASE)
 _TRAILER = re.compile(r"^[^'\"`,;)\]>]*(.*)$", re.DOTALL)
-_SPECLIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?://|%2[Ff]%2[Ff]|\?)\S*")
+# A spec inside free text: scheme:// (or percent-encoded, or hybrid:?...), or a bare user:password@host.
+_SPECLIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?://|%2[Ff]%2[Ff]|\?)\S*|[^\s:@/'\"]+:[^\s@/]+@\S+")
 
 
 def _secret_param(name: str) -> bool:
@@ -43,14 +44,12 @@ def _query(query: str) -> str:
 
 
 def _redact(spec: str) -> str:
-    sep = spec.find("://")
+    sep, ask = spec.find("://"), spec.find("?")
+    if 0 <= ask and (sep < 0 or ask < sep):  # no authority before the query: hybrid:?graph=...&vectors=...
+        return f"{spec[:ask]}?{_query(spec[ask + 1:])}"
     if sep < 0:
-        head, rest = spec, ""
-        if "?" in head:  # hybrid:?graph=...&vectors=...
-            head, _, query = head.partition("?")
-            return f"{head}?{_query(query)}"
-        if "@" in head:  # no scheme at all, yet userinfo: user:password@host
-            return f"{HIDDEN}@{head.rpartition('@')[2]}"
+        if "@" in spec:  # no scheme at all, yet userinfo: user:password@host
+            return f"{HIDDEN}@{spec.rpartition('@')[2]}"
         return spec
     head, rest = spec[:sep + 3], spec[sep + 3:]
     ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
@@ -85,7 +84,7 @@ def secrets_of(spec: str) -> list[str]:
     """The literal secret values inside `spec` (userinfo and secret parameters, nested specs included)."""
     found: list[str] = []
     try:
-        for m in re.finditer(r"://([^/?#\s]*)@", unquote(spec)):
+        for m in re.finditer(r"(?:^|://)([^/?#\s@]*)@", unquote(spec)):
             user, _, password = m.group(1).partition(":")
             found += [password or user, unquote(password or user)]
         for m in re.finditer(r"[?&]([^=&\s]+)=([^&\s#]*)", unquote(spec)):
