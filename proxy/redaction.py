@@ -45,7 +45,7 @@ def _query(query: str) -> str:
 
 def _redact(spec: str) -> str:
     sep, ask = spec.find("://"), spec.find("?")
-    if 0 <= ask and (sep < 0 or ask < sep):  # no authority before the query: hybrid:?graph=...&vectors=...
+    if ask >= 0 and (sep < 0 or ask < sep):  # no authority before the query: hybrid:?graph=...&vectors=...
         return f"{spec[:ask]}?{_query(spec[ask + 1:])}"
     if sep < 0:
         if "@" in spec:  # no scheme at all, yet userinfo: user:password@host

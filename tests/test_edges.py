@@ -82,7 +82,7 @@ async def test_a_failed_control_store_transaction_is_rolled_back(tmp_path: Path)
     path = tmp_path / "control.db"
     control = SqliteControlStore(path, initial_primary="sqlite:///a.db")
     state = await control.save(MigrationState(primary="sqlite:///a.db"), 0)
-    with pytest.raises(ValueError, match="options.rate_limit is not a finite number; nothing was written"):
+    with pytest.raises(ValueError, match=r"options\.rate_limit is not a finite number; nothing was written"):
         await control.save(MigrationState(primary="x", options=state.options.__class__(rate_limit=math.inf)),
                            state.revision)
     with sqlite3.connect(path) as raw:
