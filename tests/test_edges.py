@@ -4,6 +4,7 @@ problem, leaves stored state untouched, and costs bounded work; no secret comes 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -16,14 +17,16 @@ import pytest
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
+from adapters.model import Entity
 from adapters.records import Kind
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Config
+from proxy.config import Config, Limits
 from proxy.control import MigrationState, SqliteControlStore, UnreadableState
 from proxy.logs import JsonFormatter
 from proxy.redaction import redact, scrub, scrub_secrets
@@ -114,6 +117,7 @@ async def test_a_state_that_cannot_be_loaded_stops_the_start_saying_what_and_whe
 
 # --- secrets never leave --------------------------------------------------------------------------------------------
 SECRET = "S3cr3t-Pa55"
+_scopes = itertools.count()
 
 
 @pytest.mark.parametrize("spec", [
@@ -256,3 +260,121 @@ async def test_malformed_scopes_are_refused(cluster: Cluster, scope: str) -> Non
         await cluster.memory.ReadGraph(pb.ReadGraphRequest(scope=scope))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith("scope: ")
+
+
+# --- bounded embedding work, bounded entities, answers that fit --------------------------------------------------
+async def test_the_embedder_sees_only_what_the_model_reads(cluster: Cluster, embedder: BatchingEmbedder) -> None:
+    """A 0.9 MB entity used to go through the tokenizer whole (seconds, hundreds of MB) though the model reads its
+    first 256 word pieces; now the model gets a prefix, and the vector is the one the whole text would get."""
+    model = embedder._model
+    text = " ".join(f"word{i}" for i in range(150_000))[:900_000]
+    whole = model._model.encode([text], normalize_embeddings=True)[0]  # the library's own truncation, as reference
+    assert float((whole * (await embedder.embed([text]))[0]).sum()) > 0.9999
+    observations = [text[i:i + 8000] for i in range(0, 8000 * 110, 8000)]
+    await cluster.memory.CreateEntities(pb.CreateEntitiesRequest(scope="big", entities=[
+        pb.Entity(name="tome", entity_type="book", observations=observations)]))
+    hits = await cluster.memory.SemanticSearch(pb.SemanticSearchRequest(scope="big", query="word17 word18", limit=1))
+    assert [h.entity.name for h in hits.results] == ["tome"]
+    assert 0 < embedder.longest_encoded <= model.read_chars
+
+
+async def test_an_entity_is_bounded_in_total_across_calls(cluster: Cluster) -> None:
+    m, chunk = cluster.memory, "x" * 8000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await m.CreateEntities(pb.CreateEntitiesRequest(scope="cap", entities=[
+            pb.Entity(name="a", entity_type="t"), pb.Entity(name="b", entity_type="t", observations=[
+                f"{i} {chunk}" for i in range(140)])]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (err.value.details() or "").startswith("entities[1]: holds 112")
+    await m.CreateEntities(pb.CreateEntitiesRequest(scope="cap", entities=[pb.Entity(name="b", entity_type="t")]))
+    for start in (0, 100):  # 100 x 8 KB fits; 100 more in a second call would not
+        call = m.AddObservations(pb.AddObservationsRequest(scope="cap", observations=[
+            pb.ObservationAddition(entity_name="b", contents=[f"{i} {chunk}" for i in range(start, start + 100)])]))
+        if start == 0:
+            await call
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "observations[0].contents: would make entity 'b' hold 16" in (err.value.details() or "")
+    opened = await m.OpenNodes(pb.OpenNodesRequest(scope="cap", names=["b"]))
+    assert len(opened.entities[0].observations) == 100  # the refused call stored nothing
+
+
+SMALL = 128 * 1024  # a message limit small enough for a handful of large entities to exceed it
+
+
+@pytest.fixture
+async def small(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = await boot(embedder, tmp_path, limits=Limits(max_message_bytes=SMALL))
+    yield c
+    await shutdown(c)
+
+
+async def _walk(c: Cluster, scope: str, page_size: int = 0) -> tuple[list[pb.Entity], list[pb.Relation], list[str]]:
+    ents: list[pb.Entity] = []
+    rels: list[pb.Relation] = []
+    notes: list[str] = []
+    token = ""
+    for _ in range(1000):
+        page = await c.memory.ReadGraph(pb.ReadGraphRequest(scope=scope, page_size=page_size, page_token=token))
+        assert page.ByteSize() <= SMALL
+        ents += page.entities
+        rels += page.relations
+        notes += [page.truncated] if page.truncated else []
+        token = page.next_page_token
+        if not token:
+            return ents, rels, notes
+    raise AssertionError("paging never ended")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sizes=st.lists(st.integers(0, 30_000), min_size=1, max_size=14), related=st.booleans())
+async def test_every_read_answer_fits_the_message_limit_and_paging_sees_everything(
+        small: Cluster, sizes: list[int], related: bool) -> None:
+    scope = f"fit-{next(_scopes)}"
+    ents = [pb.Entity(name=f"e{i:02d}", entity_type="t",
+                      observations=[f"o{k} {'y' * min(8000, n - k * 8000)}" for k in range(-(-n // 8000))],
+                      metadata={"k": "v" * min(n, 1000)}) for i, n in enumerate(sizes)]
+    for e in ents:
+        await small.memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[e]))
+    wanted_rels = {(f"e{i:02d}", f"e{j:02d}") for i in range(len(sizes)) for j in range(len(sizes))
+                   if related and i != j and (i + j) % 3 == 0}
+    if wanted_rels:
+        await small.memory.CreateRelations(pb.CreateRelationsRequest(scope=scope, relations=[
+            pb.Relation(**{"from": a}, to=b, relation_type="r", metadata={"m": "z" * 500}) for a, b in wanted_rels]))
+    got, rels, notes = await _walk(small, scope)
+    assert [e.name for e in got] == [e.name for e in ents] and not notes
+    assert [list(e.observations) for e in got] == [list(e.observations) for e in ents]
+    assert {(getattr(r, "from"), r.to) for r in rels} == wanted_rels and len(rels) == len(wanted_rels)
+    whole = sum(e.ByteSize() for e in ents) + sum(700 for _ in wanted_rels) < SMALL - 64 * 1024
+    for answer in (await small.memory.SearchNodes(pb.SearchNodesRequest(scope=scope, query="e")),
+                   await small.memory.OpenNodes(pb.OpenNodesRequest(scope=scope, names=[e.name for e in ents]))):
+        assert answer.ByteSize() <= SMALL
+        assert bool(answer.truncated) == (len(answer.entities) < len(ents))
+        assert len(answer.entities) == len(ents) or not whole
+        assert answer.truncated == "" or "answer cut at the message limit" in answer.truncated
+    hits = await small.memory.SemanticSearch(pb.SemanticSearchRequest(scope=scope, query="o", limit=20))
+    assert hits.ByteSize() <= SMALL and bool(hits.truncated) == (len(hits.results) < len(ents))
+
+
+async def test_no_record_can_make_a_scope_unreadable(embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """An entity stored before max_entity_bytes existed, larger than any answer may be: paging goes past it, sending
+    what fits of it and saying so, and the entities after it are read as usual."""
+    legacy = EmbeddedBackend(tmp_path / "old.db", embedder)
+    await legacy.open()
+    await legacy.create_entities("legacy", [
+        Entity("a-small", "t", ("fine",)),
+        Entity("b-huge", "t", tuple(f"{i} {'w' * 8000}" for i in range(40)), {"k": "v"}),
+        Entity("c-small", "t", ("also fine",))], 1)
+    await legacy.close()
+    c = await boot(embedder, tmp_path, limits=Limits(max_message_bytes=SMALL))
+    try:
+        for size in (0, 1):
+            got, _, notes = await _walk(c, "legacy", size)
+            assert [e.name for e in got] == ["a-small", "b-huge", "c-small"]
+            assert 0 < len(got[1].observations) < 40 and len(notes) == 1 and "'b-huge' holds" in notes[0]
+        opened = await c.memory.OpenNodes(pb.OpenNodesRequest(scope="legacy", names=["b-huge", "c-small"]))
+        assert [e.name for e in opened.entities] == ["b-huge"] and "'b-huge'" in opened.truncated
+    finally:
+        await shutdown(c)
