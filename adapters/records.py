@@ -152,6 +152,12 @@ def kinds_after(after: RecordKey | None) -> Iterator[tuple[Kind, tuple[str, ...]
             yield kind, ((after[1], *after[2]) if after and kind == after[0] else ())
 
 
+def key_text(key: RecordKey) -> str:
+    """A record key as operators read it: `kind:scope:part/part` (control characters shown escaped)."""
+    text = f"{key[0].name.lower()}:{key[1]}:{'/'.join(key[2])}"
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
 def encode_cursor(kind: Kind, after: Sequence[str]) -> str:
     return base64.urlsafe_b64encode(json.dumps([int(kind), list(after)]).encode()).decode()
 

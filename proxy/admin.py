@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from adapters.records import Record, RecordKey
+from adapters.records import Record, RecordKey, key_text
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from policies.loader import PolicyError, ramp_schedule
@@ -88,17 +88,13 @@ def _record_text(rec: Record | None) -> str:
     return json.dumps(data, default=str, ensure_ascii=False)
 
 
-def _key_text(key: RecordKey) -> str:
-    return f"{key[0].name.lower()}:{key[1]}:{'/'.join(key[2])}"
-
-
 def _progress_pb(r: VerifyReport) -> pb.VerifyProgress:
     return pb.VerifyProgress(
         compared=r.compared, differences=r.differences, primary_records=r.primary_records,
         secondary_records=r.secondary_records, done=r.done,
         scopes=[pb.ScopeCounts(scope=s, primary_records=c[0], secondary_records=c[1], differences=c[2])
                 for s, c in sorted(r.per_scope.items())],
-        samples=[pb.DifferenceSample(key=_key_text(d.key), primary=_record_text(d.primary),
+        samples=[pb.DifferenceSample(key=key_text(d.key), primary=_record_text(d.primary),
                                      secondary=_record_text(d.secondary)) for d in r.samples])
 
 
@@ -148,7 +144,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                     migration_id=m.migration_id, revision=m.revision, leader=m.leader,
                                     heartbeat_age_seconds=m.heartbeat_age, live=m.live)
                      for m in members],
-            backfill_waiting_for=fleet.waiting_for if fleet else [])
+            backfill_waiting_for=fleet.waiting_for if fleet else [], blocked_key=s.blocked_key, blocked=s.blocked)
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:

@@ -134,6 +134,8 @@ def render(st: pb.MigrationStatus) -> str:
         lines.append(f"rollback   possible for {_eta(st.rollback_window_seconds_left)}")
     if st.last_verify_differences >= 0:
         lines.append(f"verify     last run: {st.last_verify_differences} differences")
+    if st.blocked:
+        lines.append(f"BLOCKED    {st.blocked}")
     if st.backfill_waiting_for:
         lines.append(f"backfill   waits for {', '.join(st.backfill_waiting_for)} to acknowledge DataMigration")
     for m in st.proxies:

@@ -67,6 +67,9 @@ class MigrationState:
     ramp_step: int = -1  # index into ramp_steps being served; -1 = no ramp running
     ramp_step_started_at: float = 0.0
     ramp_note: str = ""  # why the ramp holds, stopped or finished
+    # A record the new store refuses for good (not an outage): the migration pauses, and this says which and why.
+    blocked_key: str = ""
+    blocked: str = ""
     revision: int = 0  # bumped on every change; the compare-and-set token
 
 

@@ -24,13 +24,13 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from adapters.base import Backend, ExportPage, WriteResult
-from adapters.model import EntityNotFound
-from adapters.records import EntityRecord, Kind, Record, RecordKey, record_digest
+from adapters.base import Backend, ExportPage, VectorMap, WriteResult
+from adapters.model import EntityNotFound, StoreUnavailable
+from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, record_digest
 from policies.rules import Observations
 from proxy.clock import HybridClock
 from proxy.control import (
@@ -40,6 +40,7 @@ from proxy.control import (
     MigrationOptions,
     MigrationState,
     Phase,
+    RepairItem,
 )
 from proxy.eager import start_eagerly
 from proxy.errors import IllegalTransition, LeaseLapsed
@@ -122,6 +123,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 class MigrationEngine:
     _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
+    _PARKED = 300.0  # seconds before a key the new store refused is tried again (at once when queued again)
 
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
@@ -158,6 +160,7 @@ class MigrationEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._backfill_task: asyncio.Task[None] | None = None
         self._window_task: asyncio.Future[None] | None = None
+        self._notices: set[asyncio.Task[None]] = set()  # pauses and un-pauses decided by a repair, see _notice
         self.counters = Counters()
         self.state = MigrationState()
         # A fleet (proxy.fleet): the backfill runs only where the fleet elected it, and writes stop when this
@@ -184,7 +187,7 @@ class MigrationEngine:
                                                     "migration_id": self.state.migration_id})
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else [])]:
+        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else []), *self._notices]:
             task.cancel()
         for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else [])]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -373,7 +376,14 @@ class MigrationEngine:
                 # Bounded: a primary that hangs holds its caller anyway; the repair comes back to these keys later.
                 await asyncio.wait_for(self._scope_gate.wait_for(lambda: not any(self._writing[s] for s in scopes)),
                                        self._REPAIR_WAIT)
-            moved = set(await self.reconcile([i.key for i in items], self.primary, secondary))
+            try:
+                moved = set(await self.reconcile([i.key for i in items], self.primary, secondary))
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                # One key the new store refuses must not hold back the others: each is repaired on its own, and a
+                # key refused alone is parked (retried rarely, and at once when written or queued again).
+                moved, items = await self._repair_each(items, secondary)
         except Exception as exc:
             self._count(repair_failures=len(items))
             for item in items:
@@ -388,10 +398,45 @@ class MigrationEngine:
         for item in items:
             if item.key in moved:  # a write raced the repair; read both sides again shortly
                 await self._control.repair_failed(item, "raced a write", 0.0)
-        settled = [i.id for i in items if i.key not in moved]
-        await self._control.repaired(settled)
+        settled = [i for i in items if i.key not in moved]
+        await self._control.repaired([i.id for i in settled])
         self._count(repairs_done=len(settled))
+        if self.state.blocked_key:
+            self._notice(self._unblock({key_text(i.key) for i in settled}, "memshift"))
         return len(settled)
+
+    def _notice(self, change: Awaitable[None]) -> None:
+        """Run a state change a repair decided, on its own: a repair may run inside a phase change that holds the
+        state lock (draining the queue before cutover), so it cannot take that lock itself."""
+        task = asyncio.ensure_future(change)
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+        task.add_done_callback(_consume)
+
+    async def _repair_each(self, items: list[RepairItem], secondary: Backend) -> tuple[set[RecordKey],
+                                                                                     list[RepairItem]]:
+        """Reconcile `items` one key at a time; returns the keys that raced a write and the items settled or raced
+        (those the new store refuses are parked, and the migration is paused naming the first)."""
+        moved: set[RecordKey] = set()
+        done: list[RepairItem] = []
+        for item in items:
+            refused: BaseException | None = None
+            for _ in range(2):
+                try:
+                    moved |= set(await self.reconcile([item.key], self.primary, secondary))
+                    refused = None
+                    break
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    refused = exc
+            if refused is None:
+                done.append(item)
+                continue
+            self._count(repair_failures=1)
+            await self._control.repair_failed(item, repr(refused)[:500], self._PARKED)
+            self._notice(self.block(item.key, refused, during="repair"))
+        return moved, done
 
     @staticmethod
     async def reconcile(keys: list[RecordKey], primary: Backend, secondary: Backend) -> list[RecordKey]:
@@ -491,7 +536,16 @@ class MigrationEngine:
                 if ahead is None and not exhausted:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
                 cursor, page, applying = in_flight.popleft()
-                await applying
+                try:
+                    await applying
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    refusal = await self._refusal(secondary, page.records, page.vectors)
+                    if refusal is not None:
+                        await self.block(*refusal, during="backfill")
+                        raise _Blocked from exc
+                    # Every record went in on its own: the page is on the secondary after all.
                 rate = self.state.options.rate_limit
                 if rate > 0:  # before the checkpoint, so even a copy of one batch never reports more than the limit
                     await asyncio.sleep(max(0.0, len(page.records) / rate - (time.monotonic() - started)))
@@ -501,16 +555,76 @@ class MigrationEngine:
             except asyncio.CancelledError:
                 drop_pipeline()
                 raise
-            except Exception:
-                log.exception("backfill batch failed; retrying from the checkpoint")
+            except Exception as exc:
                 drop_pipeline()
                 ahead = None
                 next_cursor, exhausted = self.state.backfill_cursor, False
-                await asyncio.sleep(1.0)
+                if not isinstance(exc, _Blocked):  # blocked: paused, resumed by an operator after a fix
+                    log.warning("backfill batch failed; retrying from the checkpoint", extra={"error": repr(exc)})
+                    await asyncio.sleep(1.0)
                 continue
         drop_pipeline()
         if self.state.backfill_complete:
             log.info("backfill complete", extra={"records": self.state.backfill_done})
+
+    async def _refusal(self, store: Backend, records: Sequence[Record],
+                       vectors: VectorMap | None) -> tuple[RecordKey, BaseException] | None:
+        """The first record `store` refuses on its own, found by halving a batch it refused (apply-if-newer makes
+        applying any part again harmless); None when every part went in. A single record is tried twice before it
+        counts as refused. An outage on the way is raised, not mistaken for a refusal."""
+        if len(records) == 1:
+            last: BaseException | None = None
+            for _ in range(2):
+                try:
+                    await store.apply(records, vectors)
+                    return None
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    last = exc
+            assert last is not None
+            return records[0].key, last
+        mid = len(records) // 2
+        for half in (records[:mid], records[mid:]):
+            try:
+                await store.apply(half, vectors)
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                found = await self._refusal(store, half, vectors)
+                if found is not None:
+                    return found
+        return None
+
+    async def block(self, key: RecordKey, exc: BaseException, during: str) -> None:
+        """A record the new store refuses for good: pause instead of retrying forever. The backfill stops at its
+        checkpoint and the read ramp stops; status, history and log name the key and the store's reason. The backfill
+        goes on when an operator resumes it (after fixing or deleting the record through the API); a refused repair
+        clears by itself once that key is repaired (written again, or queued again by Verify --repair)."""
+        shown = key_text(key)
+        reason = f"the new store refuses {shown} ({during}): {type(exc).__name__}: {scrub(str(exc))[:300]}"
+        async with self._lock:
+            s = self.state
+            backfilling = s.phase == Phase.DATA_MIGRATION and not s.backfill_complete
+            if backfilling:
+                self._resume.clear()
+            if s.blocked == reason:
+                return
+            if s.blocked:  # the status keeps naming the first refused key; the history lists each of them
+                await self._note("memshift", f"also refused: {reason}", {"key": shown, "during": during})
+            else:
+                await self._save(replace(s, paused=s.paused or backfilling, blocked_key=shown, blocked=reason,
+                                         ramp_step=-1,
+                                         ramp_note=f"stopped: {reason}" if s.ramp_step >= 0 else s.ramp_note))
+                await self._note("memshift", f"paused: {reason}", {"key": shown, "during": during})
+        log.error("migration paused: the new store refuses a record", extra={"key": shown, "reason": reason})
+
+    async def _unblock(self, settled: set[str], actor: str) -> None:
+        async with self._lock:
+            s = self.state
+            if s.blocked_key and s.blocked_key in settled:
+                await self._save(replace(s, blocked_key="", blocked=""))
+                await self._note(actor, f"unblocked: {s.blocked_key} is on the new store now", {})
 
     async def backfill_step(self) -> int:
         """Copy one batch and checkpoint it; returns how many records it copied."""
@@ -734,7 +848,10 @@ class MigrationEngine:
             await self._fresh()
             if self.state.phase != Phase.DATA_MIGRATION:
                 raise self._illegal("resume the backfill (only in DataMigration)")
-            await self._save(replace(self.state, paused=False))
+            blocked = self.state.blocked
+            await self._save(replace(self.state, paused=False, blocked_key="", blocked=""))
+            if blocked:
+                await self._note(actor, f"resumed after: {blocked}", {})
             self._resume.set()
             self._start_backfill()
             log.info("backfill resumed", extra={"actor": actor})
@@ -834,6 +951,16 @@ def _history(before: Phase, after: Phase, actor: str, reason: str, figures: dict
     typed by an operator or written by the engine), since the history outlives every log."""
     return HistoryEntry(time.time(), before, after, scrub(actor), scrub(reason),
                         {k: scrub(v) if isinstance(v, str) else v for k, v in figures.items()})
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure that can pass by itself (the store unreachable, a timeout, a lost compare-and-set): retried. Any
+    other failure of a store, repeated on one record alone, means the store refuses that record for good."""
+    return isinstance(exc, StoreUnavailable | TimeoutError | ConnectionError | OSError | Conflict)
+
+
+class _Blocked(Exception):
+    """The backfill met a record the new store refuses; the migration is paused (MigrationEngine.block)."""
 
 
 def _release(held: Counter[str], scopes: set[str]) -> None:

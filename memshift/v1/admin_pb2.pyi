@@ -198,6 +198,8 @@ class MigrationStatus(_message.Message):
     READS_FIELD_NUMBER: _builtins.int
     PROXIES_FIELD_NUMBER: _builtins.int
     BACKFILL_WAITING_FOR_FIELD_NUMBER: _builtins.int
+    BLOCKED_KEY_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -210,6 +212,12 @@ class MigrationStatus(_message.Message):
     """COMPLETED with the old store still mirrored: seconds until the rollback window closes."""
     last_verify_differences: _builtins.int
     """-1 when no Verify has finished in this migration."""
+    blocked_key: _builtins.str
+    """A record the new store refuses for good (not an outage), which paused the migration: its key, and the reason
+    with the store's own message. Empty when nothing is refused. The backfill goes on with ResumeBackfill once the
+    record is fixed or deleted through the Memory API; a refused repair clears by itself once that key is repaired.
+    """
+    blocked: _builtins.str
     @_builtins.property
     def backfill(self) -> Global___BackfillProgress: ...
     @_builtins.property
@@ -255,10 +263,12 @@ class MigrationStatus(_message.Message):
         reads: Global___ReadCounters | None = ...,
         proxies: _abc.Iterable[Global___ProxyMember] | None = ...,
         backfill_waiting_for: _abc.Iterable[_builtins.str] | None = ...,
+        blocked_key: _builtins.str = ...,
+        blocked: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
