@@ -59,6 +59,10 @@ class Config:
     admin_token_file: str | None = None
     tls_cert_file: str | None = None  # with tls_key_file: serve both ports over TLS
     tls_key_file: str | None = None
+    admin_tls_cert_file: str | None = None  # with admin_tls_key_file: TLS on the admin port only (overrides tls_*)
+    admin_tls_key_file: str | None = None
+    memory_tokens_file: str | None = None  # bearer tokens bound to scopes for the Memory service (proxy/auth.py)
+    health_listen: str | None = None  # also serve grpc.health.v1 alone here (probes, when `listen` is loopback)
     node_id: int | None = None  # None: derived from host name and process id
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
@@ -97,6 +101,10 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_ADMIN_TOKEN_FILE": "admin_token_file",
     "MEMSHIFT_TLS_CERT_FILE": "tls_cert_file",
     "MEMSHIFT_TLS_KEY_FILE": "tls_key_file",
+    "MEMSHIFT_ADMIN_TLS_CERT_FILE": "admin_tls_cert_file",
+    "MEMSHIFT_ADMIN_TLS_KEY_FILE": "admin_tls_key_file",
+    "MEMSHIFT_MEMORY_TOKENS_FILE": "memory_tokens_file",
+    "MEMSHIFT_HEALTH_LISTEN": "health_listen",
     "MEMSHIFT_NODE_ID": "node_id",
     "MEMSHIFT_LOG_LEVEL": "log_level",
     "MEMSHIFT_LOG_FORMAT": "log_format",

@@ -22,3 +22,11 @@ class IllegalTransition(Exception):
 
 class LeaseLapsed(Exception):
     """A fleet proxy that lost touch with the control store refuses writes until it has caught up: UNAVAILABLE."""
+
+
+class Unauthenticated(Exception):
+    """No credential, or one nobody issued: UNAUTHENTICATED."""
+
+
+class PermissionDenied(Exception):
+    """A known credential asking for something it was not granted (a scope outside its token's): PERMISSION_DENIED."""

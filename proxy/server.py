@@ -29,6 +29,7 @@ from policies.loader import PolicyError
 from policies.loader import load as load_policy
 from policies.rules import Observations
 from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
+from proxy.auth import ScopeTokens, TokensFileError
 from proxy.clock import HybridClock
 from proxy.config import Config, ConfigError, EmbeddingConfig
 from proxy.control import ControlStore, SqliteControlStore
@@ -98,10 +99,10 @@ class MemshiftServer:
         await store.open()
         return self.wrap_store(spec, store) if self.wrap_store else store
 
-    def _bind(self, server: grpc.aio.Server, address: str) -> int:
-        if self.config.tls_cert_file and self.config.tls_key_file:
-            creds = grpc.ssl_server_credentials([(Path(self.config.tls_key_file).read_bytes(),
-                                                  Path(self.config.tls_cert_file).read_bytes())])
+    def _bind(self, server: grpc.aio.Server, address: str, tls: tuple[str | None, str | None] | None = None) -> int:
+        cert, key = tls if tls and all(tls) else (self.config.tls_cert_file, self.config.tls_key_file)
+        if cert and key:
+            creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
@@ -115,6 +116,10 @@ class MemshiftServer:
             policy = load_policy(cfg.policy_file)
         except PolicyError as exc:
             raise ConfigError(f"policy_file: {exc}") from None
+        try:
+            tokens = ScopeTokens(cfg.memory_tokens_file) if cfg.memory_tokens_file else None
+        except TokensFileError as exc:  # before anything is opened: a bad file stops the start at once
+            raise ConfigError(f"memory_tokens_file: {exc}") from None
         self._telemetry_shutdown: Callable[[], None] = lambda: None
         if self.telemetry is None:
             self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
@@ -145,7 +150,7 @@ class MemshiftServer:
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self._server = grpc.aio.server(options=options)
         add_servicer(self._server, memory_pb2_grpc.add_MemoryServicer_to_server,
-                     MemoryServicer(self.router, self.telemetry, cfg.limits), MEMORY_DESCRIPTOR)
+                     MemoryServicer(self.router, self.telemetry, cfg.limits, tokens), MEMORY_DESCRIPTOR)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -156,10 +161,19 @@ class MemshiftServer:
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
         admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet))
         add_servicer(self._admin, admin_pb2_grpc.add_MigrationAdminServicer_to_server, admin, ADMIN_DESCRIPTOR)
-        self.admin_port = self._bind(self._admin, cfg.admin_listen)
+        self.admin_port = self._bind(self._admin, cfg.admin_listen, (cfg.admin_tls_cert_file, cfg.admin_tls_key_file))
+        # Probes reach the pod's address, not its loopback: with `listen` on loopback, health alone is served here.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if cfg.health_listen:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._bind(self._health_server, cfg.health_listen)
 
         await self._server.start()
         await self._admin.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         for service in ("", MEMORY_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
@@ -175,7 +189,8 @@ class MemshiftServer:
     async def stop(self, grace: float | None = None) -> None:
         await self._health.enter_graceful_shutdown()
         wait = self.config.grace_seconds if grace is None else grace
-        await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)))
+        await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)),
+                             *([self._health_server.stop(wait)] if self._health_server else []))
         await self.guard.stop()
         await self.shadow.close()
         if self.fleet is not None:

@@ -18,9 +18,10 @@ from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
+from proxy.auth import ScopeTokens
 from proxy.config import Limits
 from proxy.control import Conflict
-from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, TooLarge
+from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, PermissionDenied, TooLarge, Unauthenticated
 from proxy.redaction import scrub
 from proxy.router import Router
 from proxy.shadow import collect_after_reply, reset_after_reply
@@ -39,6 +40,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a domain error maps to; None for an unexpected error."""
     if isinstance(exc, TooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, InvalidInput | StoreSpecError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, IllegalTransition):
@@ -64,6 +69,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         hooks, token = collect_after_reply()
         with telemetry.rpc(self.SERVICE, method.__name__) as call:
             try:
+                authorize = getattr(self, "authorize", None)
+                if authorize is not None:
+                    authorize(request, context)
                 response = await method(self, request, context)
             except Exception as exc:
                 mapped = status_for(exc)
@@ -98,10 +106,18 @@ def _run_hooks(hooks: list[Callable[[], None]]) -> None:
 class MemoryServicer(pb_grpc.MemoryServicer):
     SERVICE = "memshift.v1.Memory"
 
-    def __init__(self, router: Router, telemetry: Telemetry, limits: Limits) -> None:
+    def __init__(self, router: Router, telemetry: Telemetry, limits: Limits,
+                 tokens: ScopeTokens | None = None) -> None:
         self._router = router
         self.telemetry = telemetry
         self._limits = limits
+        self._tokens = tokens
+
+    def authorize(self, request: Any, context: Any) -> None:
+        """With a tokens file, the caller's bearer token must grant the request's scope (proxy.auth)."""
+        if self._tokens is not None:
+            metadata = dict(context.invocation_metadata() or ())
+            self._tokens.check(metadata.get("authorization"), request.scope)
 
     async def _convert(self, request: Message, convert_it: Callable[[], T]) -> T:
         """Counts checked on the wire message before anything is converted, so an over-count request costs a few
