@@ -19,7 +19,8 @@ from proxy.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "memshift"
 FLEET = yaml.safe_load((CHART / "ci" / "fleet-values.yaml").read_text())
-VALUES = {"default": None, "fleet": FLEET}
+SHARED = yaml.safe_load((CHART / "ci" / "shared-values.yaml").read_text())
+VALUES = {"default": None, "fleet": FLEET, "shared": SHARED}
 KUBERNETES = kubernetes_validate.latest_version()
 
 
@@ -55,7 +56,8 @@ def test_chart_lints_strict(which: str) -> None:
 @pytest.mark.parametrize("which", VALUES)
 def test_every_rendered_manifest_is_valid_kubernetes(which: str) -> None:
     docs = _render(VALUES[which])
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"}
+    kinds = {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"}
+    assert {d["kind"] for d in docs} == kinds | ({"NetworkPolicy"} if which != "default" else set())
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
@@ -71,7 +73,7 @@ def test_the_sidecar_is_locked_down_and_probed_over_grpc(which: str) -> None:
     assert side["securityContext"]["readOnlyRootFilesystem"] is True
     assert side["securityContext"]["capabilities"]["drop"] == ["ALL"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert side[probe]["grpc"]["port"] == 50051
+        assert side[probe]["grpc"]["port"] == 50054  # the health port: the memory port may be on loopback
     assert "limits" in side["resources"] and "requests" in side["resources"]
     assert {"name": "MEMSHIFT_TARGET", "value": "127.0.0.1:50051"} in containers["agent"]["env"]
     assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
@@ -97,3 +99,41 @@ def test_the_values_schema_rejects_what_cannot_work() -> None:
                 {"storeCredentials": {"pg password": "x"}}):
         report = chart.lint(CHART, bad, strict=True)
         assert report["errors"] or report["messages"], bad
+
+
+def _config(docs: dict[str, Any], tmp_path: Path) -> Any:
+    (tmp_path / "config.yaml").write_text(docs["ConfigMap"]["data"]["config.yaml"])
+    return load_config(tmp_path / "config.yaml", env={})
+
+
+def test_by_default_only_the_agents_own_pod_reaches_its_memory(tmp_path: Path) -> None:
+    docs = {d["kind"]: d for d in _render(None)}
+    config = _config(docs, tmp_path)
+    assert config.listen == "127.0.0.1:50051"  # loopback: the agent in this pod, nobody else
+    assert config.health_listen == "0.0.0.0:50054" and config.memory_tokens_file is None
+    side = {c["name"]: c for c in docs["Deployment"]["spec"]["template"]["spec"]["containers"]}["memshift"]
+    assert {p["name"]: p["containerPort"] for p in side["ports"]} == {"memory": 50051, "admin": 50052,
+                                                                       "health": 50054}
+
+
+def test_admin_tls_and_a_network_policy_for_a_fleet(tmp_path: Path) -> None:
+    docs = {d["kind"]: d for d in _render(FLEET)}
+    config = _config(docs, tmp_path)
+    assert config.admin_tls_cert_file == "/run/secrets/memshift-tls/tls.crt"
+    assert config.admin_tls_key_file == "/run/secrets/memshift-tls/tls.key" and config.tls_cert_file is None
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "admin-tls", "secret": {"secretName": "memshift-admin-tls", "defaultMode": 0o400}} in pod["volumes"]
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["ingress"]}
+    assert set(rules) == {50052, 50054}  # nothing reaches the memory port from outside the pod
+    assert rules[50052] == FLEET["networkPolicy"]["adminFrom"] and rules[50054] is None
+
+
+def test_agents_sharing_a_proxy_need_tokens_and_a_label(tmp_path: Path) -> None:
+    docs = {d["kind"]: d for d in _render(SHARED)}
+    config = _config(docs, tmp_path)
+    assert config.listen == "0.0.0.0:50051" and config.memory_tokens_file == "/run/secrets/memshift-tokens/tokens"
+    rules = {r["ports"][0]["port"]: r.get("from") for r in docs["NetworkPolicy"]["spec"]["ingress"]}
+    assert rules[50051] == SHARED["networkPolicy"]["memoryFrom"]
+    assert rules[50052] == [{"podSelector": {"matchLabels": {"memshift-admin": "true"}}}]
