@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     admin.add_argument("--token", default=os.environ.get("MEMSHIFT_ADMIN_TOKEN"))
     admin.add_argument("--token-file", default=os.environ.get("MEMSHIFT_ADMIN_TOKEN_FILE", "./data/admin.token"))
     admin.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who acts, for the history")
+    admin.add_argument("--tls-ca", default=os.environ.get("MEMSHIFT_ADMIN_TLS_CA"),
+                       help="CA certificate (PEM) of an admin port serving TLS; unset: plain text")
     cmds = admin.add_subparsers(dest="admin_command", required=True)
     p = cmds.add_parser("start", help="start migrating to a new store", allow_abbrev=False)
     p.add_argument("--to", required=True, dest="target", help="store spec, e.g. sqlite:///./data/new.db")
@@ -160,7 +162,12 @@ def _routing(args: argparse.Namespace) -> pb.SetReadRoutingRequest:
 
 def run(args: argparse.Namespace) -> int:
     metadata = (("authorization", f"Bearer {_token(args)}"), ("x-memshift-actor", args.actor))
-    with grpc.insecure_channel(args.admin_target) as channel:
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        opened = grpc.secure_channel(args.admin_target, creds)
+    else:
+        opened = grpc.insecure_channel(args.admin_target)
+    with opened as channel:
         stub = pb_grpc.MigrationAdminStub(channel)
         cmd = args.admin_command
         if cmd == "status" and args.watch:

@@ -22,6 +22,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -51,6 +52,8 @@ def _client_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], nam
     p = sub.add_parser(name, help=help_)
     p.add_argument("--target", default=os.environ.get("MEMSHIFT_TARGET", "127.0.0.1:50051"))
     p.add_argument("--scope", default=os.environ.get("MEMSHIFT_SCOPE", "default"))
+    p.add_argument("--token", default=os.environ.get("MEMSHIFT_TOKEN"),
+                   help="bearer token, when the proxy has a memory_tokens_file ($MEMSHIFT_TOKEN)")
     return p
 
 
@@ -98,8 +101,20 @@ async def _health(target: str, deadline_s: float) -> int:
     return 0 if serving else 1
 
 
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call of the channel."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = tuple(details.metadata or ()) + self._metadata
+        return await continuation(details._replace(metadata=metadata), request)
+
+
 async def _client(args: argparse.Namespace) -> None:
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    interceptors = [_Bearer(args.token)] if args.token else None
+    async with grpc.aio.insecure_channel(args.target, interceptors=interceptors) as channel:
         stub = pb_grpc.MemoryStub(channel)
         scope = args.scope
         if args.command == "graph":
