@@ -83,3 +83,14 @@ async def seed(c: Cluster, n: int, scope: str = "seed") -> None:
         await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[
             pb.Entity(name=f"s{j:04d}", entity_type="seed", observations=[f"seed fact {j}"])
             for j in range(i, min(n, i + 100))]))
+
+
+async def self_signed(d: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 and its key, made with openssl: (cert, key)."""
+    key, cert = d / "tls.key", d / "tls.crt"
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await proc.wait() == 0
+    return cert, key

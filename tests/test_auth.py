@@ -17,7 +17,7 @@ from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import ConfigError
-from tests.cluster import AUTH, Cluster, boot, shutdown
+from tests.cluster import AUTH, Cluster, boot, self_signed, shutdown
 
 AGENT_A = "token-of-agent-a-0123456789"
 OPERATOR = "token-of-the-operator-987654"
@@ -117,12 +117,7 @@ async def test_a_bad_tokens_file_stops_the_start_naming_the_line_not_the_token(
 async def test_the_admin_port_alone_can_use_tls(embedder: BatchingEmbedder, tmp_path: Path) -> None:
     """The chart's layout: the agent's port in plain text on loopback, the admin port (which crosses the pod
     network, bearer token and all) over TLS from a Secret."""
-    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
-    proc = await asyncio.create_subprocess_exec(
-        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    assert await proc.wait() == 0
+    cert, key = await self_signed(tmp_path)
     c = await boot(embedder, tmp_path, admin_tls_cert_file=str(cert), admin_tls_key_file=str(key))
     try:
         await c.memory.ReadGraph(pb.ReadGraphRequest(scope="plain"))  # the memory port: plain text

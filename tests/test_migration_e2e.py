@@ -21,7 +21,7 @@ from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import Config
 from proxy.server import MemshiftServer
-from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
+from tests.cluster import AUTH, Cluster, boot, run_verify, seed, self_signed, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN
 
 
@@ -254,12 +254,7 @@ async def test_admin_needs_the_token_and_refuses_illegal_changes(cluster: Cluste
 
 
 async def test_tls_on_both_ports(embedder: BatchingEmbedder, tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    proc = await asyncio.create_subprocess_exec(
-        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    assert await proc.wait() == 0
+    cert, key = await self_signed(tmp_path)
     config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/m.db", control=f"sqlite:///{tmp_path}/c.db",
                     admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, tls_cert_file=str(cert),
                     tls_key_file=str(key))
