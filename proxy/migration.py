@@ -774,7 +774,7 @@ class MigrationEngine:
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
                           backfill_seconds=0.0, verify_cursor=None, last_verify_differences=-1, read_fraction=0.0,
-                          ramp_step=-1, mirror_until=0.0)
+                          ramp_step=-1, mirror_until=0.0, blocked_key="", blocked="")
             # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)
