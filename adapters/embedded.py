@@ -423,7 +423,7 @@ class EmbeddedBackend(PlannedWrites):
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
             _upgrade(conn)
-            conn.create_function("contains_ci", 2, lambda hay, needle: semantics.search_hit(needle, hay),
+            conn.create_function("contains_ci", 2, lambda hay, needle: needle in semantics.lowered(hay),
                                  deterministic=True)
             self._check_embedding(conn)
         except Exception:

@@ -8,7 +8,7 @@ place is what makes every store answer the same call the same way — the confor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
@@ -18,11 +18,11 @@ Stored = Mapping[RecordKey, Record]
 Effects = tuple[Record, ...]
 
 
-def lowered(text: str) -> str:
-    """Case as `SearchNodes` ignores it, the MCP memory server's way: Unicode's default lower-case mapping
-    (JavaScript's toLowerCase, Python's str.lower), not case folding, so "STRASSE" does not find "Straße". Every store
-    matches with this one function, never with its own database's lower(), whose result depends on its locale."""
-    return text.lower()
+# Case as `SearchNodes` ignores it, the MCP memory server's way: Unicode's default lower-case mapping (JavaScript's
+# toLowerCase, Python's str.lower), not case folding, so "STRASSE" does not find "Straße". Every store matches with
+# this one function, never with its own database's lower(), whose result depends on its locale. (The C method
+# itself: the embedded store calls it once per row scanned.)
+lowered: Callable[[str], str] = str.lower
 
 
 def search_hit(needle: str, *texts: str) -> bool:
