@@ -4,7 +4,7 @@ Two layers, one rule. The API operations carry MCP memory-server semantics (skip
 deletes); the replication operations move whole versioned records. Both obey apply-if-newer on every store, the
 primary included: a record is written only when its version is higher than the stored one, and a tombstone hides
 every older record of its key (an entity tombstone every older child). The same operations in any order therefore
-end in the same state (DESIGN.md, Versions).
+end in the same state (docs/design.md, Versions).
 
 Every mutating API operation returns its `effects`: the whole records it actually wrote. The migration engine
 compares the effects of the primary and the secondary to find keys that need reconciling from the primary.

@@ -11,7 +11,7 @@
   (the same rules as every store: newer version wins, purge points merge by max, children older than a purge point
   are deleted or never written), and only the winners are written. One store object is the only writer of its
   collections — true for local mode (one client per path) and for a single proxy; a fleet sharing one Qdrant server
-  serialises writers per scope through the control store's lease (DESIGN.md, Fleet) before this guarantee extends
+  serialises writers per scope through the control store's lease (docs/design.md, Fleet) before this guarantee extends
   to it. `tests/test_convergence.py` checks convergence for every interleaving against this store too.
 """
 

@@ -1,7 +1,7 @@
 """Versioned records: the unit every replicated write, backfill batch and verify digest works on.
 
 An entity, each of its observations and each relation is its own record, so replicating a change never needs a
-read-back or a delta: every replicated write carries a whole record, applied only if newer (DESIGN.md, Versions).
+read-back or a delta: every replicated write carries a whole record, applied only if newer (docs/design.md, Versions).
 
 Entity records also carry `purged`, the highest version at which that entity key was ever deleted. It survives
 re-creation, and a child (observation or relation touching the entity) older than it is hidden. Because `purged`
@@ -126,7 +126,7 @@ def is_newer(incoming_version: int, stored_version: int | None) -> bool:
 
 
 def embedding_text(name: str, entity_type: str, observations: tuple[str, ...]) -> str:
-    """What an entity's embedding is computed from (DESIGN.md, Data model)."""
+    """What an entity's embedding is computed from (docs/design.md, Data model)."""
     return f"{name} {entity_type} {' '.join(observations)}".strip()
 
 

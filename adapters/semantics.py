@@ -194,7 +194,7 @@ def apply_keys(records: Sequence[Record]) -> list[RecordKey]:
 
 
 def plan_apply(records: Sequence[Record], stored: Stored) -> ApplyPlan:
-    """The record rules (DESIGN.md, Versions) for stores that must read, decide and write themselves (Qdrant,
+    """The record rules (docs/design.md, Versions) for stores that must read, decide and write themselves (Qdrant,
     Neo4j): the newer version wins, purge points merge by max, children older than a purge point are deleted
     (`purges`) or never written. `stored` must hold `apply_keys(records)`."""
     out = ApplyPlan()

@@ -1,4 +1,4 @@
-"""The rollback policy: rules over sliding windows, evaluated without I/O (DESIGN.md, Shadow reads and rollback).
+"""The rollback policy: rules over sliding windows, evaluated without I/O (docs/design.md, Shadow reads and rollback).
 
 The proxy feeds `Observations` (shadow comparisons, secondary outcomes, latencies) and calls `evaluate` on a timer;
 this module only decides. Three outcomes per rule, never two: a rule with fewer samples in its window than its

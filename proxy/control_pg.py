@@ -1,4 +1,4 @@
-"""The control store on PostgreSQL: one migration shared by a fleet of proxies (DESIGN.md, Fleet).
+"""The control store on PostgreSQL: one migration shared by a fleet of proxies (docs/design.md, Fleet).
 
 Everything the SQLite store holds, plus what a fleet needs:
 - Phase changes stay compare-and-set on the state's revision, and each one is broadcast with `pg_notify` in the same

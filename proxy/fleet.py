@@ -1,4 +1,4 @@
-"""One proxy's part in a fleet sharing a PostgreSQL control store (DESIGN.md, Fleet).
+"""One proxy's part in a fleet sharing a PostgreSQL control store (docs/design.md, Fleet).
 
 Every heartbeat (a third of the lease, or at once when a phase change is broadcast) the proxy re-reads the state,
 applies it and acknowledges it: its row in `proxies` names the phase, migration and revision it applies. A phase

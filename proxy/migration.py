@@ -1,4 +1,4 @@
-"""The hot-migration engine: phases, dual-write, repair queue, backfill (DESIGN.md, Phases).
+"""The hot-migration engine: phases, dual-write, repair queue, backfill (docs/design.md, Phases).
 
 Writes. Every write is stamped with a version before any store is touched. With no migration running it goes to the
 primary alone. From the moment DataMigration starts (before the first backfill batch) it goes to primary and
@@ -141,7 +141,7 @@ class MigrationEngine:
         self._systems: dict[int, str] = {}  # id(store) -> db.system.name
         self.telemetry = telemetry or Telemetry()
         self.observations = observations  # secondary outcomes for the rollback policy, when one watches
-        # Scopes with a pending repair: their reads stay on the primary (read-your-writes, DESIGN.md, Phases).
+        # Scopes with a pending repair: their reads stay on the primary (read-your-writes, docs/design.md, Phases).
         self._dirty: set[str] = set()
         self._dirty_since: list[set[str]] = []  # one per refresh in progress: scopes queued meanwhile
         self.last_repair_depth = 0  # for the metrics gauge, which cannot await

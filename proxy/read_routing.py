@@ -1,4 +1,4 @@
-"""Where each read goes (DESIGN.md, Phases and Shadow reads).
+"""Where each read goes (docs/design.md, Phases and Shadow reads).
 
 Without a migration, or before DualWrite, reads go to the primary. In DualWrite a fraction of reads (chosen by a
 hash of scope and request) is served by the secondary, except in scopes with a pending repair, where the secondary

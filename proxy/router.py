@@ -2,7 +2,7 @@
 
 Below this point nothing knows about gRPC. Validation runs on the whole request before a version is stamped or any
 store is touched, so a rejected call stores nothing. The version is stamped before any store is touched
-(DESIGN.md, Versions), which is what lets the migration engine replay the same write anywhere.
+(docs/design.md, Versions), which is what lets the migration engine replay the same write anywhere.
 """
 
 from __future__ import annotations

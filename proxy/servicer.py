@@ -1,6 +1,6 @@
 """The `memshift.v1.Memory` servicer: wire messages in, domain calls to the router, wire messages out.
 
-Each error becomes the status DESIGN.md names for it, with a message that says what to fix.
+Each error becomes the status docs/design.md names for it, with a message that says what to fix.
 """
 
 from __future__ import annotations

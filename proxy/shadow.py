@@ -1,4 +1,4 @@
-"""Shadow reads: the same read on the other store, compared in the background (DESIGN.md, Shadow reads).
+"""Shadow reads: the same read on the other store, compared in the background (docs/design.md, Shadow reads).
 
 A shadow read never delays its caller. It is registered with `after_reply` and launched only once gRPC reports the
 RPC finished (its answer and status sent), runs under a concurrency bound and a timeout, and is dropped and counted

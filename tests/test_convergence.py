@@ -1,5 +1,5 @@
 """Property: the same versioned writes, applied in any order and any batching, end in the same state, and that
-state is the one a plain reference model of the record rules predicts (DESIGN.md, Versions)."""
+state is the one a plain reference model of the record rules predicts (docs/design.md, Versions)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A fleet: three proxy processes share one PostgreSQL control store and migrate together (DESIGN.md, Fleet).
+"""A fleet: three proxy processes share one PostgreSQL control store and migrate together (docs/design.md, Fleet).
 
 Agents write through all three; the migration is driven through one admin endpoint; the backfill leader is killed
 mid-way and another proxy continues from the checkpoint; the run ends with Verify at zero differences and the new

@@ -1,4 +1,4 @@
-"""DESIGN.md's invariant, under random interleavings (hypothesis RuleBasedStateMachine).
+"""The invariant of docs/design.md, under random interleavings (hypothesis RuleBasedStateMachine).
 
 Client writes and deletes, backfill batches, a secondary that fails or stalls (a wrapper around the real store),
 proxy restarts from the control store, phase changes and rollbacks, in any order. At every quiescent point (writes

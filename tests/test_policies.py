@@ -173,7 +173,7 @@ def test_sampling_is_deterministic_and_close_to_the_rate() -> None:
     assert not sampled("s", "q", 0.0, "x") and sampled("s", "q", 1.0, "x")
 
 
-def test_default_policy_file_loads_with_the_issue_defaults() -> None:
+def test_default_policy_file_loads_with_the_documented_defaults() -> None:
     p = load()
     rules = {r.name: r for r in p.policy.rules}
     assert rules["mismatch-rate"].threshold == 0.001 and rules["secondary-error-rate"].threshold == 0.01
