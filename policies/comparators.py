@@ -1,4 +1,4 @@
-"""Shadow-read comparators: does the secondary's answer say the same thing as the primary's? (docs/design.md, Shadow reads)
+"""Shadow-read comparators: does the secondary's answer say what the primary's does? (docs/design.md, Shadow reads)
 
 Pure functions over domain objects, one per read operation. Graph reads compare as sets, because stores return
 entities and relations in different orders and that is not a difference a user would notice. Fields named as noise
