@@ -24,6 +24,7 @@ from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
+from proxy.redaction import scrub
 from proxy.servicer import rpc
 from proxy.shadow import ShadowReader
 from proxy.stores import redact
@@ -121,6 +122,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         window = max(0.0, s.mirror_until - time.time()) if s.phase == Phase.COMPLETED and s.secondary else 0.0
         fleet = self._watchers.fleet
         members = await fleet.members() if fleet is not None else []
+        out = e.outage.current
         return pb.MigrationStatus(
             phase=PHASE_TO_PB[s.phase], primary=redact(s.primary), secondary=redact(s.secondary),
             migration_id=s.migration_id,
@@ -131,7 +133,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             counters=pb.DualWriteCounters(
                 dual_writes=c.dual_writes, secondary_failures=c.secondary_failures, secondary_late=c.secondary_late,
                 effect_mismatches=c.effect_mismatches, repairs_done=c.repairs_done,
-                repair_failures=c.repair_failures),
+                repair_failures=c.repair_failures, secondary_skipped=c.secondary_skipped, since_unix=c.since),
             recent_history=[_change_pb(h) for h in await e.history(10)],
             rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences,
             policy=[_rule_pb(r) for r in self._watchers.guard.last],
@@ -144,7 +146,11 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                     migration_id=m.migration_id, revision=m.revision, leader=m.leader,
                                     heartbeat_age_seconds=m.heartbeat_age, live=m.live)
                      for m in members],
-            backfill_waiting_for=fleet.waiting_for if fleet else [], blocked_key=s.blocked_key, blocked=s.blocked)
+            backfill_waiting_for=fleet.waiting_for if fleet else [], blocked_key=s.blocked_key, blocked=s.blocked,
+            secondary_unreachable=scrub(out.reason) if out else "",
+            secondary_unreachable_since_unix=out.since if out else 0.0,
+            primary_unreachable=not e.primary_up.is_set(),
+            rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "")
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:

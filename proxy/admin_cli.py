@@ -107,16 +107,25 @@ def _eta(seconds: float) -> str:
 
 def render(st: pb.MigrationStatus) -> str:
     b, c = st.backfill, st.counters
-    lines = [f"phase      {PHASE_NAMES.get(st.phase, '?')}  (migration {st.migration_id})",
-             f"primary    {st.primary}"]
+    lines = [f"phase      {PHASE_NAMES.get(st.phase, '?')}  (migration {st.migration_id})"]
+    if st.rolled_back:  # what an operator must see first after an automatic rollback
+        lines.insert(0, f"ROLLED BACK {st.rolled_back}")
+    down = "  (UNREACHABLE: not serving; reconnecting)" if st.primary_unreachable else ""
+    lines.append(f"primary    {st.primary}{down}")
     if st.secondary:
         lines.append(f"secondary  {st.secondary}")
     if st.phase == pb.DATA_MIGRATION or b.total:
         state = "complete" if b.complete else "paused" if b.paused else f"ETA {_eta(b.eta_seconds)}"
         lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
                      f"{state}")
-    lines.append(f"repairs    {st.repair_queue_depth} pending; dual writes {c.dual_writes} ({c.secondary_failures} "
-                 f"failed, {c.secondary_late} late, {c.effect_mismatches} differed), {c.repairs_done} repaired")
+    if st.secondary_unreachable:
+        lines.append(f"OUTAGE     new store unreachable for {_eta(time.time() - st.secondary_unreachable_since_unix)}"
+                     f" ({st.secondary_unreachable}): reads on the primary, writes queued, backfill and ramp held")
+    since = time.strftime("%H:%M:%S", time.localtime(c.since_unix)) if c.since_unix else "?"
+    lines.append(f"repairs    {st.repair_queue_depth} pending; since {since}: dual writes {c.dual_writes} "
+                 f"({c.secondary_failures} failed, {c.secondary_late} late, {c.effect_mismatches} differed, "
+                 f"{c.secondary_skipped} skipped while unreachable), {c.repairs_done} repaired, "
+                 f"{c.repair_failures} keys failed at least once")
     if st.read_fraction or st.shadow_sample_rate:
         lines.append(f"reads      {st.read_fraction:.0%} from secondary ({st.reads.served_by_secondary} served, "
                      f"{st.reads.fallbacks} fell back to primary), shadow sample {st.shadow_sample_rate:.0%}")

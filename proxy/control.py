@@ -70,6 +70,7 @@ class MigrationState:
     # A record the new store refuses for good (not an outage): the migration pauses, and this says which and why.
     blocked_key: str = ""
     blocked: str = ""
+    rolled_back: str = ""  # the last rollback: when, by whom and why, for status and refused phase changes
     revision: int = 0  # bumped on every change; the compare-and-set token
 
 

@@ -82,7 +82,9 @@ class PolicyGuard:
             self._streaks.clear()
             self._episode.clear()
             self._observations.clear()
-        if state.phase not in WATCHED or engine.secondary is None:
+        if state.phase not in WATCHED or engine.secondary is None or engine.outage.current is not None:
+            # Nothing to judge, or an outage of the new store: that holds the migration (proxy.outage); it is not
+            # evidence against the store, and the ramp does not move while nothing reaches it.
             self.last, self.last_at = (), now
             return []
         self._observations.prune(now)

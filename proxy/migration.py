@@ -25,8 +25,8 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar, cast
 
 from adapters.base import Backend, ExportPage, VectorMap, WriteResult
 from adapters.model import EntityNotFound, StoreUnavailable
@@ -45,6 +45,7 @@ from proxy.control import (
 from proxy.eager import start_eagerly
 from proxy.errors import IllegalTransition, LeaseLapsed
 from proxy.ops import WriteOp
+from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.redaction import redact, scrub
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
@@ -87,7 +88,9 @@ class Counters:
     secondary_late: int = 0
     effect_mismatches: int = 0
     repairs_done: int = 0
-    repair_failures: int = 0
+    repair_failures: int = 0  # keys whose repair failed at least once, not every retry
+    secondary_skipped: int = 0  # dual writes that skipped an unreachable new store (queued for repair)
+    since: float = field(default_factory=time.time)  # this proxy's: counters start at zero on every start
 
 
 def _key_of(r: Record) -> RecordKey:
@@ -123,6 +126,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 class MigrationEngine:
     _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
+    _OPEN_TIMEOUT = 10.0  # seconds opening a store may take before it counts as unreachable
     _PARKED = 300.0  # seconds before a key the new store refused is tried again (at once when queued again)
 
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
@@ -161,6 +165,10 @@ class MigrationEngine:
         self._backfill_task: asyncio.Task[None] | None = None
         self._window_task: asyncio.Future[None] | None = None
         self._notices: set[asyncio.Task[None]] = set()  # pauses and un-pauses decided by a repair, see _notice
+        # Stores that could not be opened are stood in for (proxy.outage.Unreachable) and opened again here.
+        self._reconnects: dict[str, asyncio.Task[None]] = {}
+        self.primary_up = asyncio.Event()  # the primary is open: the proxy can serve (health SERVING)
+        self.outage = OutageWatch(self._probe_secondary, self._outage_changed)
         self.counters = Counters()
         self.state = MigrationState()
         # A fleet (proxy.fleet): the backfill runs only where the fleet elected it, and writes stop when this
@@ -171,10 +179,15 @@ class MigrationEngine:
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        log.info("reading the migration state", extra={"control": type(self._control).__name__})
         self.state = await self._control.load()
-        await self._store(self.state.primary)
+        log.info("opening the primary", extra={"store": redact(self.state.primary), "phase": self.state.phase.value})
+        await self._store(self.state.primary, tolerate=True)
         if self.state.secondary:
-            await self._store(self.state.secondary)
+            log.info("opening the secondary", extra={"store": redact(self.state.secondary)})
+            second = await self._store(self.state.secondary, tolerate=True)
+            if isinstance(second, Unreachable):
+                self.outage.report(StoreUnavailable(second.cause))
         self._expire_mirror_if_due()
         await self._refresh_dirty()
         if not self.state.paused:
@@ -186,23 +199,61 @@ class MigrationEngine:
         log.info("migration engine started", extra={"phase": self.state.phase.value,
                                                     "migration_id": self.state.migration_id})
 
-    async def stop(self) -> None:
-        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else []), *self._notices]:
+    async def stop(self, within: float = 5.0) -> None:
+        """Stop the background work and close the stores, in at most about `within` seconds: a store whose server is
+        gone must not hold a SIGTERM past the grace period."""
+        background = [*self._tasks, *([self._backfill_task] if self._backfill_task else []), *self._notices,
+                      *self._reconnects.values()]
+        for task in background:
             task.cancel()
-        for task in [*self._tasks, *([self._backfill_task] if self._backfill_task else [])]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.outage.stop()
+        if background:
+            await asyncio.wait(background, timeout=within / 2)
         for store in self._stores.values():
-            await store.close()
+            try:
+                await asyncio.wait_for(store.close(), within / 2)
+            except Exception as exc:
+                log.warning("store did not close cleanly", extra={"store": store.name, "error": repr(exc)})
         self._stores.clear()
 
-    async def _store(self, spec: str) -> Backend:
+    async def _store(self, spec: str, tolerate: bool = False) -> Backend:
+        """The open store of `spec`. With `tolerate`, a store that cannot be reached now is stood in for by an
+        Unreachable (every call fails as an outage) and opened again in the background until it answers."""
         store = self._stores.get(spec)
         if store is None:
-            store = await self._open(spec)
+            try:
+                store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
+            except Exception as exc:
+                if not (tolerate and transient(exc)):
+                    raise
+                log.warning("store unreachable; serving without it and reconnecting in the background",
+                            extra={"store": redact(spec), "error": repr(exc)})
+                store = cast(Backend, Unreachable(redact(spec), f"{type(exc).__name__}: {exc}"[:300]))
+                self._reconnects[spec] = asyncio.ensure_future(self._reconnect(spec))
             self._stores[spec] = store
             self._systems[id(store)] = system_of(spec)
+        if spec == self.state.primary and not isinstance(store, Unreachable):
+            self.primary_up.set()
         return store
+
+    async def _reconnect(self, spec: str) -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+            try:
+                store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
+            except Exception as exc:
+                log.debug("store still unreachable", extra={"store": redact(spec), "error": repr(exc)})
+                continue
+            self._stores[spec] = store
+            self._systems[id(store)] = system_of(spec)
+            self._reconnects.pop(spec, None)
+            log.info("store reachable again", extra={"store": redact(spec)})
+            if spec == self.state.primary:
+                self.primary_up.set()
+            self._repair_wakeup.set()
+            return
 
     @property
     def primary(self) -> Backend:
@@ -215,6 +266,36 @@ class MigrationEngine:
                                                                  Phase.COMPLETED):
             return None
         return self._stores.get(self.state.secondary)
+
+    @property
+    def secondary_reachable(self) -> Backend | None:
+        """The secondary, unless it is out (proxy.outage): then reads and shadow reads stay on the primary."""
+        return None if self.outage.current is not None else self.secondary
+
+    async def _probe_secondary(self) -> None:
+        secondary = self.secondary
+        if secondary is None:
+            return  # nothing to wait for any more
+        await asyncio.wait_for(secondary.get_records([_PROBE_KEY]), 5.0)
+
+    async def _outage_changed(self, started: Outage | None, ended: Outage | None) -> None:
+        if started is not None:
+            log.warning("new store unreachable: reads stay on the primary, writes are queued for repair, the backfill "
+                        "and the read ramp hold", extra={"store": redact(self.state.secondary),
+                                                         "reason": started.reason})
+            await self.note("memshift", f"new store unreachable ({scrub(started.reason)}): reads on the primary, "
+                            "writes queued for repair, backfill and ramp held until it answers", {})
+            return
+        assert ended is not None
+        lasted = time.time() - ended.since
+        log.info("new store reachable again; the migration goes on", extra={"outage_seconds": round(lasted, 1)})
+        async with self._lock:
+            s = self.state
+            if s.ramp_step >= 0:  # the step is judged afresh: nothing was compared while the store was out
+                await self._save(replace(s, ramp_step_started_at=time.time()))
+            await self._note("memshift", f"new store reachable again after {lasted:.1f} s: resumed",
+                             {"outage_seconds": round(lasted, 1)})
+        self._repair_wakeup.set()
 
     def system(self, store: Backend) -> str:
         return self._systems.get(id(store), "other")
@@ -248,6 +329,13 @@ class MigrationEngine:
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
+        if self.outage.current is not None:
+            # The new store is out: no time is spent on it; its half is owed through the repair queue, which the
+            # caller's acknowledgement waits for, as for any failed secondary write.
+            result = await self._run(op, primary, "primary", version)
+            self._count(secondary_skipped=1)
+            await self._enqueue(self.state.migration_id, op.keys() + [r.key for r in result.effects])
+            return result
         keys = op.keys()  # a WriteOp's keys, not a mapping's
         scopes = {k[1] for k in keys}
         # With no repair running anywhere, nobody waits on the gate and nobody needs waking: the write goes through
@@ -298,6 +386,9 @@ class MigrationEngine:
             if isinstance(exc, EntityNotFound):  # the backfill has not brought that entity yet: expected
                 self._count(effect_mismatches=1)
                 self._secondary_outcome(error=False)
+            elif isinstance(exc, StoreUnavailable):  # an outage, not a wrong answer: held, not counted against it
+                self._count(secondary_failures=1)
+                self.outage.report(exc)
             else:
                 self._count(secondary_failures=1)
                 self._secondary_outcome(error=True)
@@ -362,8 +453,8 @@ class MigrationEngine:
     async def repair_once(self) -> int:
         """One batch of due repairs; returns how many keys were settled."""
         secondary = self.secondary
-        if secondary is None:
-            return 0
+        if secondary is None or self.outage.current is not None:
+            return 0  # an outage: the queue waits for the store instead of counting a failure per key per try
         items = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
         if not items:
             return 0
@@ -385,7 +476,7 @@ class MigrationEngine:
                 # key refused alone is parked (retried rarely, and at once when written or queued again).
                 moved, items = await self._repair_each(items, secondary)
         except Exception as exc:
-            self._count(repair_failures=len(items))
+            self._count(repair_failures=sum(1 for i in items if i.attempts == 0))  # keys that failed, not tries
             for item in items:
                 await self._control.repair_failed(item, repr(exc), min(30.0, 0.2 * 2 ** item.attempts))
             log.warning("repair failed; will retry", extra={"error": repr(exc), "keys": len(items)})
@@ -433,7 +524,7 @@ class MigrationEngine:
             if refused is None:
                 done.append(item)
                 continue
-            self._count(repair_failures=1)
+            self._count(repair_failures=1 if item.attempts == 0 else 0)
             await self._control.repair_failed(item, repr(refused)[:500], self._PARKED)
             self._notice(self.block(item.key, refused, during="repair"))
         return moved, done
@@ -516,9 +607,11 @@ class MigrationEngine:
                 ahead[1].add_done_callback(_consume)
 
         while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
-            if not self._resume.is_set():
+            if not self._resume.is_set() or self.outage.current is not None:
                 await self._resume.wait()
+                await self.outage.recovered.wait()  # an outage of the new store holds the copy, uncounted
                 copying_since = time.monotonic()
+                continue
             started = time.monotonic()
             try:
                 secondary = self.secondary
@@ -539,6 +632,8 @@ class MigrationEngine:
                 try:
                     await applying
                 except Exception as exc:
+                    if isinstance(exc, StoreUnavailable):
+                        self.outage.report(exc)
                     if transient(exc):
                         raise
                     refusal = await self._refusal(secondary, page.records, page.vectors)
@@ -559,7 +654,7 @@ class MigrationEngine:
                 drop_pipeline()
                 ahead = None
                 next_cursor, exhausted = self.state.backfill_cursor, False
-                if not isinstance(exc, _Blocked):  # blocked: paused, resumed by an operator after a fix
+                if not isinstance(exc, _Blocked) and self.outage.current is None:  # blocked, out: waits above
                     log.warning("backfill batch failed; retrying from the checkpoint", extra={"error": repr(exc)})
                     await asyncio.sleep(1.0)
                 continue
@@ -748,7 +843,8 @@ class MigrationEngine:
 
     def _illegal(self, wanted: str) -> IllegalTransition:
         allowed = ", ".join(p.value for p in NEXT[self.state.phase])
-        return IllegalTransition(f"cannot {wanted}: the migration is in {self.state.phase.value}; "
+        why = f" (rolled back {self.state.rolled_back})" if self.state.phase == Phase.ROLLED_BACK else ""
+        return IllegalTransition(f"cannot {wanted}: the migration is in {self.state.phase.value}{why}; "
                                  f"from {self.state.phase.value} it can move to: {allowed}")
 
     async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
@@ -789,7 +885,9 @@ class MigrationEngine:
             await self._fresh()
             s = self.state
             if s.phase != expected:
-                raise IllegalTransition(f"expected phase {expected.value}, but the migration is in {s.phase.value}")
+                why = f" (rolled back {s.rolled_back})" if s.phase == Phase.ROLLED_BACK else ""
+                raise IllegalTransition(f"expected phase {expected.value}, but the migration is in {s.phase.value}"
+                                        f"{why}")
             if s.phase == Phase.DATA_MIGRATION:
                 if not s.backfill_complete:
                     p = self.progress()
@@ -832,6 +930,9 @@ class MigrationEngine:
                 raise self._illegal("roll back")
             if self._backfill_task is not None:
                 self._backfill_task.cancel()
+            self.outage.reset()
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            new = replace(new, rolled_back=scrub(f"{when} by {actor}: {reason}"))
             await self._change(new, actor, reason, figures or {})
 
     async def pause_backfill(self, actor: str, reason: str = "") -> None:
@@ -957,6 +1058,9 @@ def transient(exc: BaseException) -> bool:
     """A failure that can pass by itself (the store unreachable, a timeout, a lost compare-and-set): retried. Any
     other failure of a store, repeated on one record alone, means the store refuses that record for good."""
     return isinstance(exc, StoreUnavailable | TimeoutError | ConnectionError | OSError | Conflict)
+
+
+_PROBE_KEY: RecordKey = (Kind.ENTITY, "memshift-probe", ("reachable?",))
 
 
 class _Blocked(Exception):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from adapters.base import Backend
+from adapters.model import StoreUnavailable
 from policies.rules import Observations
 from proxy.control import Phase
 from proxy.migration import MigrationEngine
@@ -44,7 +45,7 @@ class ReadRouting:
 
     async def read(self, op: ReadOp[T]) -> T:
         engine, state = self._engine, self._engine.state
-        primary, other = engine.primary, engine.secondary
+        primary, other = engine.primary, engine.secondary_reachable  # an unreachable new store gets no reads
         if other is None:
             return (await self._call(op, primary, "primary"))[0]
         identity = op.identity()
@@ -67,8 +68,11 @@ class ReadRouting:
             answer = await self._call(op, store, "secondary")
         except ValueError:
             raise  # the request itself is bad (a foreign page token): the primary would refuse it too
-        except Exception:
-            self._observations.secondary_call(time.time(), error=True)
+        except Exception as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._engine.outage.report(exc)  # an outage, not a wrong answer: not counted against the store
+            else:
+                self._observations.secondary_call(time.time(), error=True)
             self.counters.fallbacks += 1
             self._engine.telemetry.read_fallbacks.add(1, {"rpc.method": op.operation})
             return None

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,11 @@ ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def build_embedder(config: EmbeddingConfig) -> BatchingEmbedder:
+    started = time.monotonic()
+    log.info("loading the embedding model", extra={"model": config.model_name})
     model = SentenceTransformerModel(config.model_path, config.model_name)
+    log.info("embedding model loaded", extra={"model": config.model_name, "dimension": model.info.dimension,
+                                              "seconds": round(time.monotonic() - started, 2)})
     return BatchingEmbedder(model, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
 
 
@@ -112,6 +117,7 @@ class MemshiftServer:
 
     async def start(self) -> int:
         cfg = self.config
+        self._stopping = False
         try:
             policy = load_policy(cfg.policy_file)
         except PolicyError as exc:
@@ -125,6 +131,7 @@ class MemshiftServer:
             self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
         self.observations = Observations(keep_seconds=policy.policy.longest_window())
         shared = None
+        log.info("opening the control store", extra={"control": redact(cfg.control)})
         if cfg.control.startswith(("postgresql:", "postgres:")):
             shared = PostgresControlStore(cfg.control, initial_primary=cfg.store, lease_seconds=cfg.lease_seconds)
             await shared.open()
@@ -135,12 +142,14 @@ class MemshiftServer:
                                       telemetry=self.telemetry, observations=self.observations,
                                       fleet=shared is not None)
         await self.engine.start()
+        log.info("migration state read and stores opened", extra={"phase": self.engine.state.phase.value})
         self.fleet: FleetSync | None = None
         if shared is not None:
             node = f"{socket.gethostname()}-{cfg.resolved_node_id()}"
             self.fleet = FleetSync(self.engine, shared, node, cfg.listen)
             await self.fleet.start()
-        self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry)
+        self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry,
+                                   unreachable=self.engine.outage.report)
         self.reads = ReadRouting(self.engine, self.shadow, self.observations)
         self.guard = PolicyGuard(self.engine, policy, self.observations)
         self.guard.start()
@@ -174,12 +183,27 @@ class MemshiftServer:
         await self._admin.start()
         if self._health_server is not None:
             await self._health_server.start()
+        # Health says whether agents can be served: the primary is open. The admin API serves either way.
+        self._serving_task = asyncio.ensure_future(self._serve_when_primary_up())
+        if not self.engine.primary_up.is_set():
+            for service in ("", MEMORY_SERVICE):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.warning("primary unreachable: health NOT_SERVING until it answers; the admin API serves",
+                        extra={"primary": redact(self.engine.state.primary)})
+        else:
+            await self._serve_when_primary_up()
+        log.info("listening", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
+                                     "health_port": self.health_port, "primary": redact(self.engine.state.primary),
+                                     "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
+        return self.port
+
+    async def _serve_when_primary_up(self) -> None:
+        await self.engine.primary_up.wait()
+        if self._stopping:
+            return
         for service in ("", MEMORY_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
-                                   "primary": redact(self.engine.state.primary),
-                                   "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
-        return self.port
+        log.info("serving", extra={"primary": redact(self.engine.state.primary)})
 
     def _gauges(self) -> Gauges:
         s, p = self.engine.state, self.engine.progress()
@@ -187,6 +211,8 @@ class MemshiftServer:
                       p.rate)
 
     async def stop(self, grace: float | None = None) -> None:
+        self._stopping = True
+        self._serving_task.cancel()
         await self._health.enter_graceful_shutdown()
         wait = self.config.grace_seconds if grace is None else grace
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)),
@@ -195,7 +221,7 @@ class MemshiftServer:
         await self.shadow.close()
         if self.fleet is not None:
             await self.fleet.stop()
-        await self.engine.stop()
+        await self.engine.stop(within=max(1.0, wait))
         await self.control.close()
         self._telemetry_shutdown()
         log.info("stopped")

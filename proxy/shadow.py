@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from adapters.base import Backend
+from adapters.model import StoreUnavailable
 from policies.comparators import CompareSettings
 from policies.loader import ShadowSettings
 from policies.rules import Observations
@@ -96,8 +97,10 @@ class ShadowCounters:
 
 class ShadowReader:
     def __init__(self, settings: ShadowSettings, compare: CompareSettings, observations: Observations,
-                 telemetry: Telemetry, max_samples: int = 200) -> None:
+                 telemetry: Telemetry, max_samples: int = 200,
+                 unreachable: Callable[[BaseException], None] | None = None) -> None:
         self._settings = settings
+        self._unreachable = unreachable  # told when the new store is out (proxy.outage), instead of an error
         self._compare = compare
         self._observations = observations
         self._telemetry = telemetry
@@ -141,12 +144,18 @@ class ShadowReader:
                     theirs = await op.run(job.other)
         except TimeoutError:
             outcome = "timeout"
+        except StoreUnavailable as exc:
+            outcome = "unreachable"
+            if served_by_primary and self._unreachable is not None:
+                self._unreachable(exc)
         except Exception as exc:
             outcome = "error"
             log.debug("shadow read failed", extra={"rpc": op.operation, "error": repr(exc)})
         took = time.perf_counter() - start
         now = time.time()
-        if outcome != "match":
+        if outcome == "unreachable":
+            self.counters.errors += 1  # an outage: not held against the store by the rollback policy
+        elif outcome != "match":
             if outcome == "timeout":
                 self.counters.timeouts += 1
             else:

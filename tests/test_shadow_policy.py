@@ -30,7 +30,8 @@ READS = {"read_graph", "search_nodes", "open_nodes", "semantic_search"}
 @dataclass
 class ReadFaults:
     corrupt: bool = False  # drop every 4th entity (by name hash) from answers and alter the observations of another
-    fail: bool = False
+    fail: bool = False  # reads raise an error: the store answers, wrongly
+    out: bool = False  # reads find the store unreachable: an outage
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: reads wait (a stalled store)
     events: list[str] = field(default_factory=list)
 
@@ -64,6 +65,14 @@ class FaultyReads:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
+        if name == "get_records":  # what the outage probe asks: unreachable during an outage, like every call
+
+            async def probe(*args: Any, **kwargs: Any) -> Any:
+                if self._faults.out:
+                    raise StoreUnavailable("injected outage: connection refused")
+                return await attr(*args, **kwargs)
+
+            return probe
         if name not in READS:
             return attr
 
@@ -72,8 +81,10 @@ class FaultyReads:
             f.events.append("secondary-read-start")
             try:
                 await f.gate.wait()
+                if f.out:
+                    raise StoreUnavailable("injected outage: connection refused")
                 if f.fail:
-                    raise StoreUnavailable("injected read failure")
+                    raise RuntimeError("injected read failure")
                 answer = await attr(*args, **kwargs)
                 return _corrupt(answer) if f.corrupt else answer
             finally:
@@ -235,6 +246,37 @@ async def test_secondary_read_failures_fall_back_to_the_primary(embedder: Batchi
             assert [e.name for e in graph.entities] == [f"s{i:04d}"]
         st = await status(c)
         assert st.reads.fallbacks == 10 and st.reads.served_by_secondary == 10
+    finally:
+        await shutdown(c)
+
+
+async def test_an_unreachable_secondary_holds_reads_on_the_primary_without_counting_against_it(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """An outage is not a wrong answer: the first read that finds the new store unreachable falls back, and from then
+    on reads and shadow reads stay on the primary, the error-rate rule sees nothing, until the store answers."""
+    faults = ReadFaults()
+    c = await start(embedder, tmp_path, faults, action="rollback")
+    try:
+        await to_dual_write(c, shadow_rate=1.0)
+        await c.admin.SetReadRouting(apb.SetReadRoutingRequest(read_fraction=1.0, shadow_sample_rate=1.0),
+                                     metadata=AUTH)
+        faults.out = True
+        for i in range(40):
+            graph = await c.memory.OpenNodes(pb.OpenNodesRequest(scope="seed", names=[f"s{i % 10:04d}"]))
+            assert [e.name for e in graph.entities] == [f"s{i % 10:04d}"]
+        st = await status(c)
+        assert st.reads.fallbacks == 1 and st.secondary_unreachable.startswith("StoreUnavailable: injected outage")
+        assert st.phase == apb.DUAL_WRITE  # not rolled back: nothing was wrong, only unreachable
+        await asyncio.sleep(0.3)  # several policy evaluations
+        assert (await status(c)).phase == apb.DUAL_WRITE
+        faults.out = False  # the probe (a real read of the store) answers again
+        st = await read_until(c, lambda s: s.secondary_unreachable == "", 10)
+        await read_each(c, 4)
+        st = await status(c)
+        assert st.reads.served_by_secondary >= 4 and st.phase == apb.DUAL_WRITE
+        history = [h.reason for h in (await c.admin.GetHistory(apb.GetHistoryRequest(), metadata=AUTH)).changes]
+        assert any(r.startswith("new store unreachable (StoreUnavailable: injected outage") for r in history)
+        assert any(r.startswith("new store reachable again after") for r in history)
     finally:
         await shutdown(c)
 

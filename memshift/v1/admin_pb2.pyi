@@ -97,12 +97,19 @@ class DualWriteCounters(_message.Message):
     EFFECT_MISMATCHES_FIELD_NUMBER: _builtins.int
     REPAIRS_DONE_FIELD_NUMBER: _builtins.int
     REPAIR_FAILURES_FIELD_NUMBER: _builtins.int
+    SECONDARY_SKIPPED_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_FIELD_NUMBER: _builtins.int
     dual_writes: _builtins.int
     secondary_failures: _builtins.int
     secondary_late: _builtins.int
     effect_mismatches: _builtins.int
     repairs_done: _builtins.int
     repair_failures: _builtins.int
+    """Keys whose repair failed at least once (not every retry)."""
+    secondary_skipped: _builtins.int
+    """Dual writes that did not try the new store because it was unreachable; their keys went to the repair queue."""
+    since_unix: _builtins.float
+    """These counters are this proxy's since it started (the repair queue and the checkpoint persist; they do not)."""
     def __init__(
         self,
         *,
@@ -112,10 +119,12 @@ class DualWriteCounters(_message.Message):
         effect_mismatches: _builtins.int = ...,
         repairs_done: _builtins.int = ...,
         repair_failures: _builtins.int = ...,
+        secondary_skipped: _builtins.int = ...,
+        since_unix: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dual_writes", b"dual_writes", "effect_mismatches", b"effect_mismatches", "repair_failures", b"repair_failures", "repairs_done", b"repairs_done", "secondary_failures", b"secondary_failures", "secondary_late", b"secondary_late"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dual_writes", b"dual_writes", "effect_mismatches", b"effect_mismatches", "repair_failures", b"repair_failures", "repairs_done", b"repairs_done", "secondary_failures", b"secondary_failures", "secondary_late", b"secondary_late", "secondary_skipped", b"secondary_skipped", "since_unix", b"since_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,6 +209,10 @@ class MigrationStatus(_message.Message):
     BACKFILL_WAITING_FOR_FIELD_NUMBER: _builtins.int
     BLOCKED_KEY_FIELD_NUMBER: _builtins.int
     BLOCKED_FIELD_NUMBER: _builtins.int
+    SECONDARY_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    SECONDARY_UNREACHABLE_SINCE_UNIX_FIELD_NUMBER: _builtins.int
+    PRIMARY_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -218,6 +231,15 @@ class MigrationStatus(_message.Message):
     record is fixed or deleted through the Memory API; a refused repair clears by itself once that key is repaired.
     """
     blocked: _builtins.str
+    secondary_unreachable: _builtins.str
+    """The new store is unreachable (an outage, as this proxy sees it): reads stay on the primary, writes are queued
+    for repair, the backfill and the read ramp hold until it answers again. Empty when reachable.
+    """
+    secondary_unreachable_since_unix: _builtins.float
+    primary_unreachable: _builtins.bool
+    """The primary could not be opened yet: the Memory API answers UNAVAILABLE and health is NOT_SERVING meanwhile."""
+    rolled_back: _builtins.str
+    """When the migration was rolled back: when, by whom, why (a policy rule with its figures), else empty."""
     @_builtins.property
     def backfill(self) -> Global___BackfillProgress: ...
     @_builtins.property
@@ -265,10 +287,14 @@ class MigrationStatus(_message.Message):
         backfill_waiting_for: _abc.Iterable[_builtins.str] | None = ...,
         blocked_key: _builtins.str = ...,
         blocked: _builtins.str = ...,
+        secondary_unreachable: _builtins.str = ...,
+        secondary_unreachable_since_unix: _builtins.float = ...,
+        primary_unreachable: _builtins.bool = ...,
+        rolled_back: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "secondary", b"secondary", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "primary_unreachable", b"primary_unreachable", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "rolled_back", b"rolled_back", "secondary", b"secondary", "secondary_unreachable", b"secondary_unreachable", "secondary_unreachable_since_unix", b"secondary_unreachable_since_unix", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
