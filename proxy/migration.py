@@ -127,6 +127,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
 class MigrationEngine:
     _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
     _OPEN_TIMEOUT = 10.0  # seconds opening a store may take before it counts as unreachable
+    _START_TIMEOUT = 3.0  # the same at start, where the admin API and a healthy primary wait on it
     _PARKED = 300.0  # seconds before a key the new store refused is tried again (at once when queued again)
 
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
@@ -222,7 +223,10 @@ class MigrationEngine:
         store = self._stores.get(spec)
         if store is None:
             try:
-                store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
+                # Tolerant (at start), a store gets a short while: the proxy must not wait on a host that does not
+                # answer; the background reconnect gives it longer.
+                store = await asyncio.wait_for(self._open(spec), self._START_TIMEOUT if tolerate else
+                                               self._OPEN_TIMEOUT)
             except Exception as exc:
                 if not (tolerate and transient(exc)):
                     raise

