@@ -163,3 +163,29 @@ async def test_with_the_primary_unreachable_the_proxy_starts_not_serving_and_ser
         assert not (await status(c)).primary_unreachable
     finally:
         await shutdown(c)
+
+
+async def test_an_outage_during_the_backfill_holds_the_copy_and_resumes_it(
+        embedder: BatchingEmbedder, tmp_path: Path, pg: PostgresServer) -> None:
+    target = f"{pg.dsn}?schema=outage_dm"
+    c = await boot(embedder, tmp_path)
+    try:
+        await seed(c, 300)
+        await c.admin.StartMigration(apb.StartMigrationRequest(target=target, batch_size=20, workers=2,
+                                                               rate_limit=150), metadata=AUTH)
+        await wait_for(c, lambda s: s.backfill.done >= 40, 30)
+        pg.halt()
+        st = await wait_for(c, lambda s: s.secondary_unreachable != "", 20)
+        held = st.backfill.done
+        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="during", entities=[
+            pb.Entity(name="x", entity_type="t", observations=["written while the new store was out"])]))
+        await asyncio.sleep(1.5)
+        st = await status(c)
+        assert st.backfill.done == held and not st.backfill.complete and st.phase == apb.DATA_MIGRATION
+        pg.resume()
+        st = await wait_for(c, lambda s: s.backfill.complete and s.repair_queue_depth == 0, 60)
+        assert st.phase == apb.DATA_MIGRATION and st.secondary_unreachable == ""
+        result = await run_verify(c)
+        assert result.differences == 0, [d.key for d in result.samples]
+    finally:
+        await shutdown(c)
