@@ -152,6 +152,16 @@ def kinds_after(after: RecordKey | None) -> Iterator[tuple[Kind, tuple[str, ...]
             yield kind, ((after[1], *after[2]) if after and kind == after[0] else ())
 
 
+def parents_of(key: RecordKey) -> list[RecordKey]:
+    """The entity keys a child record hangs from (its entity; a relation's two endpoints); none for an entity."""
+    kind, scope, parts = key
+    if kind == Kind.OBSERVATION:
+        return [(Kind.ENTITY, scope, (parts[0],))]
+    if kind == Kind.RELATION:
+        return [(Kind.ENTITY, scope, (parts[0],)), (Kind.ENTITY, scope, (parts[2],))]
+    return []
+
+
 def key_text(key: RecordKey) -> str:
     """A record key as operators read it: `kind:scope:part/part` (control characters shown escaped)."""
     text = f"{key[0].name.lower()}:{key[1]}:{'/'.join(key[2])}"

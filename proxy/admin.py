@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from adapters.records import Record, RecordKey, key_text
+from adapters.records import Record, key_text
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from policies.loader import PolicyError, ramp_schedule
@@ -92,7 +92,7 @@ def _record_text(rec: Record | None) -> str:
 def _progress_pb(r: VerifyReport) -> pb.VerifyProgress:
     return pb.VerifyProgress(
         compared=r.compared, differences=r.differences, primary_records=r.primary_records,
-        secondary_records=r.secondary_records, done=r.done,
+        secondary_records=r.secondary_records, done=r.done, in_flight=r.in_flight, repaired=r.repaired,
         scopes=[pb.ScopeCounts(scope=s, primary_records=c[0], secondary_records=c[1], differences=c[2])
                 for s, c in sorted(r.per_scope.items())],
         samples=[pb.DifferenceSample(key=key_text(d.key), primary=_record_text(d.primary),
@@ -235,17 +235,14 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                 "second store (verify runs in DataMigration, DualWrite and Completed's window)")
         assert secondary is not None
         start = engine.state.verify_cursor if request.resume else None
-        differing: list[RecordKey] | None = [] if request.repair else None
         async for report in verify(engine.primary, secondary, start_after=start,
-                                   max_samples=request.max_samples or 20, differing=differing):
+                                   max_samples=request.max_samples or 20, settle=engine.settle,
+                                   repair=engine.enqueue_repairs if request.repair else None):
             if report.done:
                 if start is None:  # a partial (resumed) run does not speak for the whole store
                     await engine.record_verify(report.differences)
             else:
                 await engine.save_verify_cursor(report.cursor)
-            if differing:
-                await engine.enqueue_repairs(differing)
-                differing.clear()
             yield _progress_pb(report)
 
     @rpc

@@ -221,11 +221,13 @@ def run(args: argparse.Namespace) -> int:
             last = None
             for last in stub.Verify(pb.VerifyRequest(resume=args.resume, repair=args.repair), metadata=metadata):
                 if not last.done:
-                    print(f"verified {last.compared} records, {last.differences} differences so far", flush=True)
+                    print(f"verified {last.compared} records, {last.differences} differing so far (re-checked at "
+                          "the end)", flush=True)
             if last is None:
                 return 1
+            repaired = f", {last.repaired} repaired" if args.repair else ""
             print(f"verified {last.compared} records in {time.monotonic() - started:.1f}s: "
-                  f"{last.differences} differences")
+                  f"{last.differences} differences ({last.in_flight} more were writes in flight{repaired})")
             for s in last.scopes:
                 print(f"  {s.scope}: primary {s.primary_records}, secondary {s.secondary_records}, "
                       f"differences {s.differences}")

@@ -30,7 +30,7 @@ from typing import Any, TypeVar, cast
 
 from adapters.base import Backend, ExportPage, VectorMap, WriteResult
 from adapters.model import EntityNotFound, StoreUnavailable
-from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, record_digest
+from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
 from policies.rules import Observations
 from proxy.clock import HybridClock
 from proxy.control import (
@@ -95,16 +95,6 @@ class Counters:
 
 def _key_of(r: Record) -> RecordKey:
     return r.key
-
-
-def _entities_of(key: RecordKey) -> list[RecordKey]:
-    """The entity keys a child record hangs from (its entity; a relation's two endpoints)."""
-    kind, scope, parts = key
-    if kind == Kind.OBSERVATION:
-        return [(Kind.ENTITY, scope, (parts[0],))]
-    if kind == Kind.RELATION:
-        return [(Kind.ENTITY, scope, (parts[0],)), (Kind.ENTITY, scope, (parts[2],))]
-    return []
 
 
 def _purge_point(r: Record | None) -> int:
@@ -218,36 +208,48 @@ class MigrationEngine:
         self._stores.clear()
 
     async def _store(self, spec: str, tolerate: bool = False) -> Backend:
-        """The open store of `spec`. With `tolerate`, a store that cannot be reached now is stood in for by an
-        Unreachable (every call fails as an outage) and opened again in the background until it answers."""
+        """The open store of `spec`. With `tolerate` (at start), a store that cannot be reached now, or that takes
+        longer than a few seconds to open, is stood in for by an Unreachable (every call fails as an outage) while
+        the opening goes on in the background; the proxy does not wait on a host that does not answer."""
         store = self._stores.get(spec)
         if store is None:
-            try:
-                # Tolerant (at start), a store gets a short while: the proxy must not wait on a host that does not
-                # answer; the background reconnect gives it longer.
-                store = await asyncio.wait_for(self._open(spec), self._START_TIMEOUT if tolerate else
-                                               self._OPEN_TIMEOUT)
-            except Exception as exc:
-                if not (tolerate and transient(exc)):
-                    raise
-                log.warning("store unreachable; serving without it and reconnecting in the background",
-                            extra={"store": redact(spec), "error": repr(exc)})
-                store = cast(Backend, Unreachable(redact(spec), f"{type(exc).__name__}: {exc}"[:300]))
-                self._reconnects[spec] = asyncio.ensure_future(self._reconnect(spec))
+            opening = asyncio.ensure_future(self._open(spec))
+            if not tolerate:
+                store = await asyncio.wait_for(opening, self._OPEN_TIMEOUT)
+            else:
+                await asyncio.wait({opening}, timeout=self._START_TIMEOUT)
+                failed = opening.done() and opening.exception() is not None
+                if opening.done() and not failed:
+                    store = opening.result()
+                else:
+                    cause = opening.exception() if failed else None
+                    if cause is not None and not transient(cause):
+                        raise cause
+                    shown = f"{type(cause).__name__}: {cause}"[:300] if cause else "still opening"
+                    log.warning("store unreachable; serving without it and reconnecting in the background",
+                                extra={"store": redact(spec), "error": shown})
+                    store = cast(Backend, Unreachable(redact(spec), shown))
+                    self._reconnects[spec] = asyncio.ensure_future(
+                        self._reconnect(spec, None if failed else opening))
             self._stores[spec] = store
             self._systems[id(store)] = system_of(spec)
         if spec == self.state.primary and not isinstance(store, Unreachable):
             self.primary_up.set()
         return store
 
-    async def _reconnect(self, spec: str) -> None:
+    async def _reconnect(self, spec: str, opening: asyncio.Future[Backend] | None) -> None:
+        """Open `spec` until it answers (`opening`: an attempt already under way, awaited first)."""
         delay = 0.2
         while True:
-            await asyncio.sleep(delay)
-            delay = min(5.0, delay * 2)
             try:
-                store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
+                if opening is not None:
+                    store = await opening
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+                    store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
             except Exception as exc:
+                opening = None
                 log.debug("store still unreachable", extra={"store": redact(spec), "error": repr(exc)})
                 continue
             self._stores[spec] = store
@@ -545,7 +547,7 @@ class MigrationEngine:
         queued = list(dict.fromkeys(keys))
         entities = [k for k in queued if k[0] == Kind.ENTITY]
         queued_entities = set(entities)
-        parents = [k for k in dict.fromkeys(p for k in queued for p in _entities_of(k)) if k not in queued_entities]
+        parents = [k for k in dict.fromkeys(p for k in queued for p in parents_of(k)) if k not in queued_entities]
         mine: dict[RecordKey, Record] = {}
         theirs: dict[RecordKey, Record] = {}
 
@@ -585,9 +587,11 @@ class MigrationEngine:
     # --- backfill --------------------------------------------------------------------------------------------------
     def _start_backfill(self) -> None:
         if self._background and self._may_backfill and (self._backfill_task is None or self._backfill_task.done()):
-            self._backfill_task = asyncio.create_task(self._backfill_loop(), name="backfill")
+            self._backfill_task = asyncio.create_task(self.run_backfill(), name="backfill")
 
-    async def _backfill_loop(self) -> None:
+    async def run_backfill(self) -> None:
+        """The backfill as production runs it (a background task; the property test drives it directly): returns
+        when the copy is complete or the phase moved on, and may be cancelled at any point."""
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
         await self._solo_idle.wait()
         # Up to `workers` pages are being applied (apply-if-newer makes their order irrelevant) and the next page is
@@ -724,16 +728,6 @@ class MigrationEngine:
             if s.blocked_key and s.blocked_key in settled:
                 await self._save(replace(s, blocked_key="", blocked=""))
                 await self._note(actor, f"unblocked: {s.blocked_key} is on the new store now", {})
-
-    async def backfill_step(self) -> int:
-        """Copy one batch and checkpoint it; returns how many records it copied."""
-        secondary = self.secondary
-        if secondary is None or self.state.backfill_complete:
-            return 0
-        cursor, started = self.state.backfill_cursor, time.monotonic()
-        page = await self._read_page(cursor)
-        await secondary.apply(page.records, page.vectors)
-        return await self._checkpoint(page, cursor, time.monotonic() - started)
 
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
@@ -1039,6 +1033,19 @@ class MigrationEngine:
     async def _close_window(self) -> None:
         with contextlib.suppress(IllegalTransition, Conflict):
             await self.advance(Phase.COMPLETED, "memshift", "rollback window expired")
+
+    async def settle(self, keys: Sequence[RecordKey], within: float = 10.0) -> None:
+        """Wait (at most `within` seconds) until no write is in flight in the scopes of `keys` and none of them has a
+        repair pending: what Verify waits for before it calls a difference persistent."""
+        scopes = {k[1] for k in keys}
+        deadline = time.monotonic() + within
+        await asyncio.sleep(2 * self._grace)  # a secondary half answering late is queued within the grace
+        while time.monotonic() < deadline:
+            await self._refresh_dirty()
+            if not any(self._writing[s] for s in scopes) and not scopes & self._dirty:
+                return
+            self._repair_wakeup.set()
+            await asyncio.sleep(0.05)
 
     async def enqueue_repairs(self, keys: list[RecordKey]) -> None:
         await self._enqueue(self.state.migration_id, keys)

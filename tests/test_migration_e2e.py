@@ -293,7 +293,7 @@ async def test_verify_reports_differences_and_repair_fixes_them(cluster: Cluster
     assert [s.scope for s in found.scopes] == ["seed"]
     status_after = await status(cluster)
     assert status_after.last_verify_differences == found.differences
-    repaired = await run_verify(cluster, repair=True)
-    assert repaired.differences == found.differences
+    repaired = await run_verify(cluster, repair=True)  # queues them, waits for the repair, checks again
+    assert repaired.repaired == found.differences and repaired.differences == 0 and repaired.in_flight == 0
     await wait_for(cluster, lambda s: s.repair_queue_depth == 0)
     assert (await run_verify(cluster)).differences == 0

@@ -112,6 +112,7 @@ class MigrationMachine(RuleBasedStateMachine):
         return FaultyStore(store, self.faults) if spec == self.b else store  # type: ignore[return-value]
 
     async def _boot(self) -> None:
+        shared_embedder()  # loaded before the engine opens stores, as the server does
         self.control = SqliteControlStore(self.dir / "control.db", initial_primary=self.a)
         self.engine = MigrationEngine(self.control, self._open, HybridClock(1), secondary_grace=0.03,
                                       background=False)
@@ -127,6 +128,7 @@ class MigrationMachine(RuleBasedStateMachine):
         if start_in == "NotStarted":
             return
         self.run(self.eng.start_migration(self.b, MigrationOptions(batch_size=data.draw(st.sampled_from([1, 4, 50])),
+                                                                   workers=data.draw(st.integers(1, 3)),
                                                                    mirror_seconds=600), "test"))
         if start_in == "DataMigration":
             return
@@ -250,18 +252,27 @@ class MigrationMachine(RuleBasedStateMachine):
         self.run(asyncio.sleep(0.02))
         self.faults.gate = asyncio.Event()
 
-    @rule()
-    def backfill_batch(self) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            self.run(self.eng.backfill_step())
+    async def _backfill_for(self, turns: int | None) -> None:
+        """The production backfill (`run_backfill`: read-ahead, several batches applied at once, checkpoints in
+        order) for `turns` turns of the event loop, or until it is done or the new store is out; then cancelled, as
+        a pause, a restart or a lost leadership cancels it, with batches possibly mid-flight."""
+        task = asyncio.ensure_future(self.eng.run_backfill())
+        turn = 0
+        while not task.done() and (turns is None or turn < turns) and self.eng.outage.current is None:
+            await asyncio.sleep(0.001 if turns is not None else 0.005)
+            turn += 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    @rule(turns=st.integers(1, 12))
+    def backfill_some(self, turns: int) -> None:
+        self.run(self._backfill_for(turns))
 
     @rule()
     def backfill_all(self) -> None:
-        while self.eng.state.phase == Phase.DATA_MIGRATION and not self.eng.state.backfill_complete:
-            try:
-                self.run(self.eng.backfill_step())
-            except StoreUnavailable:
-                return
+        if self.eng.state.phase == Phase.DATA_MIGRATION and not self.eng.state.backfill_complete:
+            self.run(self._backfill_for(None))
 
     @rule()
     def repair_batch(self) -> None:
@@ -274,12 +285,12 @@ class MigrationMachine(RuleBasedStateMachine):
         self.run(self.control.close())
         self.run(self._boot())
 
-    @rule(batch=st.sampled_from([1, 3, 50]))
-    def start_migration(self, batch: int) -> None:
+    @rule(batch=st.sampled_from([1, 3, 50]), workers=st.integers(1, 3))
+    def start_migration(self, batch: int, workers: int) -> None:
         target = self.a if self.eng.state.primary == self.b else self.b
         try:
-            self.run(self.eng.start_migration(target, MigrationOptions(batch_size=batch, mirror_seconds=600),
-                                              "test"))
+            self.run(self.eng.start_migration(target, MigrationOptions(batch_size=batch, workers=workers,
+                                                                       mirror_seconds=600), "test"))
         except IllegalTransition:
             assert self.eng.state.phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK)
 
@@ -376,8 +387,7 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
     write's two halves agree, so nothing would queue the key again, and the stores would differ for good."""
     async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
         await engine.start_migration(b, MigrationOptions(), "test")
-        while await engine.backfill_step():
-            pass
+        await engine.run_backfill()  # the production loop, to the end of the copy
         await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ("likes tea",))]))
         key = (Kind.ENTITY, "s", ("alice",))
         await engine.enqueue_repairs([key])  # a repair of alice is due (as after any refused write)
@@ -407,8 +417,7 @@ async def test_a_write_waits_while_a_repair_holds_its_scope_and_a_write_elsewher
         await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ())]))
         await engine.write(ops.CreateEntities("t", [Entity("bob", "person", ())]))
         await engine.start_migration(b, MigrationOptions(), "test")
-        while await engine.backfill_step():
-            pass
+        await engine.run_backfill()  # the production loop, to the end of the copy
         secondary = engine.secondary
         assert secondary is not None
         await engine.enqueue_repairs([alice])
@@ -447,8 +456,7 @@ async def test_a_repair_restores_a_relation_the_secondary_purged_under_a_delete_
         await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ()), Entity("bob", "person", ())]))
         await engine.write(ops.CreateRelations("s", [Relation("bob", "alice", "knows")]))
         await engine.start_migration(b, MigrationOptions(), "test")
-        while await engine.backfill_step():
-            pass
+        await engine.run_backfill()  # the production loop, to the end of the copy
         primary_faults.mode = "fail"
         refused = [ops.DeleteRelations("s", [Relation("bob", "alice", "knows")]), ops.DeleteEntities("s", ["alice"])]
         for op in refused if queued_first == "relation" else refused[::-1]:

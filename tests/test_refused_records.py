@@ -121,8 +121,8 @@ async def test_a_refused_repair_pauses_with_its_key_and_clears_once_repaired(
             await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # nothing is cut over with a key owed
         wrapped["new"].refusing = False  # the store is fixed (or the record made acceptable)
-        result = await run_verify(c, repair=True)  # queues the differing keys again, due at once
-        assert result.differences > 0
+        result = await run_verify(c, repair=True)  # queues the differing keys again, due at once, and waits
+        assert result.repaired == 2 and result.differences == 0
         st = await wait_for(c, lambda s: s.blocked == "" and s.repair_queue_depth == 0, 30)
         assert (await run_verify(c)).differences == 0
         history = await c.admin.GetHistory(apb.GetHistoryRequest(), metadata=AUTH)

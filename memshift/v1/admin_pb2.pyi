@@ -698,7 +698,7 @@ class VerifyRequest(_message.Message):
     resume: _builtins.bool
     """Continue from where the last interrupted Verify of this migration stopped."""
     repair: _builtins.bool
-    """Queue every differing key for repair from the primary."""
+    """Queue every persistent difference for repair from the primary, wait for it, and check again."""
     max_samples: _builtins.int
     """Differences to include as samples; 0 means 20."""
     def __init__(
@@ -781,11 +781,20 @@ class VerifyProgress(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
     compared: _builtins.int
     differences: _builtins.int
+    """While the pass runs: differences seen so far (suspects). When done: only those that persisted once the writes
+    touching them settled; they decide require_verify and the CLI's exit code.
+    """
     primary_records: _builtins.int
     secondary_records: _builtins.int
     done: _builtins.bool
+    in_flight: _builtins.int
+    """Keys that differed during the pass only because a write was touching them, and agreed once it settled."""
+    repaired: _builtins.int
+    """With repair: persistent differences that the repair fixed before the answer (then differences counts the rest)."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCounts]: ...
     @_builtins.property
@@ -800,10 +809,12 @@ class VerifyProgress(_message.Message):
         done: _builtins.bool = ...,
         scopes: _abc.Iterable[Global___ScopeCounts] | None = ...,
         samples: _abc.Iterable[Global___DifferenceSample] | None = ...,
+        in_flight: _builtins.int = ...,
+        repaired: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared", b"compared", "differences", b"differences", "done", b"done", "primary_records", b"primary_records", "samples", b"samples", "scopes", b"scopes", "secondary_records", b"secondary_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared", b"compared", "differences", b"differences", "done", b"done", "in_flight", b"in_flight", "primary_records", b"primary_records", "repaired", b"repaired", "samples", b"samples", "scopes", b"scopes", "secondary_records", b"secondary_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
