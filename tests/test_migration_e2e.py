@@ -297,3 +297,53 @@ async def test_verify_reports_differences_and_repair_fixes_them(cluster: Cluster
     assert repaired.repaired == found.differences and repaired.differences == 0 and repaired.in_flight == 0
     await wait_for(cluster, lambda s: s.repair_queue_depth == 0)
     assert (await run_verify(cluster)).differences == 0
+
+
+class HeldSecondary:
+    """A real store whose writes (and repairs) wait for a gate: a write in flight, as long as the test wants."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._inner, name)
+        if name not in {"create_entities", "add_observations", "replace_if", "apply"}:
+            return attr
+
+        async def held(*args: object, **kwargs: object) -> object:
+            await self.gate.wait()
+            return await attr(*args, **kwargs)  # type: ignore[operator]
+
+        return held
+
+
+async def test_verify_tells_writes_in_flight_from_divergence(embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """A key a write is touching while Verify passes differs only for that moment: it is re-checked once the write
+    settles and reported as in flight; it does not count, so --require-verify cannot fail at random."""
+    held: dict[str, HeldSecondary] = {}
+
+    def wrap(spec: str, store: Backend) -> Backend:
+        if spec.endswith("new.db"):
+            held["new"] = HeldSecondary(store)
+            return held["new"]  # type: ignore[return-value]
+        return store
+
+    c = await boot(embedder, tmp_path, wrap_store=wrap)
+    try:
+        await seed(c, 50)
+        await c.admin.StartMigration(apb.StartMigrationRequest(target=c.target, require_verify=True), metadata=AUTH)
+        await wait_for(c, lambda s: s.backfill.complete)
+        held["new"].gate.clear()  # the new store's writes stall: the next write is in flight there
+        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="live", entities=[
+            pb.Entity(name="moving", entity_type="t", observations=["written while verify runs"])]))
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, held["new"].gate.set)  # the write lands while Verify waits for it to settle
+        result = await run_verify(c)
+        assert result.differences == 0 and result.in_flight == 2, result  # the entity and its observation
+        st = await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
+        assert st.phase == apb.DUAL_WRITE  # require_verify was satisfied by the persistent count
+    finally:
+        held["new"].gate.set()
+        await shutdown(c)
