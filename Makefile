@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
 	$(PY) -m bench.stores $(STORES_ARGS)
 	$(PY) -m bench.fleet $(FLEET_ARGS)
+	$(PY) -m bench.flood $(FLOOD_ARGS)
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -27,6 +27,7 @@ from proxy.read_routing import ReadRouting
 from proxy.redaction import scrub
 from proxy.servicer import rpc
 from proxy.shadow import ShadowReader
+from proxy.shedding import Budget
 from proxy.stores import redact
 from proxy.validation import within
 from proxy.verify import VerifyReport, verify
@@ -106,6 +107,7 @@ class Watchers:
     reads: ReadRouting
     guard: PolicyGuard
     fleet: FleetSync | None = None  # the proxies sharing the control store, when there is a fleet
+    budget: Budget | None = None  # the Memory service's load shedding
 
 
 class AdminServicer(pb_grpc.MigrationAdminServicer):
@@ -150,7 +152,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             secondary_unreachable=scrub(out.reason) if out else "",
             secondary_unreachable_since_unix=out.since if out else 0.0,
             primary_unreachable=not e.primary_up.is_set(),
-            rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "")
+            rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "",
+            memory_calls_shed=self._watchers.budget.shed if self._watchers.budget else 0)
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:

@@ -39,6 +39,8 @@ class Limits:
     default_page_size: int = 500
     max_search_limit: int = 1000
     max_message_bytes: int = 8 * 1024 * 1024
+    max_inflight_calls: int = 256  # Memory calls at once; beyond, RESOURCE_EXHAUSTED at once (proxy/shedding.py)
+    max_inflight_bytes: int = 64 * 1024 * 1024  # request bytes of the calls in flight, the same way
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,8 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
+    "MEMSHIFT_MAX_INFLIGHT_CALLS": "limits.max_inflight_calls",
+    "MEMSHIFT_MAX_INFLIGHT_BYTES": "limits.max_inflight_bytes",
     "MEMSHIFT_POLICY_FILE": "policy_file",
     "MEMSHIFT_OTLP_ENDPOINT": "telemetry.otlp_endpoint",
     "MEMSHIFT_PROMETHEUS_LISTEN": "telemetry.prometheus_listen",
@@ -131,6 +135,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "limits.max_query_chars": (1, 1024 * 1024), "limits.max_page_size": (1, 1_000_000),
     "limits.default_page_size": (1, 1_000_000), "limits.max_search_limit": (1, 1_000_000),
     "limits.max_message_bytes": (64 * 1024, 2**31 - 1),
+    "limits.max_inflight_calls": (1, 1_000_000), "limits.max_inflight_bytes": (64 * 1024, 2**40),
 }
 _POSITIVE = {"lease_seconds"}  # 0 would be a lease that lapses at once
 

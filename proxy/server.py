@@ -42,6 +42,7 @@ from proxy.read_routing import ReadRouting
 from proxy.router import Router
 from proxy.servicer import MemoryServicer
 from proxy.shadow import ShadowReader
+from proxy.shedding import Budget
 from proxy.stores import backend_for, redact, sqlite_path
 from proxy.telemetry import Gauges, Telemetry
 from proxy.telemetry import build as build_telemetry
@@ -158,8 +159,9 @@ class MemshiftServer:
         limit = cfg.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self._server = grpc.aio.server(options=options)
+        self.budget = Budget(cfg.limits.max_inflight_calls, cfg.limits.max_inflight_bytes)
         add_servicer(self._server, memory_pb2_grpc.add_MemoryServicer_to_server,
-                     MemoryServicer(self.router, self.telemetry, cfg.limits, tokens), MEMORY_DESCRIPTOR)
+                     MemoryServicer(self.router, self.telemetry, cfg.limits, tokens), MEMORY_DESCRIPTOR, self.budget)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -168,7 +170,7 @@ class MemshiftServer:
 
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
-        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet))
+        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet, self.budget))
         add_servicer(self._admin, admin_pb2_grpc.add_MigrationAdminServicer_to_server, admin, ADMIN_DESCRIPTOR)
         self.admin_port = self._bind(self._admin, cfg.admin_listen, (cfg.admin_tls_cert_file, cfg.admin_tls_key_file))
         # Probes reach the pod's address, not its loopback: with `listen` on loopback, health alone is served here.

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from proxy.shedding import Budget
+
 log = logging.getLogger("memshift.rpc")
 
 
@@ -44,7 +46,7 @@ async def _refuse(garbled: Garbled, context: grpc.aio.ServicerContext[Any, Any],
                         f"request: not a valid {garbled.message} message ({garbled.problem})")
 
 
-def _guard(name: str, handler: Any, message: str) -> Any:
+def _guard(name: str, handler: Any, message: str, budget: Budget | None) -> Any:
     decode = _safe(handler.request_deserializer, message)
     if handler.unary_unary is not None:
         inner = handler.unary_unary
@@ -52,7 +54,16 @@ def _guard(name: str, handler: Any, message: str) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, Garbled):
                 await _refuse(request, context, name)
-            return await inner(request, context)
+            if budget is None:
+                return await inner(request, context)
+            size = request.ByteSize()
+            refused = budget.admit(size)
+            if refused is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+            try:
+                return await inner(request, context)
+            finally:
+                budget.release(size)
 
         return handler._replace(request_deserializer=decode, unary_unary=unary)
     inner_stream = handler.unary_stream
@@ -81,12 +92,13 @@ class _Capture:
 
 
 def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: Any,
-                 service: Any) -> None:
-    """`add(servicer, server)` (a generated `add_*Servicer_to_server`), with every request's decoding guarded.
-    `service` is the protobuf service descriptor, for the names of the request messages."""
+                 service: Any, budget: Budget | None = None) -> None:
+    """`add(servicer, server)` (a generated `add_*Servicer_to_server`), with every request's decoding guarded and,
+    with a `budget`, every unary call admitted against it (proxy.shedding). `service` is the protobuf service
+    descriptor, for the names of the request messages."""
     capture = _Capture()
     add(servicer, capture)
-    guarded = {name: _guard(name, h, service.methods_by_name[name].input_type.full_name)
+    guarded = {name: _guard(name, h, service.methods_by_name[name].input_type.full_name, budget)
                for name, h in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, guarded),))
     server.add_registered_method_handlers(capture.service, guarded)

@@ -213,6 +213,7 @@ class MigrationStatus(_message.Message):
     SECONDARY_UNREACHABLE_SINCE_UNIX_FIELD_NUMBER: _builtins.int
     PRIMARY_UNREACHABLE_FIELD_NUMBER: _builtins.int
     ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    MEMORY_CALLS_SHED_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -240,6 +241,8 @@ class MigrationStatus(_message.Message):
     """The primary could not be opened yet: the Memory API answers UNAVAILABLE and health is NOT_SERVING meanwhile."""
     rolled_back: _builtins.str
     """When the migration was rolled back: when, by whom, why (a policy rule with its figures), else empty."""
+    memory_calls_shed: _builtins.int
+    """Memory calls this proxy refused at once (RESOURCE_EXHAUSTED) because too much work was in flight, since start."""
     @_builtins.property
     def backfill(self) -> Global___BackfillProgress: ...
     @_builtins.property
@@ -291,10 +294,11 @@ class MigrationStatus(_message.Message):
         secondary_unreachable_since_unix: _builtins.float = ...,
         primary_unreachable: _builtins.bool = ...,
         rolled_back: _builtins.str = ...,
+        memory_calls_shed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "primary_unreachable", b"primary_unreachable", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "rolled_back", b"rolled_back", "secondary", b"secondary", "secondary_unreachable", b"secondary_unreachable", "secondary_unreachable_since_unix", b"secondary_unreachable_since_unix", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "memory_calls_shed", b"memory_calls_shed", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "primary_unreachable", b"primary_unreachable", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "rolled_back", b"rolled_back", "secondary", b"secondary", "secondary_unreachable", b"secondary_unreachable", "secondary_unreachable_since_unix", b"secondary_unreachable_since_unix", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
