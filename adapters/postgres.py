@@ -364,7 +364,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         return out
 
     async def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
-        rows = [(s, n, np.asarray(v, dtype=np.float32), text_hash(t)) for (s, n), (t, v) in ready.items()]
+        rows = [(s, n, np.asarray(v, dtype=np.float32), text_hash(t)) for (s, n), (t, v) in sorted(ready.items())]
 
         async def run(conn: asyncpg.Connection) -> None:
             # Kept only if the entity still wants exactly this text (a newer write embeds its own).
@@ -372,7 +372,9 @@ class PostgresBackend(PlannedWrites, ExportInParts):
                 "UPDATE entities SET embedding = $3, vector_hash = $4 WHERE scope = $1 AND name = $2"
                 " AND embed_hash = $4 AND NOT deleted", rows)
 
-        await self._read(run)
+        # Under the scopes' advisory locks, like every write: taken alone, this UPDATE and a repair's DELETE of the
+        # same entities locked rows in opposite orders and PostgreSQL broke the deadlock by failing one of them.
+        await self._write({s for s, _ in ready}, run)
 
     async def _committed(self, scopes: set[str], body: Callable[[asyncpg.Connection], Awaitable[tuple[T, _Applied]]],
                          vectors: VectorMap | None = None) -> T:

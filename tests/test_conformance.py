@@ -4,6 +4,7 @@ the record rules migration relies on."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import numpy as np
@@ -362,3 +363,27 @@ async def test_search_nodes_ignores_case_by_unicode_lower_casing_not_folding(bac
     assert [e.name for e in (await backend.search_nodes(S, "STRAßE")).entities] == ["Straße"]
     assert [e.name for e in (await backend.search_nodes(S, "ΣΊΣΥΦΟΣ")).entities] == ["σίσυφος"]
     assert [e.name for e in (await backend.search_nodes(S, "école")).entities] == ["ÉCOLE"]
+
+
+async def test_postgres_vector_updates_and_repairs_never_deadlock(embedder: BatchingEmbedder,
+                                                                  servers: dict[str, str],
+                                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A repair deleting entities and background embedding storing their vectors used to lock the same rows in
+    opposite orders (PostgreSQL's DeadlockDetectedError, seen in a migration under load). Both now take the scopes'
+    advisory locks first, in one order."""
+    from tests.stores import make_store
+    store = make_store("postgres", embedder, tmp_path_factory.mktemp("deadlock"), servers)
+    await store.open()
+    try:
+        vector = (await embedder.embed(["x"]))[0]
+        for round_ in range(15):
+            names = [f"r{round_}-{i:03d}" for i in range(60)]
+            version = 1000 + round_ * 10
+            await store.create_entities(S, [Entity(n, "t") for n in names], version)
+            keys = [(Kind.ENTITY, S, (n,)) for n in names]
+            current = {r.key: r.version for r in await store.get_records(keys)}
+            ready = {(S, n): (f"{n} t", vector) for n in reversed(names)}  # the other order on purpose
+            await asyncio.gather(store._store_vectors(ready),  # type: ignore[attr-defined]
+                                 store.replace_if([(k, None, current[k]) for k in keys]))
+    finally:
+        await store.close()
