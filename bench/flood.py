@@ -29,11 +29,13 @@ def _ms(values: list[float], q: float) -> float:
     return float(np.percentile(values, q) * 1000) if values else float("nan")
 
 
-async def flood(port: int, health_port: int, small: int, large: int) -> dict[str, Any]:
+async def flood(port: int, health_port: int, small: int, large: int, clients: int = 20) -> dict[str, Any]:
     scope = "flood"
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as hch:
-        memory = pb_grpc.MemoryStub(ch)
+    # Many agents, each its own connection: one HTTP/2 connection alone caps its calls in flight at ~100 streams.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
+    stubs = [pb_grpc.MemoryStub(ch) for ch in channels]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as hch:
+        memory = stubs[0]
         await memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[
             pb.Entity(name=f"e{i:04d}", entity_type="t", observations=[f"fact {i}"]) for i in range(200)]))
         small_lat: list[float] = []
@@ -43,7 +45,8 @@ async def flood(port: int, health_port: int, small: int, large: int) -> dict[str
             nonlocal shed, errors
             t = time.perf_counter()
             try:
-                await memory.OpenNodes(pb.OpenNodesRequest(scope=scope, names=[f"e{i % 200:04d}"]), timeout=60)
+                await stubs[i % clients].OpenNodes(pb.OpenNodesRequest(scope=scope, names=[f"e{i % 200:04d}"]),
+                                                   timeout=60)
                 small_lat.append(time.perf_counter() - t)
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -54,8 +57,9 @@ async def flood(port: int, health_port: int, small: int, large: int) -> dict[str
         async def one_large(i: int) -> None:
             nonlocal shed, errors
             try:
-                await memory.ReadGraph(pb.ReadGraphRequest(scope=scope, page_size=200), timeout=60)
-                await memory.SearchNodes(pb.SearchNodesRequest(scope=scope, query=f"fact {i}"), timeout=60)
+                stub = stubs[i % clients]
+                await stub.ReadGraph(pb.ReadGraphRequest(scope=scope, page_size=200), timeout=60)
+                await stub.SearchNodes(pb.SearchNodesRequest(scope=scope, query=f"fact {i}"), timeout=60)
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     shed += 1
@@ -79,6 +83,8 @@ async def flood(port: int, health_port: int, small: int, large: int) -> dict[str
         wall = time.perf_counter() - started
         done.set()
         await prober
+    for ch in channels:
+        await ch.close()
     return {"small_p50_ms": _ms(small_lat, 50), "small_p99_ms": _ms(small_lat, 99), "small_ok": len(small_lat),
             "shed": shed, "errors": errors, "health_p50_ms": _ms(health_lat, 50),
             "health_p99_ms": _ms(health_lat, 99), "health_checks": len(health_lat), "wall_s": wall}
