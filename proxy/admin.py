@@ -129,7 +129,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             phase=PHASE_TO_PB[s.phase], primary=redact(s.primary), secondary=redact(s.secondary),
             migration_id=s.migration_id,
             backfill=pb.BackfillProgress(done=p.done, total=p.total, rate_per_second=p.rate, eta_seconds=p.eta_seconds,
-                                         complete=p.complete, paused=p.paused),
+                                         complete=p.complete, paused=p.paused, copied=p.copied,
+                                         copying_changes_since_unix=p.changes_since),
             read_fraction=s.read_fraction, shadow_sample_rate=s.shadow_rate,
             repair_queue_depth=await e.repair_depth(),
             counters=pb.DualWriteCounters(
@@ -172,7 +173,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         options = MigrationOptions(
             batch_size=request.batch_size or 500, rate_limit=request.rate_limit, workers=request.workers or 1,
             reembed=request.reembed, mirror_seconds=request.mirror_seconds or 3600.0,
-            require_verify=request.require_verify)
+            require_verify=request.require_verify, full_copy=request.full_copy)
         await self._engine.start_migration(request.target, options, _actor(context), request.reason)
         return await self.status()
 

@@ -50,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--reembed", action="store_true", help="re-embed even when the models match")
     p.add_argument("--mirror-seconds", type=float, default=3600.0, help="rollback window after cutover")
     p.add_argument("--require-verify", action="store_true")
+    p.add_argument("--full-copy", action="store_true", help="copy everything even to a target rolled back from "
+                   "(by default only what changed since is copied)")
     p.add_argument("--reason", default="")
     p = cmds.add_parser("status", help="phase, backfill progress, repair queue")
     p.add_argument("--watch", action="store_true", help="keep showing it (Ctrl-C to stop)")
@@ -118,6 +120,9 @@ def render(st: pb.MigrationStatus) -> str:
         state = "complete" if b.complete else "paused" if b.paused else f"ETA {_eta(b.eta_seconds)}"
         lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
                      f"{state}")
+        if b.copying_changes_since_unix:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.copying_changes_since_unix))
+            lines.append(f"           {b.copied} written: only what changed since {since} (the target had the rest)")
     if st.secondary_unreachable:
         lines.append(f"OUTAGE     new store unreachable for {_eta(time.time() - st.secondary_unreachable_since_unix)}"
                      f" ({st.secondary_unreachable}): reads on the primary, writes queued, backfill and ramp held")
@@ -192,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             st = stub.StartMigration(pb.StartMigrationRequest(
                 target=args.target, batch_size=args.batch_size, rate_limit=args.rate_limit, workers=args.workers,
                 reembed=args.reembed, mirror_seconds=args.mirror_seconds, require_verify=args.require_verify,
+                full_copy=args.full_copy,
                 reason=args.reason), metadata=metadata)
             print(render(st))
         elif cmd == "advance":

@@ -29,6 +29,17 @@ def unpack(version: int) -> tuple[int, int, int]:
     return version >> (COUNTER_BITS + NODE_BITS), (version >> NODE_BITS) & MAX_COUNTER, version & MAX_NODE
 
 
+def earlier(version: int, ms: int) -> int:
+    """The version `ms` milliseconds of wall time before `version` (counter and node zero)."""
+    wall = max(0, unpack(version)[0] - ms)
+    return wall << (COUNTER_BITS + NODE_BITS)
+
+
+def unix_seconds(version: int) -> float:
+    """When `version` was stamped, as unix seconds."""
+    return (unpack(version)[0] + EPOCH_MS) / 1000
+
+
 class HybridClock:
     def __init__(self, node_id: int, wall_ms: Callable[[], int] = _wall_ms) -> None:
         if not 0 <= node_id <= MAX_NODE:

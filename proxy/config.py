@@ -70,6 +70,9 @@ class Config:
     log_format: str = "json"  # json | text
     grace_seconds: float = 10.0
     lease_seconds: float = 5.0  # a fleet (PostgreSQL control): heartbeat every third; writes stop when it lapses
+    # Going back to a target after a rollback, writes of this long before the rollback are copied again besides what
+    # changed since (covers clocks of a fleet's proxies running behind one another).
+    resync_margin_seconds: float = 600.0
     policy_file: str | None = None  # shadow-read and rollback policy (YAML); None: policies/default.yaml
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
@@ -112,6 +115,7 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_LOG_FORMAT": "log_format",
     "MEMSHIFT_GRACE_SECONDS": "grace_seconds",
     "MEMSHIFT_LEASE_SECONDS": "lease_seconds",
+    "MEMSHIFT_RESYNC_MARGIN_SECONDS": "resync_margin_seconds",
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
@@ -126,7 +130,7 @@ ENV_VARS: dict[str, str] = {
 
 # Every number of the configuration, checked (finite, in range) before anything uses it.
 BOUNDS: dict[str, tuple[float, float]] = {
-    "grace_seconds": (0, 3600), "lease_seconds": (0, 3600),
+    "grace_seconds": (0, 3600), "lease_seconds": (0, 3600), "resync_margin_seconds": (0, 86_400),
     "embedding.max_batch": (1, 4096), "embedding.max_wait_ms": (0, 10_000),
     "limits.max_items_per_call": (1, 1_000_000), "limits.max_observations_per_entity": (1, 1_000_000),
     "limits.max_name_chars": (1, 65_536), "limits.max_type_chars": (1, 65_536),

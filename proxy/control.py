@@ -40,6 +40,7 @@ class MigrationOptions:
     reembed: bool = False  # re-embed even when model and dimension match
     mirror_seconds: float = 3600.0  # after Completed, keep writing the old store this long so Rollback stays possible
     require_verify: bool = False  # DataMigration -> DualWrite only after a Verify with zero differences
+    full_copy: bool = False  # copy everything even to a target that already holds what it had at a rollback
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,13 @@ class MigrationState:
     blocked_key: str = ""
     blocked: str = ""
     rolled_back: str = ""  # the last rollback: when, by whom and why, for status and refused phase changes
+    # After a rollback from a target that had the whole copy: that target, and a version below which everything it
+    # should hold reached it (or is owed through the repair queue, carried into the next migration). Going back to
+    # the same target copies only records newer than that.
+    resync_target: str = ""
+    resync_version: int = 0
+    copy_since: int = 0  # this migration's backfill copies only records newer than this (0: every record)
+    backfill_copied: int = 0  # records the backfill wrote (`backfill_done` counts records read)
     revision: int = 0  # bumped on every change; the compare-and-set token
 
 

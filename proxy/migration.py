@@ -32,7 +32,7 @@ from adapters.base import Backend, ExportPage, VectorMap, WriteResult
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
 from policies.rules import Observations
-from proxy.clock import HybridClock
+from proxy.clock import HybridClock, earlier, unix_seconds
 from proxy.control import (
     Conflict,
     ControlStore,
@@ -55,6 +55,10 @@ log = logging.getLogger("memshift.migration")
 T = TypeVar("T")
 MAX_BATCH = 10_000  # records per backfill batch
 MAX_WORKERS = 16  # batches applied at once
+# Re-copied after a rollback besides what changed: the writes of the last 10 minutes before it, in case another
+# proxy's clock ran behind (one proxy's own clock needs no margin: a write reads the phase in the same step it is
+# stamped, so every write stamped before the rollback was dual-written or queued).
+RESYNC_MARGIN_MS = 10 * 60 * 1000
 MAX_RATE_LIMIT = 1e9  # records per second: far above any store, yet finite
 MAX_MIRROR_SECONDS = 366 * 86_400.0  # a rollback window of at most a year
 StoreOpener = Callable[[str], Awaitable[Backend]]
@@ -77,6 +81,8 @@ class BackfillProgress:
     eta_seconds: float  # -1 when unknown
     complete: bool
     paused: bool
+    copied: int = 0  # records written (done counts records read)
+    changes_since: float = 0.0  # unix seconds: only records changed since then are written (0: all)
 
 
 @dataclass(slots=True)
@@ -123,8 +129,10 @@ class MigrationEngine:
     def __init__(self, control: ControlStore, open_store: StoreOpener, clock: HybridClock, *,
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
-                 observations: Observations | None = None, fleet: bool = False) -> None:
+                 observations: Observations | None = None, fleet: bool = False,
+                 resync_margin_ms: int = RESYNC_MARGIN_MS) -> None:
         self._control = control
+        self._resync_margin_ms = resync_margin_ms
         self._open = open_store
         self._clock = clock
         self._grace = secondary_grace
@@ -600,7 +608,7 @@ class MigrationEngine:
         # the next apply before the checkpoint was measured slower on the embedded store: the control store's
         # thread then competes with the store's for the interpreter.) Checkpoints go strictly in order, each after
         # its own page is applied, so a restart never skips a page.
-        in_flight: deque[tuple[RecordKey | None, ExportPage, asyncio.Future[int]]] = deque()
+        in_flight: deque[tuple[RecordKey | None, _Page, asyncio.Future[int]]] = deque()
         ahead: tuple[RecordKey | None, asyncio.Future[ExportPage]] | None = None
         next_cursor, exhausted = self.state.backfill_cursor, False
         copying_since = time.monotonic()  # each checkpoint adds the time since the one before (or a start, a resume)
@@ -631,12 +639,13 @@ class MigrationEngine:
                     else:
                         page = await self._read_page(next_cursor)
                     ahead = None
-                    in_flight.append((next_cursor, page, asyncio.ensure_future(secondary.apply(page.records,
-                                                                                                page.vectors))))
+                    writing = self._changed(page)
+                    in_flight.append((next_cursor, writing, asyncio.ensure_future(
+                        secondary.apply(writing.records, writing.vectors))))
                     next_cursor, exhausted = page.next_after, page.next_after is None
                 if ahead is None and not exhausted:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
-                cursor, page, applying = in_flight.popleft()
+                cursor, batch, applying = in_flight.popleft()
                 try:
                     await applying
                 except Exception as exc:
@@ -644,16 +653,16 @@ class MigrationEngine:
                         self.outage.report(exc)
                     if transient(exc):
                         raise
-                    refusal = await self._refusal(secondary, page.records, page.vectors)
+                    refusal = await self._refusal(secondary, batch.records, batch.vectors)
                     if refusal is not None:
                         await self.block(*refusal, during="backfill")
                         raise _Blocked from exc
                     # Every record went in on its own: the page is on the secondary after all.
                 rate = self.state.options.rate_limit
                 if rate > 0:  # before the checkpoint, so even a copy of one batch never reports more than the limit
-                    await asyncio.sleep(max(0.0, len(page.records) / rate - (time.monotonic() - started)))
+                    await asyncio.sleep(max(0.0, batch.read / rate - (time.monotonic() - started)))
                 now = time.monotonic()
-                await self._checkpoint(page, cursor, now - copying_since)
+                await self._checkpoint(batch, cursor, now - copying_since)
                 copying_since = now
             except asyncio.CancelledError:
                 drop_pipeline()
@@ -729,6 +738,13 @@ class MigrationEngine:
                 await self._save(replace(s, blocked_key="", blocked=""))
                 await self._note(actor, f"unblocked: {s.blocked_key} is on the new store now", {})
 
+    def _changed(self, page: ExportPage) -> _Page:
+        """The part of `page` this migration writes: all of it, or (going back to a target that had the whole copy
+        at a rollback) the records changed since then. Every record still counts as read."""
+        since = self.state.copy_since
+        records = page.records if not since else tuple(r for r in page.records if r.version > since)
+        return _Page(records, page.next_after, page.vectors, len(page.records))
+
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
         secondary = self.secondary
@@ -738,7 +754,7 @@ class MigrationEngine:
             size = min(size, max(1, math.ceil(rate)))
         return await self.primary.export_page(cursor, size, vectors=keep)
 
-    async def _checkpoint(self, page: ExportPage, cursor: RecordKey | None, spent: float) -> int:
+    async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> int:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
         checkpoint before; returns its size (0 if stale)."""
         state = self.state
@@ -752,12 +768,13 @@ class MigrationEngine:
             if cur.migration_id != state.migration_id or cur.backfill_cursor != cursor:
                 return 0  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
             await self._save(replace(
-                cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + len(page.records),
-                backfill_total=max(cur.backfill_total, cur.backfill_done + len(page.records)),
+                cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + page.read,
+                backfill_copied=cur.backfill_copied + len(page.records),
+                backfill_total=max(cur.backfill_total, cur.backfill_done + page.read),
                 backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
         self.telemetry.backfill_records.add(len(page.records))
-        return len(page.records)
+        return page.read
 
     def progress(self) -> BackfillProgress:
         s = self.state
@@ -765,7 +782,8 @@ class MigrationEngine:
         left = max(0, s.backfill_total - s.backfill_done)
         eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
         return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
-                                s.backfill_complete, s.paused)
+                                s.backfill_complete, s.paused, s.backfill_copied,
+                                unix_seconds(s.copy_since) if s.copy_since else 0.0)
 
     # --- a fleet (driven by proxy.fleet.FleetSync) -------------------------------------------------------------------
     async def adopt(self, state: MigrationState) -> bool:
@@ -864,7 +882,10 @@ class MigrationEngine:
             within("mirror_seconds", options.mirror_seconds, 0, MAX_MIRROR_SECONDS)
             await self._store(target)
             total = (await self.primary.count()).total
-            new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target,
+            s = self.state
+            copy_since = s.resync_version if target == s.resync_target and not options.full_copy else 0
+            new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target, copy_since=copy_since,
+                          backfill_copied=0, resync_target="", resync_version=0,
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
                           backfill_seconds=0.0, verify_cursor=None, last_verify_differences=-1, read_fraction=0.0,
@@ -873,8 +894,11 @@ class MigrationEngine:
             # any secondary, and a no-op where the stores agree).
             await self._control.carry_over_repairs(new.migration_id)
             # Dual-writing starts with this save, before the first backfill batch.
-            await self._change(new, actor, reason or f"start migration to {redact(target)}",
-                               {"records_to_copy": total, "batch_size": options.batch_size})
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_seconds(copy_since)))
+            since = f", copying only what changed since {when}" if copy_since else ""
+            await self._change(new, actor, reason or f"start migration to {redact(target)}{since}",
+                               {"records_to_copy": total, "batch_size": options.batch_size,
+                                "copy_changed_only": bool(copy_since)})
             self._resume.set()
             self._start_backfill()
 
@@ -914,8 +938,12 @@ class MigrationEngine:
         async with self._lock:
             await self._fresh()
             s = self.state
+            # The store left behind keeps what it had: a migration back to it later copies only what changed since
+            # (a margin of wall time covers writes stamped by other proxies whose clocks run behind).
+            since = earlier(self._clock.now(), self._resync_margin_ms)
             if s.phase in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE):
-                new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0, ramp_step=-1)
+                new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0, ramp_step=-1,
+                              resync_target=s.secondary if s.backfill_complete else "", resync_version=since)
             elif s.phase == Phase.COMPLETED and s.secondary:
                 # Every write since cutover must be on the old store before it serves again.
                 left = await self.drain_repairs(within=10.0)
@@ -923,7 +951,8 @@ class MigrationEngine:
                     raise IllegalTransition(f"cannot roll back yet: {left} writes are still being copied back to "
                                             f"{s.secondary}; retry when the repair queue is empty")
                 new = replace(s, phase=Phase.ROLLED_BACK, primary=s.secondary, secondary=s.primary,
-                              read_fraction=0.0, ramp_step=-1, mirror_until=0.0)
+                              read_fraction=0.0, ramp_step=-1, mirror_until=0.0, resync_target=s.primary,
+                              resync_version=since)
             else:
                 raise self._illegal("roll back")
             if self._backfill_task is not None:
@@ -1072,6 +1101,16 @@ def transient(exc: BaseException) -> bool:
 
 
 _PROBE_KEY: RecordKey = (Kind.ENTITY, "memshift-probe", ("reachable?",))
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """A page as the backfill writes it: the records to write, and how many were read (`ExportPage` otherwise)."""
+
+    records: tuple[Record, ...]
+    next_after: RecordKey | None
+    vectors: VectorMap | None
+    read: int
 
 
 class _Blocked(Exception):

@@ -141,7 +141,8 @@ class MemshiftServer:
             self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
         self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
                                       telemetry=self.telemetry, observations=self.observations,
-                                      fleet=shared is not None)
+                                      fleet=shared is not None,
+                                      resync_margin_ms=int(cfg.resync_margin_seconds * 1000))
         await self.engine.start()
         log.info("migration state read and stores opened", extra={"phase": self.engine.state.phase.value})
         self.fleet: FleetSync | None = None

@@ -347,3 +347,41 @@ async def test_verify_tells_writes_in_flight_from_divergence(embedder: BatchingE
     finally:
         held["new"].gate.set()
         await shutdown(c)
+
+
+async def test_going_back_to_a_target_after_a_rollback_copies_only_what_changed(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    cluster = await boot(embedder, tmp_path, resync_margin_seconds=0)  # one proxy: its own clock needs no margin
+    try:
+        await _back_to_the_same_target(cluster, embedder)
+    finally:
+        await shutdown(cluster)
+
+
+async def _back_to_the_same_target(cluster: Cluster, embedder: BatchingEmbedder) -> None:
+    await seed(cluster, 300)
+    agent = Agent("agent-0", cluster.memory)
+    rng = random.Random(5)
+    await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, batch_size=50), metadata=AUTH)
+    await wait_for(cluster, lambda s: s.backfill.complete)
+    await cluster.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
+    for _ in range(20):
+        await agent.step(rng)
+    await cluster.admin.Rollback(apb.RollbackRequest(reason="trying again later"), metadata=AUTH)
+    for _ in range(30):  # the old store alone takes these, deletions included
+        await agent.step(rng)
+    st = await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, batch_size=50),
+                                            metadata=AUTH)
+    assert st.backfill.copying_changes_since_unix > 0
+    st = await wait_for(cluster, lambda s: s.backfill.complete and s.repair_queue_depth == 0)
+    assert st.backfill.done >= 300 + 20 and st.backfill.copied <= 60, st.backfill  # read all; wrote the changes
+    result = await run_verify(cluster)
+    assert result.differences == 0, [d.key for d in result.samples]
+    history = [h.reason for h in (await cluster.admin.GetHistory(apb.GetHistoryRequest(), metadata=AUTH)).changes]
+    assert any("copying only what changed since" in r for r in history)
+    direct = EmbeddedBackend(cluster.dir / "new.db", embedder)
+    await direct.open()
+    try:
+        assert await graph_of(direct, agent.scope) == (agent.entities, agent.relations)
+    finally:
+        await direct.close()

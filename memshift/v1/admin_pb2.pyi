@@ -62,6 +62,8 @@ class BackfillProgress(_message.Message):
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
+    COPIED_FIELD_NUMBER: _builtins.int
+    COPYING_CHANGES_SINCE_UNIX_FIELD_NUMBER: _builtins.int
     done: _builtins.int
     total: _builtins.int
     rate_per_second: _builtins.float
@@ -69,6 +71,12 @@ class BackfillProgress(_message.Message):
     """-1 when unknown."""
     complete: _builtins.bool
     paused: _builtins.bool
+    copied: _builtins.int
+    """Records written to the new store. Less than `done` when the migration goes back to a target that already holds
+    most of the data (started again after a rollback): records unchanged since it last had them are only read.
+    """
+    copying_changes_since_unix: _builtins.float
+    """Nonzero when only records changed since this time (unix seconds) are copied (see `copied`)."""
     def __init__(
         self,
         *,
@@ -78,10 +86,12 @@ class BackfillProgress(_message.Message):
         eta_seconds: _builtins.float = ...,
         complete: _builtins.bool = ...,
         paused: _builtins.bool = ...,
+        copied: _builtins.int = ...,
+        copying_changes_since_unix: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "copied", b"copied", "copying_changes_since_unix", b"copying_changes_since_unix", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +553,7 @@ class StartMigrationRequest(_message.Message):
     MIRROR_SECONDS_FIELD_NUMBER: _builtins.int
     REQUIRE_VERIFY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FULL_COPY_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     """Store spec of the new store, e.g. sqlite:///./data/new.db."""
     batch_size: _builtins.int
@@ -558,6 +569,10 @@ class StartMigrationRequest(_message.Message):
     require_verify: _builtins.bool
     """Allow DATA_MIGRATION -> DUAL_WRITE only after a Verify with zero differences."""
     reason: _builtins.str
+    full_copy: _builtins.bool
+    """Copy every record even when the target is the one the last migration rolled back from (by default only what
+    changed since then is copied). For a target that was altered, emptied or restored from a backup meanwhile.
+    """
     def __init__(
         self,
         *,
@@ -569,10 +584,11 @@ class StartMigrationRequest(_message.Message):
         mirror_seconds: _builtins.float = ...,
         require_verify: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        full_copy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "mirror_seconds", b"mirror_seconds", "rate_limit", b"rate_limit", "reason", b"reason", "reembed", b"reembed", "require_verify", b"require_verify", "target", b"target", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "full_copy", b"full_copy", "mirror_seconds", b"mirror_seconds", "rate_limit", b"rate_limit", "reason", b"reason", "reembed", b"reembed", "require_verify", b"require_verify", "target", b"target", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
