@@ -186,18 +186,19 @@ class MemshiftServer:
         await self._admin.start()
         if self._health_server is not None:
             await self._health_server.start()
+        log.info("listening", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
+                                     "health_port": self.health_port, "primary": redact(self.engine.state.primary),
+                                     "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
         # Health says whether agents can be served: the primary is open. The admin API serves either way.
-        self._serving_task = asyncio.ensure_future(self._serve_when_primary_up())
+        self._serving_task: asyncio.Future[None] | None = None
         if not self.engine.primary_up.is_set():
             for service in ("", MEMORY_SERVICE):
                 await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.warning("primary unreachable: health NOT_SERVING until it answers; the admin API serves",
                         extra={"primary": redact(self.engine.state.primary)})
+            self._serving_task = asyncio.ensure_future(self._serve_when_primary_up())
         else:
             await self._serve_when_primary_up()
-        log.info("listening", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
-                                     "health_port": self.health_port, "primary": redact(self.engine.state.primary),
-                                     "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
         return self.port
 
     async def _serve_when_primary_up(self) -> None:
@@ -215,7 +216,8 @@ class MemshiftServer:
 
     async def stop(self, grace: float | None = None) -> None:
         self._stopping = True
-        self._serving_task.cancel()
+        if self._serving_task is not None:
+            self._serving_task.cancel()
         await self._health.enter_graceful_shutdown()
         wait = self.config.grace_seconds if grace is None else grace
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)),

@@ -174,6 +174,11 @@ async def test_sigterm_lets_in_flight_calls_finish_then_exits_zero(tmp_path: Pat
         assert await asyncio.to_thread(proc.wait, 30) == 0
         err = proc.stderr.read().decode() if proc.stderr else ""
         assert '"shutting down"' in err and '"stopped"' in err
+        # A start says what it is doing at each step, so a slow one can be told apart from a stuck one.
+        steps = ['"loading the embedding model"', '"embedding model loaded"', '"opening the control store"',
+                 '"reading the migration state"', '"opening the primary"', '"listening"', '"serving"']
+        positions = [err.find(step) for step in steps]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
     finally:
         if proc.poll() is None:
             proc.kill()

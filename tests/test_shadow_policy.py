@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
@@ -175,6 +176,16 @@ async def test_corrupting_secondary_is_rolled_back_by_the_policy(rollback_cluste
     assert len(graph.entities) == 40 and all("bit rot" not in e.observations for e in graph.entities)
     await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="seed", entities=[
         pb.Entity(name="n", entity_type="t")]))
+    # What the operator sees first: the status leads with the rollback (when, by whom, the rule and its figures),
+    # and a phase change that the rollback made impossible says why.
+    st = await status(c)
+    assert "by memshift-policy: rule mismatch-rate" in st.rolled_back
+    from proxy.admin_cli import render
+    assert render(st).startswith("ROLLED BACK ") and "rule mismatch-rate" in render(st).splitlines()[0]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(rolled back " in (err.value.details() or "") and "mismatch-rate" in (err.value.details() or "")
 
 
 async def test_alert_only_policy_records_and_keeps_the_migration(embedder: BatchingEmbedder, tmp_path: Path) -> None:
