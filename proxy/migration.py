@@ -843,11 +843,20 @@ class MigrationEngine:
 
     # --- phase changes ---------------------------------------------------------------------------------------------
     async def _save(self, new: MigrationState, durable: bool = True) -> None:
+        # A save that has started finishes, and this proxy adopts what it wrote, even when the caller is cancelled
+        # meanwhile (a backfill cancelled during its checkpoint): the control store's worker thread completes the
+        # write anyway, and a state in memory one revision behind the store would fail the next change.
+        saving = asyncio.ensure_future(self._control.save(new, self.state.revision, durable))
+        saving.add_done_callback(self._saved)
         try:
-            self.state = await self._control.save(new, self.state.revision, durable)
+            await asyncio.shield(saving)
         except Conflict:
             self.state = await self._control.load()
             raise
+
+    def _saved(self, saving: asyncio.Future[MigrationState]) -> None:
+        if not saving.cancelled() and saving.exception() is None and saving.result().revision > self.state.revision:
+            self.state = saving.result()
 
     async def _change(self, to: MigrationState, actor: str, reason: str, figures: dict[str, Any]) -> None:
         before = self.state.phase

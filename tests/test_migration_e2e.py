@@ -75,6 +75,30 @@ class Agent:
                 self.entities[name].discard(text)
 
 
+@dataclass
+class Crowd:
+    """Agents writing at once until told to stop: `start()`, then `await finish()` (stops and waits for them)."""
+
+    agents: list[Agent]
+    pause: float = 0.0  # seconds between one agent's calls
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def _work(self, agent: Agent, seed_: int) -> None:
+        rng = random.Random(seed_)
+        while not self.stop.is_set():
+            await agent.step(rng)
+            if self.pause:
+                await asyncio.sleep(self.pause)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._work(a, i)) for i, a in enumerate(self.agents)]
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
 async def graph_of(store: Backend, scope: str) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
     ents: dict[str, set[str]] = {}
     rels: set[tuple[str, str]] = set()
@@ -91,14 +115,8 @@ async def graph_of(store: Backend, scope: str) -> tuple[dict[str, set[str]], set
 async def test_full_migration_while_agents_write(cluster: Cluster, embedder: BatchingEmbedder) -> None:
     await seed(cluster, 400)
     agents = [Agent(f"agent-{i}", cluster.memory) for i in range(4)]
-    stop = asyncio.Event()
-
-    async def work(agent: Agent, seed_: int) -> None:
-        rng = random.Random(seed_)
-        while not stop.is_set():
-            await agent.step(rng)
-
-    workers = [asyncio.create_task(work(a, i)) for i, a in enumerate(agents)]
+    crowd = Crowd(agents)
+    crowd.start()
     await asyncio.sleep(0.3)
     st = await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, batch_size=40,
                                                                       reason="move to new.db"), metadata=AUTH)
@@ -111,8 +129,7 @@ async def test_full_migration_while_agents_write(cluster: Cluster, embedder: Bat
     st = await cluster.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
     assert st.phase == apb.COMPLETED and st.primary.endswith("new.db") and st.rollback_window_seconds_left > 0
     await asyncio.sleep(0.3)
-    stop.set()
-    await asyncio.gather(*workers)
+    await crowd.finish()
     assert sum(len(a.entities) for a in agents) > 20
 
     await wait_for(cluster, lambda s: s.repair_queue_depth == 0)

@@ -5,6 +5,7 @@ holds the migration and resumes it instead of rolling it back, and nothing ackno
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
 from tests.servers import PostgresServer
-from tests.test_migration_e2e import Agent, graph_of
+from tests.test_migration_e2e import Agent, Crowd, graph_of
 
 
 @pytest.fixture
@@ -101,29 +102,22 @@ async def test_an_outage_of_the_new_store_during_dual_write_pauses_and_resumes_w
     target = f"{pg.dsn}?schema=outage_dw"
     c = await boot(embedder, tmp_path)  # policies/default.yaml
     agents = [Agent(f"agent-{i}", c.memory) for i in range(3)]
-    stop = asyncio.Event()
-
-    async def work(agent: Agent, seed_: int) -> None:
-        rng = random.Random(seed_)
-        while not stop.is_set():
-            await agent.step(rng)
-            await asyncio.sleep(0.005)
-
+    crowd = Crowd(agents, pause=0.005)
     try:
         await _to_dual_write(c, target)
         await c.admin.SetReadRouting(apb.SetReadRoutingRequest(read_fraction=0.5, shadow_sample_rate=1.0),
                                      metadata=AUTH)
         copied = (await status(c)).backfill.done
-        workers = [asyncio.create_task(work(a, i)) for i, a in enumerate(agents)]
+        crowd.start()
         await asyncio.sleep(0.5)
         pg.halt()
         st = await wait_for(c, lambda s: s.secondary_unreachable != "", 20)
-        await asyncio.sleep(3)  # agents keep writing and reading through the outage
+        # Agents keep writing and reading through the outage (3 s here; MEMSHIFT_TEST_OUTAGE_SECONDS for longer).
+        await asyncio.sleep(float(os.environ.get("MEMSHIFT_TEST_OUTAGE_SECONDS", "3")))
         pg.resume()
         await wait_for(c, lambda s: s.secondary_unreachable == "", 30)
         await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(*workers)
+        await crowd.finish()
         st = await wait_for(c, lambda s: s.repair_queue_depth == 0, 60)
         assert st.phase == apb.DUAL_WRITE, st.rolled_back  # held, not rolled back
         assert st.backfill.done == copied  # nothing copied again
@@ -132,7 +126,7 @@ async def test_an_outage_of_the_new_store_during_dual_write_pauses_and_resumes_w
         assert any(r.startswith("new store unreachable") for r in history)
         assert any(r.startswith("new store reachable again after") for r in history)
     finally:
-        stop.set()
+        crowd.stop.set()
         await shutdown(c)
     await _both_hold_what_agents_were_told(tmp_path, target, embedder, agents)
 

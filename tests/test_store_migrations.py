@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from proxy.stores import backend_for, redact
 from tests.cluster import AUTH, boot, run_verify, seed, shutdown, wait_for
-from tests.test_migration_e2e import Agent, graph_of
+from tests.test_migration_e2e import Agent, Crowd, graph_of
 
 _schemas = itertools.count()
 
@@ -45,23 +44,16 @@ async def test_migration_between_stores_ends_with_zero_differences(
     old, new = spec_for(source, tmp_path, servers, "old"), spec_for(target, tmp_path, servers, "new")
     c = await boot(embedder, tmp_path, store=old)
     agents = [Agent(f"agent-{i}", c.memory) for i in range(3)]
-    stop = asyncio.Event()
-
-    async def work(agent: Agent, seed_: int) -> None:
-        rng = random.Random(seed_)
-        while not stop.is_set():
-            await agent.step(rng)
-
+    crowd = Crowd(agents)
     try:
         await seed(c, 300)
-        workers = [asyncio.create_task(work(a, i)) for i, a in enumerate(agents)]
+        crowd.start()
         await asyncio.sleep(0.2)
         await c.admin.StartMigration(apb.StartMigrationRequest(target=new, batch_size=64, workers=2), metadata=AUTH)
         await wait_for(c, lambda s: s.backfill.complete, 120)
         await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
         await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.gather(*workers)
+        await crowd.finish()
         await wait_for(c, lambda s: s.repair_queue_depth == 0, 60)
         result = await run_verify(c)
         assert result.differences == 0, list(result.samples)
@@ -69,7 +61,7 @@ async def test_migration_between_stores_ends_with_zero_differences(
         st = await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
         assert st.phase == apb.COMPLETED and st.primary == redact(new)
     finally:
-        stop.set()
+        crowd.stop.set()
         await shutdown(c)
     # Read the new primary directly: exactly what the agents were told.
     direct: Backend = backend_for(new, embedder)
