@@ -1,11 +1,13 @@
-"""One value domain: whatever the API accepts, every store keeps and returns exactly, and a copy between two
-different stores (the backfill's own export and apply) keeps it too. What no store can keep (NUL, unpaired
+"""One value domain: whatever the API accepts, every store keeps and returns exactly, and a migration between two
+different stores (the engine's own backfill, then Verify) keeps it too. What no store can keep (NUL, unpaired
 surrogates) the API refuses, naming the field."""
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -15,8 +17,12 @@ from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.model import Entity, Relation
 from proxy import validation
+from proxy.clock import HybridClock
 from proxy.config import Limits
+from proxy.control import MigrationOptions, SqliteControlStore
 from proxy.errors import InvalidInput
+from proxy.migration import MigrationEngine
+from proxy.verify import verify
 from tests.stores import STORE_KINDS, make_store
 
 LIMITS = Limits()
@@ -71,20 +77,31 @@ def _same_entities(got: tuple[Entity, ...], sent: list[Entity]) -> None:
         {e.name: (e.entity_type, sorted(e.observations), dict(e.metadata)) for e in sent}
 
 
-async def _copy(source: Backend, target: Backend) -> None:
-    after = None
-    while True:
-        page = await source.export_page(after, 50, vectors=True)
-        await target.apply(page.records, page.vectors)
-        if page.next_after is None:
-            return
-        after = page.next_after
+async def _migrate(source: Backend, target: Backend) -> None:
+    """A migration between the two stores as production runs one: the engine's start (dual writes from then on),
+    its pipelined backfill (read-ahead, two workers), and Verify at zero differences."""
+    control = SqliteControlStore(Path(tempfile.mkdtemp(prefix="memshift-domain-")) / "control.db", "source")
+    stores = {"source": source, "target": target}
+
+    async def opener(spec: str) -> Backend:
+        return stores[spec]
+
+    engine = MigrationEngine(control, opener, HybridClock(3), background=False)
+    try:
+        await engine.start()
+        await engine.start_migration("target", MigrationOptions(batch_size=7, workers=2), "test")
+        await engine.run_backfill()
+        assert engine.state.backfill_complete
+        reports = [r async for r in verify(source, target)]
+        assert reports[-1].done and reports[-1].differences == 0, reports[-1].samples
+    finally:
+        await control.close()  # not engine.stop(): the stores belong to the fixture
 
 
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(graph=graphs())
-async def test_every_value_the_api_accepts_round_trips_through_every_store_and_a_copy(
+async def test_every_value_the_api_accepts_round_trips_through_every_store_and_a_migration(
         pair: tuple[Backend, Backend], graph: tuple[list[Entity], Relation]) -> None:
     ents, rel = graph
     assume(accepted(ents, rel))
@@ -95,7 +112,7 @@ async def test_every_value_the_api_accepts_round_trips_through_every_store_and_a
     await store.create_relations(scope, [rel], next(version))
     for backend in (store, other):
         if backend is other:
-            await _copy(store, other)
+            await _migrate(store, other)
         opened = await backend.open_nodes(scope, [e.name for e in ents])
         _same_entities(opened.entities, ents)
         assert [(r.source, r.target, r.relation_type, dict(r.metadata)) for r in opened.relations] == \
