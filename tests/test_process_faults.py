@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
@@ -179,9 +180,19 @@ async def test_sigterm_while_the_new_store_is_down_ends_within_the_grace_period(
         code = await asyncio.to_thread(proxy.wait, 30)
         took = time.monotonic() - started
         assert code == 0 and took < proxy.grace + 3.0, f"exit {code} after {took:.1f} s"
-        pg.resume()
-        proxy.start()  # the queue survived: the restarted proxy repairs the new store
+        print(f"SIGTERM with the new store down: exited after {took:.2f} s (grace {proxy.grace} s)")
+        started = time.monotonic()
+        proxy.start()  # the new store still down: the process starts and serves from the primary
         await proxy.ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}") as m:
+            reply = await health_pb2_grpc.HealthStub(m).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            agent.memory = memory_pb2_grpc.MemoryStub(m)
+            for _ in range(10):
+                await agent.step(rng)  # served from the primary, owed to the new store
+        print(f"process start to SERVING with the new store down: {time.monotonic() - started:.2f} s "
+              "(the embedding model's load included)")
+        pg.resume()  # the queue survived both restarts: the proxy repairs the new store
         async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.admin_port}") as a:
             admin = admin_pb2_grpc.MigrationAdminStub(a)
             await _wait(admin, lambda s: s.repair_queue_depth == 0 and s.secondary_unreachable == "")
