@@ -98,6 +98,7 @@ async def run(small: int, large: int, budget: int) -> dict[str, Any]:
         port, admin, health = free_port(), free_port(), free_port()
         proc = start(["-m", "proxy.cli", "serve"], {
             "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
             "MEMSHIFT_HEALTH_LISTEN": f"127.0.0.1:{health}", "MEMSHIFT_STORE": f"sqlite:///{work}/m.db",
             "MEMSHIFT_CONTROL": f"sqlite:///{work}/c.db", "MEMSHIFT_LOG_LEVEL": "ERROR",
             "MEMSHIFT_MAX_INFLIGHT_CALLS": str(calls)})

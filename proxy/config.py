@@ -65,6 +65,8 @@ class Config:
     admin_tls_key_file: str | None = None
     memory_tokens_file: str | None = None  # bearer tokens bound to scopes for the Memory service (proxy/auth.py)
     health_listen: str | None = None  # also serve grpc.health.v1 alone here (probes, when `listen` is loopback)
+    mcp_listen: str | None = "127.0.0.1:50053"  # the MCP endpoint (Streamable HTTP at /mcp); "" or null: none
+    mcp_default_scope: str = "default"  # the scope of an MCP call that names none (header or ?scope=)
     node_id: int | None = None  # None: derived from host name and process id
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
@@ -110,6 +112,8 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_ADMIN_TLS_KEY_FILE": "admin_tls_key_file",
     "MEMSHIFT_MEMORY_TOKENS_FILE": "memory_tokens_file",
     "MEMSHIFT_HEALTH_LISTEN": "health_listen",
+    "MEMSHIFT_MCP_LISTEN": "mcp_listen",
+    "MEMSHIFT_MCP_DEFAULT_SCOPE": "mcp_default_scope",
     "MEMSHIFT_NODE_ID": "node_id",
     "MEMSHIFT_LOG_LEVEL": "log_level",
     "MEMSHIFT_LOG_FORMAT": "log_format",

@@ -15,11 +15,12 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +38,7 @@ from proxy.control import ControlStore, SqliteControlStore
 from proxy.control_pg import PostgresControlStore
 from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
+from proxy.mcp_server import MemoryTools
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 from proxy.router import Router
@@ -182,11 +184,22 @@ class MemshiftServer:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._bind(self._health_server, cfg.health_listen)
 
+        try:  # before the gRPC ports open: a failure here leaves nothing serving
+            self.mcp_port = await self._start_mcp(tokens) if cfg.mcp_listen else 0
+        except BaseException:
+            await self.guard.stop()
+            await self.shadow.close()
+            if self.fleet is not None:
+                await self.fleet.stop()
+            await self.engine.stop(within=1.0)
+            await self.control.close()
+            raise
         await self._server.start()
         await self._admin.start()
         if self._health_server is not None:
             await self._health_server.start()
         log.info("listening", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
+                                     "mcp_port": self.mcp_port,
                                      "health_port": self.health_port, "primary": redact(self.engine.state.primary),
                                      "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
         # Health says whether agents can be served: the primary is open. The admin API serves either way.
@@ -209,6 +222,25 @@ class MemshiftServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"primary": redact(self.engine.state.primary)})
 
+    async def _start_mcp(self, tokens: ScopeTokens | None) -> int:
+        """The MCP endpoint (proxy.mcp_server) on `mcp_listen`, served by uvicorn on this event loop."""
+        cfg = self.config
+        assert cfg.mcp_listen
+        host, _, port = cfg.mcp_listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        self.mcp = MemoryTools(self.router, cfg.limits, tokens, cfg.mcp_default_scope)
+        app = self.mcp.server.streamable_http_app(streamable_http_path="/mcp", host=host)
+        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
+                                                        lifespan="on", log_config=None))
+        self._uvicorn_task = asyncio.ensure_future(self._uvicorn.serve())
+        while not self._uvicorn.started:
+            if self._uvicorn_task.done():  # it could not bind, or the app failed to start
+                self._uvicorn_task.result()
+                raise OSError(f"cannot serve MCP on {cfg.mcp_listen}")
+            await asyncio.sleep(0.01)
+        sockets = [s for server in self._uvicorn.servers for s in server.sockets]
+        return int(sockets[0].getsockname()[1])
+
     def _gauges(self) -> Gauges:
         s, p = self.engine.state, self.engine.progress()
         return Gauges(s.phase.value, s.read_fraction, s.shadow_rate, self.engine.last_repair_depth, p.done, p.total,
@@ -220,6 +252,10 @@ class MemshiftServer:
             self._serving_task.cancel()
         await self._health.enter_graceful_shutdown()
         wait = self.config.grace_seconds if grace is None else grace
+        if self.config.mcp_listen:
+            self._uvicorn.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._uvicorn_task, max(1.0, wait))
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)),
                              *([self._health_server.stop(wait)] if self._health_server else []))
         await self.guard.stop()
@@ -230,6 +266,15 @@ class MemshiftServer:
         await self.control.close()
         self._telemetry_shutdown()
         log.info("stopped")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside the proxy's own event loop: the proxy handles SIGTERM (graceful shutdown of every port), so
+    uvicorn must not take the signal handlers over."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def serve(config: Config) -> None:

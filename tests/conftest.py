@@ -67,7 +67,7 @@ async def backend(store_factory: StoreFactory) -> Backend:
 @pytest.fixture
 async def server(embedder: BatchingEmbedder, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MemshiftServer]:
     d = tmp_path_factory.mktemp("proxy")
-    srv = MemshiftServer(Config(listen="127.0.0.1:0", store=f"sqlite:///{d}/memory.db", control=f"sqlite:///{d}/control.db",
+    srv = MemshiftServer(Config(listen="127.0.0.1:0", mcp_listen="127.0.0.1:0", store=f"sqlite:///{d}/memory.db", control=f"sqlite:///{d}/control.db",
                                 admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=1), embedder)
     await srv.start()
     yield srv

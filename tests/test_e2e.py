@@ -155,7 +155,8 @@ def _free_port() -> int:
 async def test_sigterm_lets_in_flight_calls_finish_then_exits_zero(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_STORE": f"sqlite:///{tmp_path}/m.db",
-           "MEMSHIFT_CONTROL": f"sqlite:///{tmp_path}/control.db", "MEMSHIFT_ADMIN_LISTEN": "127.0.0.1:0"}
+           "MEMSHIFT_CONTROL": f"sqlite:///{tmp_path}/control.db", "MEMSHIFT_ADMIN_LISTEN": "127.0.0.1:0",
+           "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0"}
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=env,  # noqa: ASYNC220 (started once, then awaited)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

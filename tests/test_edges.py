@@ -108,7 +108,7 @@ async def test_a_state_that_cannot_be_loaded_stops_the_start_saying_what_and_whe
                                       "backfill_cursor": None, "verify_cursor": None}))
         body["read_fraction"] = "NaN-ish"
         raw.execute("INSERT INTO state VALUES (1, ?)", (json.dumps(body).replace('"NaN-ish"', "NaN"),))
-    server = MemshiftServer(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/a.db",
+    server = MemshiftServer(Config(listen="127.0.0.1:0", mcp_listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/a.db",
                                    control=f"sqlite:///{tmp_path}/control.db", admin_listen="127.0.0.1:0",
                                    admin_token=ADMIN_TOKEN), embedder)
     with pytest.raises(UnreadableState, match=r"control\.db .*NaN"):

@@ -272,7 +272,7 @@ async def test_admin_needs_the_token_and_refuses_illegal_changes(cluster: Cluste
 
 async def test_tls_on_both_ports(embedder: BatchingEmbedder, tmp_path: Path) -> None:
     cert, key = await self_signed(tmp_path)
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/m.db", control=f"sqlite:///{tmp_path}/c.db",
+    config = Config(listen="127.0.0.1:0", mcp_listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/m.db", control=f"sqlite:///{tmp_path}/c.db",
                     admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, tls_cert_file=str(cert),
                     tls_key_file=str(key))
     server = MemshiftServer(config, embedder)

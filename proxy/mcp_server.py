@@ -1,0 +1,238 @@
+"""The MCP door: the reference memory server's tools over Streamable HTTP, served by the proxy itself, calling the
+same router as the gRPC servicer (so every MCP write is versioned, dual-written and migrated like any other).
+
+Tools keep the reference server's names, input schemas, result shapes (JSON text and structured content) and
+annotations, plus `semantic_search`. The scope comes
+from the `Memshift-Scope` header, else a `?scope=` query parameter, else the configured default; with a tokens file,
+the bearer token in `Authorization` must grant it (proxy/auth.py). An error the caller caused is a tool result with
+`isError`, naming the field, and the session goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from typing_extensions import TypedDict
+
+from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
+from proxy.auth import ScopeTokens
+from proxy.config import Limits
+from proxy.fit import budget, entity_size, relation_size
+from proxy.router import Router
+from proxy.servicer import status_for
+
+log = logging.getLogger("memshift.mcp")
+
+
+class EntityIn(TypedDict):
+    name: str
+    entityType: str  # the reference server's field names
+    observations: list[str]
+
+
+RelationIn = TypedDict("RelationIn", {"from": str, "to": str, "relationType": str})
+
+
+class AdditionIn(TypedDict):
+    entityName: str
+    contents: list[str]
+
+
+class DeletionIn(TypedDict):
+    entityName: str
+    observations: list[str]
+
+
+class AddedOut(TypedDict):
+    entityName: str
+    addedObservations: list[str]
+
+
+class EntitiesOut(TypedDict):
+    entities: list[EntityIn]
+
+
+class RelationsOut(TypedDict):
+    relations: list[RelationIn]
+
+
+class ResultsOut(TypedDict):
+    results: list[AddedOut]
+
+
+class DoneOut(TypedDict):
+    success: bool
+    message: str
+
+
+class GraphOut(TypedDict, total=False):
+    entities: list[EntityIn]
+    relations: list[RelationIn]
+    truncated: str  # Memshift's: set only when the answer was cut to fit the message limit
+
+
+class ScoredOut(TypedDict):
+    name: str
+    entityType: str
+    observations: list[str]
+    score: float
+
+
+class SearchOut(TypedDict, total=False):
+    entities: list[ScoredOut]
+    relations: list[RelationIn]
+    truncated: str
+
+
+def _entity(e: Entity) -> EntityIn:
+    return {"name": e.name, "entityType": e.entity_type, "observations": list(e.observations)}
+
+
+def _relation(r: Relation) -> RelationIn:
+    return {"from": r.source, "to": r.target, "relationType": r.relation_type}
+
+
+def _graph(g: Graph) -> GraphOut:
+    out: GraphOut = {"entities": [_entity(e) for e in g.entities], "relations": [_relation(r) for r in g.relations]}
+    if g.truncated:
+        out["truncated"] = g.truncated
+    return out
+
+
+WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
+DELETE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+
+
+class MemoryTools:
+    """The tools, bound to a router; `server` is the MCPServer that serves them."""
+
+    def __init__(self, router: Router, limits: Limits, tokens: ScopeTokens | None, default_scope: str) -> None:
+        self._router = router
+        self._limits = limits
+        self._tokens = tokens
+        self._default_scope = default_scope
+        self.server = self._build()
+
+    def scope(self, ctx: Context[Any, Any] | None) -> str:
+        """The caller's scope (header, query parameter, default), checked against its token when tokens are on."""
+        headers = {k.lower(): v for k, v in ((ctx.headers if ctx is not None else None) or {}).items()}
+        request = ctx.request_context.request if ctx is not None else None
+        query = getattr(request, "query_params", None) or {}
+        scope = headers.get("memshift-scope") or query.get("scope") or self._default_scope
+        if self._tokens is not None:
+            self._tokens.check(headers.get("authorization"), scope)
+        return str(scope)
+
+    async def _call(self, ctx: Context[Any, Any] | None, run: Any) -> Any:
+        try:
+            return await run(self.scope(ctx))
+        except Exception as exc:
+            mapped = status_for(exc)
+            if mapped is None:
+                raise
+            raise ToolError(f"{mapped[0].name}: {mapped[1]}") from None
+
+    async def read_whole_graph(self, scope: str) -> GraphOut:
+        """The whole graph, as the reference server answers it, but never beyond the message limit."""
+        room = budget(self._limits.max_message_bytes)
+        entities: list[EntityIn] = []
+        relations: list[RelationIn] = []
+        used, token = 0, ""
+        while True:
+            page = await self._router.read_graph(scope, 0, token)
+            for e in page.entities:
+                used += entity_size(e)
+                entities.append(_entity(e))
+            for r in page.relations:
+                used += relation_size(r)
+                relations.append(_relation(r))
+            token = page.next_cursor or ""
+            if not token:
+                return {"entities": entities, "relations": relations}
+            if used > room:
+                return {"entities": entities, "relations": relations,
+                        "truncated": f"the graph is larger than one answer may carry ({room} bytes): "
+                                     f"{len(entities)} entities and {len(relations)} relations sent; page through "
+                                     "it with the gRPC ReadGraph call or search_nodes/open_nodes"}
+
+    def _build(self) -> MCPServer[Any]:
+        mcp: MCPServer[Any] = MCPServer(name="memshift", instructions="Knowledge-graph memory (the MCP memory "
+                                        "server's tools) served by Memshift, with semantic search.")
+        router = self._router
+
+        @mcp.tool(title="Create Entities", description="Create multiple new entities in the knowledge graph",
+                  annotations=WRITE)
+        async def create_entities(entities: list[EntityIn], ctx: Context[Any, Any]) -> EntitiesOut:
+            made = await self._call(ctx, lambda s: router.create_entities(
+                s, [Entity(e["name"], e["entityType"], tuple(e["observations"])) for e in entities]))
+            return {"entities": [_entity(e) for e in made]}
+
+        @mcp.tool(title="Create Relations", description="Create multiple new relations between entities in the "
+                  "knowledge graph. Relations should be in active voice", annotations=WRITE)
+        async def create_relations(relations: list[RelationIn], ctx: Context[Any, Any]) -> RelationsOut:
+            made = await self._call(ctx, lambda s: router.create_relations(
+                s, [Relation(r["from"], r["to"], r["relationType"]) for r in relations]))
+            return {"relations": [_relation(r) for r in made]}
+
+        @mcp.tool(title="Add Observations", description="Add new observations to existing entities in the knowledge "
+                  "graph", annotations=WRITE)
+        async def add_observations(observations: list[AdditionIn], ctx: Context[Any, Any]) -> ResultsOut:
+            added = await self._call(ctx, lambda s: router.add_observations(
+                s, [ObservationAddition(a["entityName"], tuple(a["contents"])) for a in observations]))
+            return {"results": [{"entityName": a.entity_name, "addedObservations": list(a.contents)}
+                                for a in added]}
+
+        @mcp.tool(title="Delete Entities", description="Delete multiple entities and their associated relations "
+                  "from the knowledge graph", annotations=DELETE)
+        async def delete_entities(entityNames: list[str], ctx: Context[Any, Any]) -> DoneOut:
+            await self._call(ctx, lambda s: router.delete_entities(s, entityNames))
+            return {"success": True, "message": "Entities deleted successfully"}
+
+        @mcp.tool(title="Delete Observations", description="Delete specific observations from entities in the "
+                  "knowledge graph", annotations=DELETE)
+        async def delete_observations(deletions: list[DeletionIn], ctx: Context[Any, Any]) -> DoneOut:
+            await self._call(ctx, lambda s: router.delete_observations(
+                s, [ObservationDeletion(d["entityName"], tuple(d["observations"])) for d in deletions]))
+            return {"success": True, "message": "Observations deleted successfully"}
+
+        @mcp.tool(title="Delete Relations", description="Delete multiple relations from the knowledge graph",
+                  annotations=DELETE)
+        async def delete_relations(relations: list[RelationIn], ctx: Context[Any, Any]) -> DoneOut:
+            await self._call(ctx, lambda s: router.delete_relations(
+                s, [Relation(r["from"], r["to"], r["relationType"]) for r in relations]))
+            return {"success": True, "message": "Relations deleted successfully"}
+
+        @mcp.tool(title="Read Graph", description="Read the entire knowledge graph", annotations=READ)
+        async def read_graph(ctx: Context[Any, Any]) -> GraphOut:
+            out: GraphOut = await self._call(ctx, self.read_whole_graph)
+            return out
+
+        @mcp.tool(title="Search Nodes", description="Search for nodes in the knowledge graph based on a query",
+                  annotations=READ)
+        async def search_nodes(query: str, ctx: Context[Any, Any]) -> GraphOut:
+            return _graph(await self._call(ctx, lambda s: router.search_nodes(s, query)))
+
+        @mcp.tool(title="Open Nodes", description="Open specific nodes in the knowledge graph by their names",
+                  annotations=READ)
+        async def open_nodes(names: list[str], ctx: Context[Any, Any]) -> GraphOut:
+            return _graph(await self._call(ctx, lambda s: router.open_nodes(s, names)))
+
+        @mcp.tool(title="Semantic Search", description="Find the entities whose meaning is closest to a query "
+                  "(embedding similarity), with scores and the relations touching them", annotations=READ)
+        async def semantic_search(query: str, ctx: Context[Any, Any], limit: int = 10,
+                                  minScore: float | None = None,
+                                  entityType: str | None = None) -> SearchOut:
+            found = await self._call(ctx, lambda s: router.semantic_search(
+                s, query, limit, minScore, [entityType] if entityType else []))
+            out: SearchOut = {"entities": [{**_entity(h.entity), "score": float(h.score)} for h in found.results],
+                              "relations": [_relation(r) for r in found.relations]}
+            if found.truncated:
+                out["truncated"] = found.truncated
+            return out
+
+        return mcp
