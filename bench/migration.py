@@ -158,7 +158,7 @@ async def proxy(work: Path, name: str) -> AsyncIterator[tuple[memory_pb2_grpc.Me
     port, admin_port = free_port(), free_port()
     proc = start_process(["-m", "proxy.cli", "serve"], {
         "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-            "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
+        "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
         "MEMSHIFT_STORE": f"sqlite:///{work}/{name}-a.db", "MEMSHIFT_CONTROL": f"sqlite:///{work}/{name}-control.db",
         "MEMSHIFT_ADMIN_TOKEN": "bench", "MEMSHIFT_LOG_LEVEL": "WARNING"})
     try:

@@ -58,7 +58,7 @@ class Proxy:
 def start_proxy(node_id: int, workdir: Path, store: str, control: str, lease_seconds: float) -> Proxy:
     port, admin_port = free_port(), free_port()
     env = {**os.environ, "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-            "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
+           "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
            "MEMSHIFT_STORE": store, "MEMSHIFT_CONTROL": control, "MEMSHIFT_ADMIN_TOKEN": TOKEN,
            "MEMSHIFT_NODE_ID": str(node_id), "MEMSHIFT_LEASE_SECONDS": str(lease_seconds),
            "MEMSHIFT_LOG_FORMAT": "text", "MEMSHIFT_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1"}

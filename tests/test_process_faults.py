@@ -46,7 +46,7 @@ class ProxyProcess:
     def start(self) -> None:
         env = {**os.environ, "MEMSHIFT_LISTEN": f"127.0.0.1:{self.port}",
                "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
-            "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_ADMIN_TOKEN": ADMIN_TOKEN,
+               "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_ADMIN_TOKEN": ADMIN_TOKEN,
                "MEMSHIFT_STORE": f"sqlite:///{self.dir}/old.db", "MEMSHIFT_CONTROL": f"sqlite:///{self.dir}/control.db",
                "MEMSHIFT_GRACE_SECONDS": str(self.grace), "MEMSHIFT_LOG_LEVEL": "WARNING"}
         log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - the process owns it
