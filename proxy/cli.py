@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target_entity")
     p = _client_parser(sub, "forget", "delete entities")
     p.add_argument("names", nargs="+")
+    _client_parser(sub, "mcp", "serve the MCP memory tools on stdio, as a bridge to a running proxy "
+                               "(for clients that launch a command)")
     p = _client_parser(sub, "health", "check the proxy's gRPC health (exit 0 when SERVING)")
     p.add_argument("--timeout", type=float, default=3.0)
     admin_cli.add_parser(sub)
@@ -189,6 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # start-up failures: say what and exit non-zero, no traceback wall
             print(f"memshift: cannot serve: {scrub(str(exc))}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "mcp":
+        from proxy import logs
+        from proxy.mcp_bridge import run_stdio
+
+        logs.setup("WARNING", "json")  # stderr only: stdout carries the protocol
+        asyncio.run(run_stdio(args.target, args.scope, args.token))
         return 0
     try:
         if args.command == "health":

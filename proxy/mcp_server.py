@@ -11,21 +11,56 @@ the bearer token in `Authorization` must grant it (proxy/auth.py). An error the 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+import grpc
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from typing_extensions import TypedDict
 
-from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
+from adapters.model import (
+    Entity,
+    Graph,
+    GraphPage,
+    ObservationAddition,
+    ObservationDeletion,
+    Relation,
+    SearchResult,
+)
 from proxy.auth import ScopeTokens
 from proxy.config import Limits
 from proxy.fit import budget, entity_size, relation_size
-from proxy.router import Router
 from proxy.servicer import status_for
 
 log = logging.getLogger("memshift.mcp")
+
+
+class MemoryApi(Protocol):
+    """What the tools call: the proxy's own router, or (`memshift mcp`) a running proxy over gRPC."""
+
+    async def create_entities(self, scope: str, entities: Sequence[Entity]) -> tuple[Entity, ...]: ...
+
+    async def create_relations(self, scope: str, relations: Sequence[Relation]) -> tuple[Relation, ...]: ...
+
+    async def add_observations(self, scope: str,
+                               additions: Sequence[ObservationAddition]) -> tuple[ObservationAddition, ...]: ...
+
+    async def delete_entities(self, scope: str, names: Sequence[str]) -> None: ...
+
+    async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion]) -> None: ...
+
+    async def delete_relations(self, scope: str, relations: Sequence[Relation]) -> None: ...
+
+    async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage: ...
+
+    async def search_nodes(self, scope: str, query: str) -> Graph: ...
+
+    async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph: ...
+
+    async def semantic_search(self, scope: str, query: str, limit: int, min_score: float | None,
+                              entity_types: Sequence[str]) -> SearchResult: ...
 
 
 class EntityIn(TypedDict):
@@ -111,7 +146,7 @@ READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_h
 class MemoryTools:
     """The tools, bound to a router; `server` is the MCPServer that serves them."""
 
-    def __init__(self, router: Router, limits: Limits, tokens: ScopeTokens | None, default_scope: str) -> None:
+    def __init__(self, router: MemoryApi, limits: Limits, tokens: ScopeTokens | None, default_scope: str) -> None:
         self._router = router
         self._limits = limits
         self._tokens = tokens
@@ -131,6 +166,8 @@ class MemoryTools:
     async def _call(self, ctx: Context[Any, Any] | None, run: Any) -> Any:
         try:
             return await run(self.scope(ctx))
+        except grpc.aio.AioRpcError as exc:  # `memshift mcp`: the proxy's own status and message
+            raise ToolError(f"{exc.code().name}: {exc.details()}") from None
         except Exception as exc:
             mapped = status_for(exc)
             if mapped is None:

@@ -5,13 +5,15 @@ by header, query and token, and writes that a migration carries to the new store
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import ClientSession
+from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
@@ -157,3 +159,22 @@ async def test_mcp_writes_during_a_migration_reach_both_stores(cluster: Cluster,
             assert set(ents) == {f"n{i}" for i in range(20)} - {"n3"}, name
         finally:
             await direct.close()
+
+
+async def test_memshift_mcp_over_stdio_is_a_bridge_to_the_running_proxy(cluster: Cluster) -> None:
+    """The stdio transport, as Claude Desktop launches it: `memshift mcp` opens no store; its tool calls are the
+    proxy's gRPC calls, so they land where every other write lands."""
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "proxy.cli", "mcp", "--target", f"127.0.0.1:{cluster.server.port}", "--scope", "via-stdio"],
+        env={**os.environ})
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+        await s.initialize()
+        assert {t.name for t in (await s.list_tools()).tools} == REFERENCE_TOOLS | {"semantic_search"}
+        await call(s, "create_entities", entities=[{"name": "bob", "entityType": "person",
+                                                    "observations": ["plays chess"]}])
+        found = await call(s, "search_nodes", query="CHESS")
+        assert [e["name"] for e in found["entities"]] == ["bob"]
+        bad = await s.call_tool("add_observations", {"observations": [{"entityName": "ghost", "contents": ["x"]}]})
+        assert bad.is_error and "NOT_FOUND" in bad.content[0].text
+    graph = await cluster.memory.ReadGraph(pb.ReadGraphRequest(scope="via-stdio"))
+    assert [e.name for e in graph.entities] == ["bob"]
