@@ -28,7 +28,7 @@ import grpc
 
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
-from proxy import admin_cli
+from proxy import admin_cli, jsonl, transfer_cli
 from proxy.redaction import scrub
 
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(for clients that launch a command)")
     p = _client_parser(sub, "health", "check the proxy's gRPC health (exit 0 when SERVING)")
     p.add_argument("--timeout", type=float, default=3.0)
+    transfer_cli.add_parsers(sub, _client_parser)
     admin_cli.add_parser(sub)
     return parser
 
@@ -119,6 +120,16 @@ async def _client(args: argparse.Namespace) -> None:
     async with grpc.aio.insecure_channel(args.target, interceptors=interceptors) as channel:
         stub = pb_grpc.MemoryStub(channel)
         scope = args.scope
+        if args.command == "import":
+            await transfer_cli.import_file(stub, args.file, scope, args.dry_run)
+            return
+        if args.command == "export":
+            if args.output is None:
+                await transfer_cli.export_file(stub, scope, sys.stdout)
+            else:
+                with args.output.open("w", encoding="utf-8") as sink:
+                    await transfer_cli.export_file(stub, scope, sink)
+            return
         if args.command == "graph":
             token = ""
             while True:
@@ -206,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"memshift: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except (jsonl.JsonlError, OSError) as exc:  # a bad line or file: said once, nothing was written
+        print(f"memshift: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
