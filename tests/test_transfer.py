@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import memory_pb2 as pb
@@ -99,3 +103,40 @@ async def test_a_bad_line_is_reported_with_its_number_and_nothing_is_written(
     assert await cli(cluster, "import", "--scope", "bad", str(source)) == 2
     assert says in capsys.readouterr().err
     assert await graph(cluster, "bad") == ({}, set())
+
+
+REFERENCE_SERVER = "@modelcontextprotocol/server-memory@2026.8.31"
+
+
+@pytest.fixture(scope="session")
+def reference_server() -> Path:
+    """The MCP reference memory server itself, installed from npm into the project's .cache/ (once)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node.js is not on this machine")
+    prefix = Path(__file__).resolve().parent.parent / ".cache" / "node"
+    entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
+    if not entry.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), REFERENCE_SERVER],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return entry
+
+
+async def test_the_reference_server_loads_an_exported_file_to_the_same_graph(
+        cluster: Cluster, tmp_path: Path, reference_server: Path) -> None:
+    source = tmp_path / "memory.jsonl"
+    source.write_text(REFERENCE, encoding="utf-8")
+    assert await cli(cluster, "import", "--scope", "to-node", str(source)) == 0
+    exported = tmp_path / "exported.jsonl"
+    assert await cli(cluster, "export", "--scope", "to-node", "--output", str(exported)) == 0
+    params = StdioServerParameters(command="node", args=[str(reference_server)],
+                                   env={**os.environ, "MEMORY_FILE_PATH": str(exported)})
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        result = await session.call_tool("read_graph", {})
+        assert not result.is_error, result.content
+        theirs = result.structured_content or json.loads(result.content[0].text)
+    ents = {e["name"]: (e["entityType"], set(e["observations"])) for e in theirs["entities"]}
+    rels = {(r["from"], r["relationType"], r["to"]) for r in theirs["relations"]}
+    assert (ents, rels) == of_file(REFERENCE)
