@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -78,3 +80,13 @@ async def server(embedder: BatchingEmbedder, tmp_path_factory: pytest.TempPathFa
 async def stub(server: MemshiftServer) -> AsyncIterator[memory_pb2_grpc.MemoryStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield memory_pb2_grpc.MemoryStub(channel)
+
+
+@pytest.fixture
+async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Any]:
+    """A running proxy with clients on both ports (tests.cluster.Cluster), stopped after the test."""
+    from tests.cluster import boot, shutdown  # tests.cluster imports this module
+
+    c = await boot(embedder, tmp_path)
+    yield c
+    await shutdown(c)

@@ -35,13 +35,6 @@ from tests.cluster import AUTH, Cluster, boot, shutdown, status
 from tests.conftest import ADMIN_TOKEN
 
 
-@pytest.fixture
-async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = await boot(embedder, tmp_path)
-    yield c
-    await shutdown(c)
-
-
 # --- options that cannot brick the control store ------------------------------------------------------------------
 @pytest.mark.parametrize(("field", "value", "says"), [
     ("rate_limit", math.inf, "rate_limit: is inf, must be a finite number"),

@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -26,13 +25,6 @@ from tests.test_migration_e2e import graph_of
 
 REFERENCE_TOOLS = {"create_entities", "create_relations", "add_observations", "delete_entities",
                    "delete_observations", "delete_relations", "read_graph", "search_nodes", "open_nodes"}
-
-
-@pytest.fixture
-async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = await boot(embedder, tmp_path)
-    yield c
-    await shutdown(c)
 
 
 @asynccontextmanager

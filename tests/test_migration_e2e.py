@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +22,6 @@ from proxy.config import Config
 from proxy.server import MemshiftServer
 from tests.cluster import AUTH, Cluster, boot, run_verify, seed, self_signed, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN
-
-
-@pytest.fixture
-async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = await boot(embedder, tmp_path)
-    yield c
-    await shutdown(c)
 
 
 @dataclass

@@ -8,17 +8,15 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from adapters.embedder import BatchingEmbedder
 from memshift.v1 import memory_pb2 as pb
 from proxy import jsonl
 from proxy.cli import main
-from tests.cluster import Cluster, boot, shutdown
+from tests.cluster import Cluster
 
 REFERENCE = "\n".join([
     '{"type":"entity","name":"alice","entityType":"person","observations":["drinks green tea","lives in Paris"]}',
@@ -28,13 +26,6 @@ REFERENCE = "\n".join([
     '{"type":"relation","from":"alice","to":"paris","relationType":"lives_in"}',
     '{"type":"relation","from":"alice","to":"Straße 7","relationType":"visits"}',
 ])  # no final newline, a blank line: both fine, as for the reference server
-
-
-@pytest.fixture
-async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = await boot(embedder, tmp_path)
-    yield c
-    await shutdown(c)
 
 
 async def cli(c: Cluster, *args: str) -> int:
