@@ -2,7 +2,7 @@
 same router as the gRPC servicer (so every MCP write is versioned, dual-written and migrated like any other).
 
 Tools keep the reference server's names, input schemas, result shapes (JSON text and structured content) and
-annotations, plus `semantic_search`. The scope comes
+annotations, plus `semantic_search`, and the `memory://knowledge-graph` resource. The scope comes
 from the `Memshift-Scope` header, else a `?scope=` query parameter, else the configured default; with a tokens file,
 the bearer token in `Authorization` must grant it (proxy/auth.py). An error the caller caused is a tool result with
 `isError`, naming the field, and the session goes on.
@@ -10,13 +10,14 @@ the bearer token in `Authorization` must grant it (proxy/auth.py). An error the 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import ToolAnnotations
 from typing_extensions import TypedDict
 
@@ -35,6 +36,7 @@ from proxy.fit import budget, entity_size, relation_size
 from proxy.servicer import status_for
 
 log = logging.getLogger("memshift.mcp")
+RESOURCE_URI = "memory://knowledge-graph"
 
 
 class MemoryApi(Protocol):
@@ -153,19 +155,20 @@ class MemoryTools:
         self._default_scope = default_scope
         self.server = self._build()
 
-    def scope(self, ctx: Context[Any, Any] | None) -> str:
-        """The caller's scope (header, query parameter, default), checked against its token when tokens are on."""
+    def scope(self, ctx: Context[Any, Any] | None, named: str = "") -> str:
+        """The caller's scope (header, a scope the call names, query parameter, default), checked against its token
+        when tokens are on."""
         headers = {k.lower(): v for k, v in ((ctx.headers if ctx is not None else None) or {}).items()}
         request = ctx.request_context.request if ctx is not None else None
         query = getattr(request, "query_params", None) or {}
-        scope = headers.get("memshift-scope") or query.get("scope") or self._default_scope
+        scope = headers.get("memshift-scope") or named or query.get("scope") or self._default_scope
         if self._tokens is not None:
             self._tokens.check(headers.get("authorization"), scope)
         return str(scope)
 
-    async def _call(self, ctx: Context[Any, Any] | None, run: Any) -> Any:
+    async def _call(self, ctx: Context[Any, Any] | None, run: Any, named: str = "") -> Any:
         try:
-            return await run(self.scope(ctx))
+            return await run(self.scope(ctx, named))
         except grpc.aio.AioRpcError as exc:  # `memshift mcp`: the proxy's own status and message
             raise ToolError(f"{exc.code().name}: {exc.details()}") from None
         except Exception as exc:
@@ -271,5 +274,17 @@ class MemoryTools:
             if found.truncated:
                 out["truncated"] = found.truncated
             return out
+
+        # The reference server's resource. A template, so that a read gets the request (its scope header) and may
+        # name a scope itself: `memory://knowledge-graph` reads the caller's scope, `...?scope=x` scope x.
+        @mcp.resource(RESOURCE_URI + "{?scope}", name="knowledge-graph", title="Knowledge Graph",
+                      description="The full knowledge graph with all entities and relations",
+                      mime_type="application/json")
+        async def knowledge_graph(ctx: Context[Any, Any], scope: str = "") -> str:
+            try:
+                graph = await self._call(ctx, self.read_whole_graph, scope)
+            except ToolError as exc:
+                raise ResourceError(str(exc)) from None
+            return json.dumps(graph, indent=2, ensure_ascii=False)
 
         return mcp

@@ -89,6 +89,8 @@ async def test_an_agent_session_over_mcp(cluster: Cluster) -> None:
         await call(s, "delete_entities", entityNames=["paris"])
         await call(s, "create_entities", entities=[])  # an empty list is a no-op, as in the reference server
         assert [e["name"] for e in (await call(s, "read_graph"))["entities"]] == ["alice"]
+        resource = await s.read_resource("memory://knowledge-graph")  # the caller's scope, from its header
+        assert [e["name"] for e in json.loads(resource.contents[0].text)["entities"]] == ["alice"]
     # The same memory over gRPC: one router behind both doors.
     graph = await cluster.memory.OpenNodes(pb.OpenNodesRequest(scope="mcp-agent", names=["alice"]))
     assert list(graph.entities[0].observations) == ["flies planes"]
@@ -104,6 +106,15 @@ async def test_a_callers_error_is_an_error_result_naming_the_field_and_the_sessi
                                                                    "observations": ["nul \x00 here"]}]})
         assert nul.is_error and "entities[0].observations[0]: must not contain NUL" in nul.content[0].text
         assert (await call(s, "read_graph"))["entities"] == []  # nothing half-stored; the session still works
+
+
+async def test_the_knowledge_graph_resource_reads_the_named_scope(cluster: Cluster) -> None:
+    await cluster.memory.CreateEntities(pb.CreateEntitiesRequest(scope="res", entities=[
+        pb.Entity(name="r1", entity_type="t")]))
+    async with mcp_session(cluster) as s:
+        resource = await s.read_resource("memory://knowledge-graph?scope=res")
+        assert [e["name"] for e in json.loads(resource.contents[0].text)["entities"]] == ["r1"]
+        assert json.loads((await s.read_resource("memory://knowledge-graph")).contents[0].text)["entities"] == []
 
 
 async def test_scopes_by_header_query_and_default_never_mix(cluster: Cluster) -> None:
