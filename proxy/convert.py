@@ -8,7 +8,6 @@ from adapters.model import Entity, Graph, ObservationAddition, ObservationDeleti
 from memshift.v1 import memory_pb2 as pb
 from proxy import validation as check
 from proxy.config import Limits
-from proxy.errors import TooLarge
 
 # Repeated fields of the Memory requests -> the limit on their length. Nested lists are counted only inside a list
 # already counted, so the whole check costs at most a few thousand `len` calls whatever the request holds.
@@ -30,9 +29,8 @@ def check_counts(request: Message, limits: Limits) -> None:
             for nested in _NESTED:
                 if nested in item.DESCRIPTOR.fields_by_name:
                     check.count(f"{name}[{i}].{nested}", getattr(item, nested), limits.max_observations_per_entity)
-            if "metadata" in item.DESCRIPTOR.fields_by_name and len(item.metadata) > limits.max_metadata_entries:
-                raise TooLarge(f"{name}[{i}].metadata",
-                               f"has {len(item.metadata)} entries, at most {limits.max_metadata_entries}")
+            if "metadata" in item.DESCRIPTOR.fields_by_name:
+                check.metadata_entries(f"{name}[{i}].metadata", item.metadata, limits)
 
 
 def entity_in(msg: pb.Entity) -> Entity:
@@ -65,3 +63,8 @@ def deletion_in(msg: pb.ObservationDeletion) -> ObservationDeletion:
 def graph_out(graph: Graph) -> pb.Graph:
     return pb.Graph(entities=[entity_out(e) for e in graph.entities],
                     relations=[relation_out(r) for r in graph.relations], truncated=graph.truncated)
+
+
+def graph_in(msg: pb.Graph) -> Graph:
+    return Graph(tuple(entity_in(e) for e in msg.entities), tuple(relation_in(r) for r in msg.relations),
+                 msg.truncated)

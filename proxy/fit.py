@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from adapters.records import Kind, encode_cursor
+from proxy.validation import entity_bytes
 
 # Room left for the message's own framing and the fields not counted item by item.
 _MARGIN = 64 * 1024
@@ -28,8 +29,9 @@ def _strings(values: Iterable[str]) -> int:
 
 
 def entity_size(ent: Entity) -> int:
-    return (_FIELD + _strings((ent.name, ent.entity_type)) + _strings(ent.observations)
-            + sum(_strings((k, v)) + _FIELD for k, v in ent.metadata.items()))
+    """Its text (`validation.entity_bytes`, what `max_entity_bytes` bounds) and a tag and length for every field:
+    the entity, name, type, each observation, each metadata entry with its key and value."""
+    return entity_bytes(ent) + _FIELD * (3 + len(ent.observations) + 3 * len(ent.metadata))
 
 
 def relation_size(rel: Relation) -> int:

@@ -1,7 +1,7 @@
-"""The MCP reference memory server's file format, `memory.jsonl`: one JSON object a line, entities first —
-`{"type":"entity","name":...,"entityType":...,"observations":[...]}` and
-`{"type":"relation","from":...,"to":...,"relationType":...}`. Parsing names the line of any problem; formatting
-writes what the reference server loads back to the same graph."""
+"""The MCP reference memory server's record shapes, in one place: its entity `{"name", "entityType",
+"observations"}` and relation `{"from", "to", "relationType"}` (what its tools take and answer, proxy.mcp_server),
+and its file, `memory.jsonl`: one such object a line with a `"type"`, entities first. Parsing names the line of any
+problem; formatting writes what the reference server loads back to the same graph."""
 
 from __future__ import annotations
 
@@ -9,7 +9,34 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from typing_extensions import TypedDict
+
 from adapters.model import Entity, Relation
+
+
+class EntityIn(TypedDict):
+    name: str
+    entityType: str  # the reference server's field names
+    observations: list[str]
+
+
+RelationIn = TypedDict("RelationIn", {"from": str, "to": str, "relationType": str})
+
+
+def entity_dict(e: Entity) -> EntityIn:
+    return {"name": e.name, "entityType": e.entity_type, "observations": list(e.observations)}
+
+
+def relation_dict(r: Relation) -> RelationIn:
+    return {"from": r.source, "to": r.target, "relationType": r.relation_type}
+
+
+def entity_of(d: EntityIn) -> Entity:
+    return Entity(d["name"], d["entityType"], tuple(d["observations"]))
+
+
+def relation_of(d: RelationIn) -> Relation:
+    return Relation(d["from"], d["to"], d["relationType"])
 
 
 class JsonlError(ValueError):
@@ -45,20 +72,20 @@ def parse(lines: Iterable[str]) -> Iterator[tuple[int, Entity | Relation]]:
             raise JsonlError(number, "must be a JSON object")
         kind = obj.get("type")
         if kind == "entity":
-            yield number, Entity(_string(obj, "name", number), _string(obj, "entityType", number),
-                                 _strings(obj.get("observations", []), "observations", number))
+            yield number, entity_of({"name": _string(obj, "name", number),
+                                     "entityType": _string(obj, "entityType", number),
+                                     "observations": list(_strings(obj.get("observations", []), "observations",
+                                                                   number))})
         elif kind == "relation":
-            yield number, Relation(_string(obj, "from", number), _string(obj, "to", number),
-                                   _string(obj, "relationType", number))
+            yield number, relation_of({"from": _string(obj, "from", number), "to": _string(obj, "to", number),
+                                       "relationType": _string(obj, "relationType", number)})
         else:
             raise JsonlError(number, f"type must be \"entity\" or \"relation\", not {kind!r}")
 
 
 def entity_line(e: Entity) -> str:
-    return json.dumps({"type": "entity", "name": e.name, "entityType": e.entity_type,
-                       "observations": list(e.observations)}, ensure_ascii=False)
+    return json.dumps({"type": "entity", **entity_dict(e)}, ensure_ascii=False)
 
 
 def relation_line(r: Relation) -> str:
-    return json.dumps({"type": "relation", "from": r.source, "to": r.target, "relationType": r.relation_type},
-                      ensure_ascii=False)
+    return json.dumps({"type": "relation", **relation_dict(r)}, ensure_ascii=False)

@@ -24,11 +24,6 @@ from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
 
 
-def _graph(g: pb.Graph) -> Graph:
-    return Graph(tuple(convert.entity_in(e) for e in g.entities), tuple(convert.relation_in(r) for r in g.relations),
-                 g.truncated)
-
-
 class RemoteMemory:
     """The router's memory calls, answered by a proxy over gRPC (domain objects in and out)."""
 
@@ -79,11 +74,11 @@ class RemoteMemory:
                          res.truncated)
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
-        return _graph(await self._stub.SearchNodes(pb.SearchNodesRequest(scope=scope, query=query),
+        return convert.graph_in(await self._stub.SearchNodes(pb.SearchNodesRequest(scope=scope, query=query),
                                                    metadata=self._metadata, timeout=self._timeout))
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
-        return _graph(await self._stub.OpenNodes(pb.OpenNodesRequest(scope=scope, names=names),
+        return convert.graph_in(await self._stub.OpenNodes(pb.OpenNodesRequest(scope=scope, names=names),
                                                  metadata=self._metadata, timeout=self._timeout))
 
     async def semantic_search(self, scope: str, query: str, limit: int, min_score: float | None,

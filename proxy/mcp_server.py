@@ -33,6 +33,7 @@ from adapters.model import (
 from proxy.auth import ScopeTokens
 from proxy.config import Limits
 from proxy.fit import budget, entity_size, relation_size
+from proxy.jsonl import EntityIn, RelationIn, entity_dict, entity_of, relation_dict, relation_of
 from proxy.servicer import status_for
 
 log = logging.getLogger("memshift.mcp")
@@ -63,15 +64,6 @@ class MemoryApi(Protocol):
 
     async def semantic_search(self, scope: str, query: str, limit: int, min_score: float | None,
                               entity_types: Sequence[str]) -> SearchResult: ...
-
-
-class EntityIn(TypedDict):
-    name: str
-    entityType: str  # the reference server's field names
-    observations: list[str]
-
-
-RelationIn = TypedDict("RelationIn", {"from": str, "to": str, "relationType": str})
 
 
 class AdditionIn(TypedDict):
@@ -125,16 +117,9 @@ class SearchOut(TypedDict, total=False):
     truncated: str
 
 
-def _entity(e: Entity) -> EntityIn:
-    return {"name": e.name, "entityType": e.entity_type, "observations": list(e.observations)}
-
-
-def _relation(r: Relation) -> RelationIn:
-    return {"from": r.source, "to": r.target, "relationType": r.relation_type}
-
-
 def _graph(g: Graph) -> GraphOut:
-    out: GraphOut = {"entities": [_entity(e) for e in g.entities], "relations": [_relation(r) for r in g.relations]}
+    out: GraphOut = {"entities": [entity_dict(e) for e in g.entities],
+                     "relations": [relation_dict(r) for r in g.relations]}
     if g.truncated:
         out["truncated"] = g.truncated
     return out
@@ -187,10 +172,10 @@ class MemoryTools:
             page = await self._router.read_graph(scope, 0, token)
             for e in page.entities:
                 used += entity_size(e)
-                entities.append(_entity(e))
+                entities.append(entity_dict(e))
             for r in page.relations:
                 used += relation_size(r)
-                relations.append(_relation(r))
+                relations.append(relation_dict(r))
             token = page.next_cursor or ""
             if not token:
                 return {"entities": entities, "relations": relations}
@@ -209,15 +194,15 @@ class MemoryTools:
                   annotations=WRITE)
         async def create_entities(entities: list[EntityIn], ctx: Context[Any, Any]) -> EntitiesOut:
             made = await self._call(ctx, lambda s: router.create_entities(
-                s, [Entity(e["name"], e["entityType"], tuple(e["observations"])) for e in entities]))
-            return {"entities": [_entity(e) for e in made]}
+                s, [entity_of(e) for e in entities]))
+            return {"entities": [entity_dict(e) for e in made]}
 
         @mcp.tool(title="Create Relations", description="Create multiple new relations between entities in the "
                   "knowledge graph. Relations should be in active voice", annotations=WRITE)
         async def create_relations(relations: list[RelationIn], ctx: Context[Any, Any]) -> RelationsOut:
             made = await self._call(ctx, lambda s: router.create_relations(
-                s, [Relation(r["from"], r["to"], r["relationType"]) for r in relations]))
-            return {"relations": [_relation(r) for r in made]}
+                s, [relation_of(r) for r in relations]))
+            return {"relations": [relation_dict(r) for r in made]}
 
         @mcp.tool(title="Add Observations", description="Add new observations to existing entities in the knowledge "
                   "graph", annotations=WRITE)
@@ -244,7 +229,7 @@ class MemoryTools:
                   annotations=DELETE)
         async def delete_relations(relations: list[RelationIn], ctx: Context[Any, Any]) -> DoneOut:
             await self._call(ctx, lambda s: router.delete_relations(
-                s, [Relation(r["from"], r["to"], r["relationType"]) for r in relations]))
+                s, [relation_of(r) for r in relations]))
             return {"success": True, "message": "Relations deleted successfully"}
 
         @mcp.tool(title="Read Graph", description="Read the entire knowledge graph", annotations=READ)
@@ -269,8 +254,8 @@ class MemoryTools:
                                   entityType: str | None = None) -> SearchOut:
             found = await self._call(ctx, lambda s: router.semantic_search(
                 s, query, limit, minScore, [entityType] if entityType else []))
-            out: SearchOut = {"entities": [{**_entity(h.entity), "score": float(h.score)} for h in found.results],
-                              "relations": [_relation(r) for r in found.relations]}
+            out: SearchOut = {"entities": [{**entity_dict(h.entity), "score": float(h.score)} for h in found.results],
+                              "relations": [relation_dict(r) for r in found.relations]}
             if found.truncated:
                 out["truncated"] = found.truncated
             return out

@@ -239,11 +239,17 @@ class MigrationEngine:
                     store = cast(Backend, Unreachable(redact(spec), shown))
                     self._reconnects[spec] = asyncio.ensure_future(
                         self._reconnect(spec, None if failed else opening))
-            self._stores[spec] = store
-            self._systems[id(store)] = system_of(spec)
-        if spec == self.state.primary and not isinstance(store, Unreachable):
+            self._adopt_store(spec, store)
+        elif spec == self.state.primary and not isinstance(store, Unreachable):
             self.primary_up.set()
         return store
+
+    def _adopt_store(self, spec: str, store: Backend) -> None:
+        """`store` now serves `spec` (opened, or stood in for while it cannot be)."""
+        self._stores[spec] = store
+        self._systems[id(store)] = system_of(spec)
+        if spec == self.state.primary and not isinstance(store, Unreachable):
+            self.primary_up.set()
 
     async def _reconnect(self, spec: str, opening: asyncio.Future[Backend] | None) -> None:
         """Open `spec` until it answers (`opening`: an attempt already under way, awaited first)."""
@@ -260,12 +266,9 @@ class MigrationEngine:
                 opening = None
                 log.debug("store still unreachable", extra={"store": redact(spec), "error": repr(exc)})
                 continue
-            self._stores[spec] = store
-            self._systems[id(store)] = system_of(spec)
+            self._adopt_store(spec, store)
             self._reconnects.pop(spec, None)
             log.info("store reachable again", extra={"store": redact(spec)})
-            if spec == self.state.primary:
-                self.primary_up.set()
             self._repair_wakeup.set()
             return
 
@@ -525,17 +528,10 @@ class MigrationEngine:
         moved: set[RecordKey] = set()
         done: list[RepairItem] = []
         for item in items:
-            refused: BaseException | None = None
-            for _ in range(2):
-                try:
-                    moved |= set(await self.reconcile([item.key], self.primary, secondary))
-                    refused = None
-                    break
-                except Exception as exc:
-                    if transient(exc):
-                        raise
-                    refused = exc
+            raced, refused = await _refused_twice(
+                lambda key=item.key: self.reconcile([key], self.primary, secondary))  # type: ignore[misc]
             if refused is None:
+                moved |= set(raced or ())
                 done.append(item)
                 continue
             self._count(repair_failures=1 if item.attempts == 0 else 0)
@@ -685,17 +681,8 @@ class MigrationEngine:
         applying any part again harmless); None when every part went in. A single record is tried twice before it
         counts as refused. An outage on the way is raised, not mistaken for a refusal."""
         if len(records) == 1:
-            last: BaseException | None = None
-            for _ in range(2):
-                try:
-                    await store.apply(records, vectors)
-                    return None
-                except Exception as exc:
-                    if transient(exc):
-                        raise
-                    last = exc
-            assert last is not None
-            return records[0].key, last
+            _, refused = await _refused_twice(lambda: store.apply(records, vectors))
+            return None if refused is None else (records[0].key, refused)
         mid = len(records) // 2
         for half in (records[:mid], records[mid:]):
             try:
@@ -754,19 +741,19 @@ class MigrationEngine:
             size = min(size, max(1, math.ceil(rate)))
         return await self.primary.export_page(cursor, size, vectors=keep)
 
-    async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> int:
+    async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> None:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
-        checkpoint before; returns its size (0 if stale)."""
+        checkpoint before (nothing, if a rollback or another proxy moved on meanwhile)."""
         state = self.state
         secondary = self.secondary
         if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
-            return 0
+            return
         if page.next_after is None:
             await secondary.embed_stale()  # anything whose text never matched a copied vector
         async with self._lock:
             cur = self.state
             if cur.migration_id != state.migration_id or cur.backfill_cursor != cursor:
-                return 0  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
+                return  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
             await self._save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + page.read,
                 backfill_copied=cur.backfill_copied + len(page.records),
@@ -774,7 +761,6 @@ class MigrationEngine:
                 backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
         self.telemetry.backfill_records.add(len(page.records))
-        return page.read
 
     def progress(self) -> BackfillProgress:
         s = self.state
@@ -868,9 +854,13 @@ class MigrationEngine:
 
     def _illegal(self, wanted: str) -> IllegalTransition:
         allowed = ", ".join(p.value for p in NEXT[self.state.phase])
-        why = f" (rolled back {self.state.rolled_back})" if self.state.phase == Phase.ROLLED_BACK else ""
-        return IllegalTransition(f"cannot {wanted}: the migration is in {self.state.phase.value}{why}; "
+        return IllegalTransition(f"cannot {wanted}: the migration is in {self._phase_shown()}; "
                                  f"from {self.state.phase.value} it can move to: {allowed}")
+
+    def _phase_shown(self) -> str:
+        """The phase for an error message; after a rollback, with when, by whom and why it happened."""
+        s = self.state
+        return s.phase.value + (f" (rolled back {s.rolled_back})" if s.phase == Phase.ROLLED_BACK else "")
 
     async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
         async with self._lock:
@@ -916,9 +906,8 @@ class MigrationEngine:
             await self._fresh()
             s = self.state
             if s.phase != expected:
-                why = f" (rolled back {s.rolled_back})" if s.phase == Phase.ROLLED_BACK else ""
-                raise IllegalTransition(f"expected phase {expected.value}, but the migration is in {s.phase.value}"
-                                        f"{why}")
+                raise IllegalTransition(f"expected phase {expected.value}, but the migration is in "
+                                        f"{self._phase_shown()}")
             if s.phase == Phase.DATA_MIGRATION:
                 if not s.backfill_complete:
                     p = self.progress()
@@ -1101,6 +1090,20 @@ def _history(before: Phase, after: Phase, actor: str, reason: str, figures: dict
     typed by an operator or written by the engine), since the history outlives every log."""
     return HistoryEntry(time.time(), before, after, scrub(actor), scrub(reason),
                         {k: scrub(v) if isinstance(v, str) else v for k, v in figures.items()})
+
+
+async def _refused_twice(attempt: Callable[[], Awaitable[T]]) -> tuple[T | None, BaseException | None]:
+    """Run `attempt`, once more if it fails: (its result, None) when either try went through, else (None, the store's
+    refusal). An outage (`transient`) is raised at once: it is not the store refusing the record."""
+    refused: BaseException | None = None
+    for _ in range(2):
+        try:
+            return await attempt(), None
+        except Exception as exc:
+            if transient(exc):
+                raise
+            refused = exc
+    return None, refused
 
 
 def transient(exc: BaseException) -> bool:

@@ -72,8 +72,8 @@ class Router:
             ent = current.get(add.entity_name)
             if ent is None:
                 continue  # the write answers NOT_FOUND
-            new = [o for o in adding[add.entity_name] if o not in set(ent.observations)]
-            grown = check.entity_bytes(ent) + sum(len(o.encode()) for o in new)
+            held = set(ent.observations)
+            grown = check.entity_bytes(ent) + sum(len(o.encode()) for o in adding[add.entity_name] if o not in held)
             if grown > self._limits.max_entity_bytes:
                 raise TooLarge(f"observations[{i}].contents",
                                f"would make entity {add.entity_name!r} hold {grown} bytes of text, at most "

@@ -187,12 +187,7 @@ class MemshiftServer:
         try:  # before the gRPC ports open: a failure here leaves nothing serving
             self.mcp_port = await self._start_mcp(tokens) if cfg.mcp_listen else 0
         except BaseException:
-            await self.guard.stop()
-            await self.shadow.close()
-            if self.fleet is not None:
-                await self.fleet.stop()
-            await self.engine.stop(within=1.0)
-            await self.control.close()
+            await self._stop_behind_the_ports(within=1.0)
             raise
         await self._server.start()
         await self._admin.start()
@@ -258,14 +253,18 @@ class MemshiftServer:
                 await asyncio.wait_for(self._uvicorn_task, max(1.0, wait))
         await asyncio.gather(self._server.stop(wait), self._admin.stop(min(wait, 1.0)),
                              *([self._health_server.stop(wait)] if self._health_server else []))
+        await self._stop_behind_the_ports(within=max(1.0, wait))
+        self._telemetry_shutdown()
+        log.info("stopped")
+
+    async def _stop_behind_the_ports(self, within: float) -> None:
+        """The policy, shadow reads, the fleet's sync, the engine with its stores, the control store."""
         await self.guard.stop()
         await self.shadow.close()
         if self.fleet is not None:
             await self.fleet.stop()
-        await self.engine.stop(within=max(1.0, wait))
+        await self.engine.stop(within=within)
         await self.control.close()
-        self._telemetry_shutdown()
-        log.info("stopped")
 
 
 class _EmbeddedUvicorn(uvicorn.Server):

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from adapters.model import Entity, Relation
 from memshift.v1 import memory_pb2 as pb
@@ -24,6 +24,7 @@ from proxy import validation as check
 from proxy.config import Limits
 from proxy.errors import InvalidInput
 
+T = TypeVar("T")
 ENTITY_BATCH = 200
 RELATION_BATCH = 500
 
@@ -54,8 +55,9 @@ def _records(path: Path) -> Iterator[tuple[int, Entity | Relation]]:
         yield from jsonl.parse(f)
 
 
-def _batches(path: Path, kind: type, size: int) -> Iterator[list[Entity | Relation]]:
-    batch: list[Entity | Relation] = []
+def _batches(path: Path, kind: type[T], size: int) -> Iterator[list[T]]:
+    """The file's records of one kind, `size` at a time (the file is read again for each kind)."""
+    batch: list[T] = []
     for _, rec in _records(path):
         if isinstance(rec, kind):
             batch.append(rec)
@@ -89,8 +91,7 @@ async def import_file(stub: pb_grpc.MemoryStub, path: Path, scope: str, dry_run:
     n_entities, n_relations = check_file(path, Limits())
     progress = Progress(n_entities + n_relations, "would import" if dry_run else "imported")
     created = added = related = 0
-    for batch in _batches(path, Entity, ENTITY_BATCH):
-        ents = [e for e in batch if isinstance(e, Entity)]
+    for ents in _batches(path, Entity, ENTITY_BATCH):
         names = [e.name for e in ents]
         found = await stub.OpenNodes(pb.OpenNodesRequest(scope=scope, names=names), metadata=metadata)
         have = {e.name: set(e.observations) for e in found.entities}
@@ -108,8 +109,7 @@ async def import_file(stub: pb_grpc.MemoryStub, path: Path, scope: str, dry_run:
                                                  metadata=metadata)
                 added += sum(len(r.added_observations) for r in got.results)
         progress.add(len(ents))
-    for batch in _batches(path, Relation, RELATION_BATCH):
-        rels = [r for r in batch if isinstance(r, Relation)]
+    for rels in _batches(path, Relation, RELATION_BATCH):
         if dry_run:
             found = await stub.OpenNodes(pb.OpenNodesRequest(scope=scope, names=sorted({r.source for r in rels})),
                                          metadata=metadata)

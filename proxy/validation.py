@@ -50,9 +50,13 @@ def count(field: str, items: Sized, limit: int) -> None:
         raise TooLarge(field, f"has {len(items)} items, at most {limit} per call")
 
 
-def metadata(field: str, value: Mapping[str, str], limits: Limits) -> None:
+def metadata_entries(field: str, value: Sized, limits: Limits) -> None:
     if len(value) > limits.max_metadata_entries:
         raise TooLarge(field, f"has {len(value)} entries, at most {limits.max_metadata_entries}")
+
+
+def metadata(field: str, value: Mapping[str, str], limits: Limits) -> None:
+    metadata_entries(field, value, limits)
     for key, val in value.items():
         text(f"{field}[{key[:20]!r}]", key, limits.max_name_chars)
         text(f"{field}[{key[:20]!r}]", val, limits.max_metadata_chars, required=False, single_line=False)

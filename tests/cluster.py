@@ -41,7 +41,8 @@ async def boot(embedder: BatchingEmbedder, d: Path, *, telemetry: Telemetry | No
                telemetry_config: TelemetryConfig | None = None, store: str | None = None,
                **settings: Any) -> Cluster:
     settings.setdefault("mcp_listen", "127.0.0.1:0")
-    config = Config(listen="127.0.0.1:0", store=store or f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
+    settings.setdefault("listen", "127.0.0.1:0")
+    config = Config(store=store or f"sqlite:///{d}/old.db", control=f"sqlite:///{d}/control.db",
                     admin_listen="127.0.0.1:0", admin_token=ADMIN_TOKEN, node_id=2,
                     telemetry=telemetry_config or TelemetryConfig(), **settings)
     server = MemshiftServer(config, embedder, telemetry=telemetry, wrap_store=wrap_store)

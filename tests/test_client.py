@@ -64,3 +64,21 @@ async def test_tokens_and_an_unreachable_proxy_raise_named_errors(embedder: Batc
             await nobody.read_graph()  # retried once with backoff, then raised
         with pytest.raises(Unavailable):
             await nobody.create_entities([Entity("y", "t")])  # not retried: a create is not blindly repeated
+
+
+async def test_reads_ride_out_a_proxy_that_comes_up_while_creates_are_not_repeated(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """Nothing listens when the calls start; the proxy comes up a moment later. The read, retried with backoff, gets
+    its answer; the create failed at once and was not repeated behind the caller's back."""
+    port = free_port()
+    async with AsyncClient(f"127.0.0.1:{port}", scope="late", retries=6, timeout=5) as memory:
+        with pytest.raises(Unavailable):
+            await memory.create_entities([Entity("early", "t")])
+        starting = asyncio.ensure_future(boot(embedder, tmp_path, listen=f"127.0.0.1:{port}"))
+        graph = await memory.read_graph()  # issued before the proxy listens
+        c = await starting
+        try:
+            assert graph.entities == []  # the create never landed
+            assert (await memory.read_graph()).entities == []
+        finally:
+            await shutdown(c)
