@@ -832,13 +832,26 @@ class MigrationEngine:
         # A save that has started finishes, and this proxy adopts what it wrote, even when the caller is cancelled
         # meanwhile (a backfill cancelled during its checkpoint): the control store's worker thread completes the
         # write anyway, and a state in memory one revision behind the store would fail the next change.
+        # The cancelled caller also waits for that write before it lets go of the lock: otherwise the next change
+        # would read the revision from before it and fail with a Conflict against this proxy's own write.
         saving = asyncio.ensure_future(self._control.save(new, self.state.revision, durable))
         saving.add_done_callback(self._saved)
-        try:
-            await asyncio.shield(saving)
-        except Conflict:
-            self.state = await self._control.load()
-            raise
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(saving)
+                break
+            except asyncio.CancelledError:
+                if saving.done():
+                    raise
+                cancelled = True  # bounded: the control store's own timeouts end the write
+            except Conflict:
+                self.state = await self._control.load()
+                if cancelled:
+                    break
+                raise
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _saved(self, saving: asyncio.Future[MigrationState]) -> None:
         if not saving.cancelled() and saving.exception() is None and saving.result().revision > self.state.revision:
