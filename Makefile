@@ -39,6 +39,7 @@ bench: install
 	$(PY) -m bench.stores $(STORES_ARGS)
 	$(PY) -m bench.fleet $(FLEET_ARGS)
 	$(PY) -m bench.flood $(FLOOD_ARGS)
+	$(PY) -m bench.transfer $(TRANSFER_ARGS)
 
 proto: install
 	$(PY) tools/gen_proto.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -41,14 +42,25 @@ def entity_text(i: int) -> Entity:
     return Entity(f"e{i:05d}", "thing", (f"fact {i} about {topics[i % 10]} and {topics[(i * 7) % 10]}",))
 
 
-class Table:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, str, str]] = []
+RESULTS = Path(__file__).resolve().parent / "results"
 
-    def add(self, name: str, lat: list[float] | None = None, rate: float | None = None, note: str = "") -> None:
+
+class Table:
+    """The printed table, and the same figures unrounded in bench/results/<name>.json (for comparing runs)."""
+
+    def __init__(self, name: str = "proxy") -> None:
+        self.name = name
+        self.rows: list[tuple[str, str, str, str, str]] = []
+        self.raw: list[dict[str, object]] = []
+
+    def add(self, name: str, lat: list[float] | None = None, rate: float | None = None, note: str = "",
+            **figures: float) -> None:
         p50 = f"{statistics.median(lat) * 1000:.3f}" if lat else "-"
         p99 = f"{np.percentile(lat, 99) * 1000:.3f}" if lat else "-"
         self.rows.append((name, p50, p99, f"{rate:,.0f}" if rate else "-", note))
+        self.raw.append({"benchmark": name, "p50_ms": statistics.median(lat) * 1000 if lat else None,
+                         "p99_ms": float(np.percentile(lat, 99)) * 1000 if lat else None, "per_second": rate,
+                         "vs_baseline": note, **figures})
         print(f"  measured {name}", file=sys.stderr)
 
     def print(self) -> None:
@@ -59,6 +71,10 @@ class Table:
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for r in self.rows:
             print(line(r))
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"{self.name}.json"
+        out.write_text(json.dumps({"bench": self.name, "at": time.time(), "rows": self.raw}, indent=1) + "\n")
+        print(f"\nfigures in {out}")
 
 
 async def timed(n: int, call: Callable[[int], Awaitable[object]], warmup: int = 50) -> tuple[list[float], float]:

@@ -27,7 +27,7 @@ from tests.servers import PostgresServer
 async def main(n_proxies: int, changes: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="memshift-fbench-"))
     pg = PostgresServer().start()
-    table = Table()
+    table = Table("fleet")
     old, new, spec = f"{pg.dsn}?schema=f_old", f"{pg.dsn}?schema=f_new", f"{pg.dsn}?schema=f_control"
     proxies = [start_proxy(i, work, old, spec, 5.0) for i in range(1, n_proxies + 1)]
     control = PostgresControlStore(spec, old)

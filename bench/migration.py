@@ -241,7 +241,7 @@ async def shadow_reads(memory: memory_pb2_grpc.MemoryStub, admin: admin_pb2_grpc
 
 
 async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
-    table = Table()
+    table = Table("migration")
     work = Path(tempfile.mkdtemp(prefix="memshift-mbench-"))
     embedder = BatchingEmbedder(SentenceTransformerModel())
     dim = embedder.info.dimension

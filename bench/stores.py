@@ -64,7 +64,7 @@ async def measure(table: Table, label: str, target: str, work: Path, embedder: B
 
 
 async def main(n: int) -> None:
-    table = Table()
+    table = Table("stores")
     work = Path(tempfile.mkdtemp(prefix="memshift-sbench-"))
     embedder = BatchingEmbedder(SentenceTransformerModel())
     src = EmbeddedBackend(work / "src.db", embedder)

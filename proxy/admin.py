@@ -13,11 +13,15 @@ from typing import Any
 
 import grpc
 
+from adapters.export import export_pages
 from adapters.records import Record, key_text
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from policies.loader import PolicyError, ramp_schedule
 from policies.rules import RuleResult
+from proxy import backup
+from proxy import validation as check
+from proxy.config import Limits
 from proxy.control import HistoryEntry, MigrationOptions, Phase
 from proxy.errors import InvalidInput
 from proxy.fleet import FleetSync
@@ -25,7 +29,7 @@ from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 from proxy.redaction import scrub
-from proxy.servicer import rpc
+from proxy.servicer import rpc, status_for
 from proxy.shadow import ShadowReader
 from proxy.shedding import Budget
 from proxy.stores import redact
@@ -61,7 +65,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return await continuation(details)
         log.warning("admin call refused: bad or missing token", extra={"method": details.method})
-        streaming = details.method.endswith(("/WatchStatus", "/Verify"))
+        streaming = details.method.endswith(("/WatchStatus", "/Verify", "/ExportRecords"))
         return self._deny_stream if streaming else self._deny_unary
 
 
@@ -113,9 +117,10 @@ class Watchers:
 class AdminServicer(pb_grpc.MigrationAdminServicer):
     SERVICE = "memshift.v1.MigrationAdmin"
 
-    def __init__(self, engine: MigrationEngine, watchers: Watchers) -> None:
+    def __init__(self, engine: MigrationEngine, watchers: Watchers, limits: Limits | None = None) -> None:
         self._engine = engine
         self._watchers = watchers
+        self._limits = limits or Limits()
         self.telemetry = engine.telemetry
 
     async def status(self) -> pb.MigrationStatus:
@@ -252,3 +257,64 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
     @rpc
     async def GetHistory(self, request: pb.GetHistoryRequest, context: Any) -> pb.GetHistoryResponse:
         return pb.GetHistoryResponse(changes=[_change_pb(h) for h in await self._engine.history(request.limit or 100)])
+
+    async def ExportRecords(self, request: pb.ExportRecordsRequest, context: Any) -> AsyncIterator[pb.RecordChunk]:
+        """A backup of the primary, page by page as a backfill reads it (so its cost per chunk is bounded). One
+        scope is filtered from the walk over every scope: stores list records in (kind, scope, key) order."""
+        scope = request.scope or None
+        size = request.page_size or 1000
+        try:
+            if scope is not None:
+                check.scope(scope)
+            within("page_size", size, 1, self._limits.max_page_size)
+            store = self._engine.primary
+            total = (await store.count(scope)).total
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+        info = store.embedding
+        header = backup.header_line(backup.Header(info.model, info.dimension, scope))
+        done, first = 0, True
+        try:
+            async for page in export_pages(store, size, vectors=not request.no_vectors):
+                records = [r for r in page.records if scope is None or r.scope == scope]
+                vectors = {k: v for k, v in (page.vectors or {}).items() if scope is None or k[0] == scope}
+                lines = backup.page_lines(records, vectors)
+                done += len(records)
+                if lines or first or page.next_after is None:
+                    yield pb.RecordChunk(lines=([header] if first else []) + lines, done=done, total=total)
+                    first = False
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+
+    @rpc
+    async def ImportRecords(self, request: pb.ImportRecordsRequest, context: Any) -> pb.ImportRecordsResponse:
+        header = backup.parse_header(request.header)
+        check.count("lines", request.lines, self._limits.max_page_size)
+        first = max(1, request.first_line)
+        items = [item for _, item in backup.parse_body(enumerate(request.lines, first), header, self._limits)]
+        records = [i for i in items if not isinstance(i, backup.VectorLine)]
+        carried = [i for i in items if isinstance(i, backup.VectorLine)]
+        info = self._engine.primary.embedding
+        # Vectors of the store's own model: the chunk is applied with those it carries and embeds nothing itself
+        # (an entity's vector may come in a later chunk, after its last observation); the finish embeds the rest.
+        same_model = (header.model, header.dimension) == (info.model, info.dimension)
+        if request.dry_run:
+            newer = await self._engine.newer_than_stored(records)
+        else:
+            newer = await self._engine.restore(records, backup.vector_map(carried) if same_model else None)
+        embedded = await self._engine.embed_stale() if request.finish and not request.dry_run else 0
+        return pb.ImportRecordsResponse(records=len(records), newer=newer, vectors=len(carried),
+                                        vectors_used=same_model and bool(carried),
+                                        embedded=embedded)
+
+
+async def _abort(context: Any, exc: BaseException) -> None:
+    """A streaming handler's error, mapped as `rpc` maps a unary one's."""
+    mapped = status_for(exc)
+    if mapped is None:
+        log.exception("internal error in a stream")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see proxy logs")
+    else:
+        await context.abort(mapped[0], scrub(mapped[1]))

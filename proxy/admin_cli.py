@@ -83,14 +83,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cmds.add_parser("history", help="every phase change with who, why and the figures")
 
 
-def _token(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
+def admin_token(token: str | None, token_file: str, flag: str = "--token") -> str:
+    """The admin bearer token: given, or read from the file a proxy without a configured one writes."""
+    if token:
+        return token
     try:
-        return Path(args.token_file).read_text().strip()
+        return Path(token_file).read_text().strip()
     except OSError:
-        raise SystemExit(f"memshift: no admin token: pass --token, set MEMSHIFT_ADMIN_TOKEN, or make "
-                         f"{args.token_file} readable") from None
+        raise SystemExit(f"memshift: no admin token: pass {flag}, set MEMSHIFT_ADMIN_TOKEN, or make "
+                         f"{token_file} readable") from None
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -175,7 +176,8 @@ def _routing(args: argparse.Namespace) -> pb.SetReadRoutingRequest:
 
 
 def run(args: argparse.Namespace) -> int:
-    metadata = (("authorization", f"Bearer {_token(args)}"), ("x-memshift-actor", args.actor))
+    metadata = (("authorization", f"Bearer {admin_token(args.token, args.token_file)}"),
+                ("x-memshift-actor", args.actor))
     if args.tls_ca:
         creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
         opened = grpc.secure_channel(args.admin_target, creds)

@@ -116,6 +116,8 @@ class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 async def _client(args: argparse.Namespace) -> None:
+    if args.command in ("import", "export") and await transfer_cli.run_backup(args):
+        return
     interceptors = [_Bearer(args.token)] if args.token else None
     async with grpc.aio.insecure_channel(args.target, interceptors=interceptors) as channel:
         stub = pb_grpc.MemoryStub(channel)

@@ -12,6 +12,7 @@ from typing import Any
 from typing_extensions import TypedDict
 
 from adapters.model import Entity, Relation
+from proxy.errors import InvalidInput
 
 
 class EntityIn(TypedDict):
@@ -39,10 +40,12 @@ def relation_of(d: RelationIn) -> Relation:
     return Relation(d["from"], d["to"], d["relationType"])
 
 
-class JsonlError(ValueError):
+class JsonlError(InvalidInput):
+    """A line of a file that cannot be taken: INVALID_ARGUMENT, naming the line's number and the field."""
+
     def __init__(self, line: int, problem: str) -> None:
         self.line = line
-        super().__init__(f"line {line}: {problem}")
+        super().__init__(f"line {line}", problem)
 
 
 def _strings(value: Any, field: str, line: int) -> tuple[str, ...]:

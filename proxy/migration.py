@@ -44,7 +44,7 @@ from proxy.control import (
 )
 from proxy.eager import start_eagerly
 from proxy.errors import IllegalTransition, LeaseLapsed
-from proxy.ops import WriteOp
+from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.redaction import redact, scrub
 from proxy.stores import system_of
@@ -343,6 +343,41 @@ class MigrationEngine:
                 if self._solo_inflight == 0:
                     self._solo_idle.set()
         return await self._dual_write(op, version, primary, secondary)
+
+    async def restore(self, records: Sequence[Record], vectors: VectorMap | None) -> int:
+        """Records from a backup, each applied if newer with its own version, through `write`: during a migration
+        they reach both stores (or the repair queue) like any write. The clock first moves past their versions, so a
+        write made after the restore orders after what it restored. Returns how many replaced stored state."""
+        if not records:
+            return 0
+        self._clock.observe(max(max(r.version, getattr(r, "purged", 0)) for r in records))
+        return (await self.write(ApplyRecords(records, vectors))).answer
+
+    async def newer_than_stored(self, records: Sequence[Record]) -> int:
+        """How many of these records a restore would apply: those the primary lacks or holds at an older version,
+        leaving out children older than a deletion of their entity (a purge hides them; see adapters.records)."""
+        parents = {p for r in records for p in parents_of(r.key)}
+        held = {r.key: r for r in await self.primary.get_records(list({r.key for r in records} | parents))}
+        purged = {k: _purged(held.get(k)) for k in parents}
+        for r in records:
+            if isinstance(r, EntityRecord) and r.key in purged:
+                purged[r.key] = max(purged[r.key], r.purged)
+
+        def newer(r: Record) -> bool:
+            stored = held.get(r.key)
+            return (stored is None or stored.version < r.version) and all(
+                r.version > purged[p] for p in parents_of(r.key))
+
+        return sum(1 for r in records if newer(r))
+
+    async def embed_stale(self) -> int:
+        """After a restore whose vectors were left out or made by another model: embed what still lacks one."""
+        done = await self.primary.embed_stale()
+        secondary = self.secondary
+        if secondary is not None and self.outage.current is None:
+            with contextlib.suppress(StoreUnavailable):  # the backfill or a repair embeds there later
+                await secondary.embed_stale()
+        return done
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
@@ -1103,6 +1138,10 @@ def _history(before: Phase, after: Phase, actor: str, reason: str, figures: dict
     typed by an operator or written by the engine), since the history outlives every log."""
     return HistoryEntry(time.time(), before, after, scrub(actor), scrub(reason),
                         {k: scrub(v) if isinstance(v, str) else v for k, v in figures.items()})
+
+
+def _purged(record: Record | None) -> int:
+    return record.purged if isinstance(record, EntityRecord) else 0
 
 
 async def _refused_twice(attempt: Callable[[], Awaitable[T]]) -> tuple[T | None, BaseException | None]:

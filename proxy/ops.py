@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from adapters.base import Backend, WriteResult
+from adapters.base import Backend, VectorMap, WriteResult
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
-from adapters.records import Kind, RecordKey
+from adapters.records import Kind, Record, RecordKey
 
 T = TypeVar("T")
 
@@ -103,3 +103,24 @@ class DeleteRelations:
 
     def keys(self) -> list[RecordKey]:
         return _relation_keys(self.scope, self.relations)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRecords:
+    """Whole versioned records from a backup, applied if newer (they keep their own versions; the one a write is
+    stamped with goes unused). Its effects are the records as each store holds them afterwards, so a store that
+    ended up different from the primary (it held something newer, or refused) is reconciled by the repair queue."""
+
+    records: Sequence[Record]
+    vectors: VectorMap | None = None
+
+    @property
+    def scope(self) -> str:
+        return self.records[0].scope if self.records else ""
+
+    async def run(self, store: Backend, version: int) -> WriteResult[int]:
+        applied = await store.apply(self.records, self.vectors)
+        return WriteResult(applied, tuple(await store.get_records(self.keys())))
+
+    def keys(self) -> list[RecordKey]:
+        return [r.key for r in self.records]

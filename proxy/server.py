@@ -173,7 +173,8 @@ class MemshiftServer:
 
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
-        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet, self.budget))
+        admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet, self.budget),
+                              cfg.limits)
         add_servicer(self._admin, admin_pb2_grpc.add_MigrationAdminServicer_to_server, admin, ADMIN_DESCRIPTOR)
         self.admin_port = self._bind(self._admin, cfg.admin_listen, (cfg.admin_tls_cert_file, cfg.admin_tls_key_file))
         # Probes reach the pod's address, not its loopback: with `listen` on loopback, health alone is served here.

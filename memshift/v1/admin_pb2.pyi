@@ -970,3 +970,131 @@ class GetHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetHistoryResponse: _TypeAlias = GetHistoryResponse  # noqa: Y015
+
+@_typing.final
+class ExportRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NO_VECTORS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """Only this scope; empty: every scope."""
+    no_vectors: _builtins.bool
+    """Leave the vectors out (the importing store re-embeds)."""
+    page_size: _builtins.int
+    """Records read from the store per chunk; 0 means 1000 (at most 5000)."""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        no_vectors: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_vectors", b"no_vectors", "page_size", b"page_size", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRecordsRequest: _TypeAlias = ExportRecordsRequest  # noqa: Y015
+
+@_typing.final
+class RecordChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    done: _builtins.int
+    """Records sent so far (tombstones included), and the live records the store counted when the export began."""
+    total: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """memshift-jsonl lines, without line breaks."""
+
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[_builtins.str] | None = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "lines", b"lines", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordChunk: _TypeAlias = RecordChunk  # noqa: Y015
+
+@_typing.final
+class ImportRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    FIRST_LINE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    header: _builtins.str
+    """The file's header line (the first), sent with every chunk so each call stands alone."""
+    first_line: _builtins.int
+    dry_run: _builtins.bool
+    """Report what would change; write nothing."""
+    finish: _builtins.bool
+    """The last chunk: embed whatever entity no carried vector matched."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The lines of this chunk, and the file's line number of the first of them (for error messages)."""
+
+    def __init__(
+        self,
+        *,
+        header: _builtins.str = ...,
+        lines: _abc.Iterable[_builtins.str] | None = ...,
+        first_line: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        finish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "finish", b"finish", "first_line", b"first_line", "header", b"header", "lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRecordsRequest: _TypeAlias = ImportRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ImportRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEWER_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    VECTORS_USED_FIELD_NUMBER: _builtins.int
+    EMBEDDED_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    """Records in the chunk, and those newer than what the store held (applied, or with dry_run that would be)."""
+    newer: _builtins.int
+    vectors: _builtins.int
+    """Vectors carried, and whether they were used (false: the file's model is not the store's; it re-embeds)."""
+    vectors_used: _builtins.bool
+    embedded: _builtins.int
+    """Entities embedded at the finish."""
+    def __init__(
+        self,
+        *,
+        records: _builtins.int = ...,
+        newer: _builtins.int = ...,
+        vectors: _builtins.int = ...,
+        vectors_used: _builtins.bool = ...,
+        embedded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedded", b"embedded", "newer", b"newer", "records", b"records", "vectors", b"vectors", "vectors_used", b"vectors_used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRecordsResponse: _TypeAlias = ImportRecordsResponse  # noqa: Y015

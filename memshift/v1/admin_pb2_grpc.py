@@ -89,6 +89,16 @@ class MigrationAdminStub:
                 request_serializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.SerializeToString,
                 response_deserializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.FromString,
                 _registered_method=True)
+        self.ExportRecords = channel.unary_stream(
+                '/memshift.v1.MigrationAdmin/ExportRecords',
+                request_serializer=memshift_dot_v1_dot_admin__pb2.ExportRecordsRequest.SerializeToString,
+                response_deserializer=memshift_dot_v1_dot_admin__pb2.RecordChunk.FromString,
+                _registered_method=True)
+        self.ImportRecords = channel.unary_unary(
+                '/memshift.v1.MigrationAdmin/ImportRecords',
+                request_serializer=memshift_dot_v1_dot_admin__pb2.ImportRecordsRequest.SerializeToString,
+                response_deserializer=memshift_dot_v1_dot_admin__pb2.ImportRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationAdminServicer:
@@ -167,6 +177,24 @@ class MigrationAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRecords(self, request, context):
+        """A backup: every stored record of the primary (tombstones too), of one scope or all, as `memshift-jsonl`
+        lines (the first chunk starts with the header line), with each entity's vector and the model that made it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportRecords(self, request, context):
+        """A restore, one chunk of a `memshift-jsonl` file a call: each record is applied only if newer than what the
+        store holds (so a newer write is never overwritten), with its own version; during a migration through the
+        same dual-write path as the Memory API's writes. A chunk is checked whole first: a bad line is
+        INVALID_ARGUMENT naming its number and field, and nothing of the chunk is written. Repeating a chunk is harmless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +252,16 @@ def add_MigrationAdminServicer_to_server(servicer, server):
                     servicer.ListMismatches,
                     request_deserializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.FromString,
                     response_serializer=memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.SerializeToString,
+            ),
+            'ExportRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRecords,
+                    request_deserializer=memshift_dot_v1_dot_admin__pb2.ExportRecordsRequest.FromString,
+                    response_serializer=memshift_dot_v1_dot_admin__pb2.RecordChunk.SerializeToString,
+            ),
+            'ImportRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportRecords,
+                    request_deserializer=memshift_dot_v1_dot_admin__pb2.ImportRecordsRequest.FromString,
+                    response_serializer=memshift_dot_v1_dot_admin__pb2.ImportRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +561,60 @@ class MigrationAdmin:
             '/memshift.v1.MigrationAdmin/ListMismatches',
             memshift_dot_v1_dot_admin__pb2.ListMismatchesRequest.SerializeToString,
             memshift_dot_v1_dot_admin__pb2.ListMismatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memshift.v1.MigrationAdmin/ExportRecords',
+            memshift_dot_v1_dot_admin__pb2.ExportRecordsRequest.SerializeToString,
+            memshift_dot_v1_dot_admin__pb2.RecordChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memshift.v1.MigrationAdmin/ImportRecords',
+            memshift_dot_v1_dot_admin__pb2.ImportRecordsRequest.SerializeToString,
+            memshift_dot_v1_dot_admin__pb2.ImportRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,16 @@ class MigrationAdminStub:
     GetHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetHistoryRequest, _admin_pb2.GetHistoryResponse]
     ListMismatches: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMismatchesRequest, _admin_pb2.ListMismatchesResponse]
     """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
+    ExportRecords: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportRecordsRequest, _admin_pb2.RecordChunk]
+    """A backup: every stored record of the primary (tombstones too), of one scope or all, as `memshift-jsonl`
+    lines (the first chunk starts with the header line), with each entity's vector and the model that made it.
+    """
+    ImportRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ImportRecordsRequest, _admin_pb2.ImportRecordsResponse]
+    """A restore, one chunk of a `memshift-jsonl` file a call: each record is applied only if newer than what the
+    store holds (so a newer write is never overwritten), with its own version; during a migration through the
+    same dual-write path as the Memory API's writes. A chunk is checked whole first: a bad line is
+    INVALID_ARGUMENT naming its number and field, and nothing of the chunk is written. Repeating a chunk is harmless.
+    """
 
 @_typing.type_check_only
 class MigrationAdminAsyncStub(MigrationAdminStub):
@@ -83,6 +93,16 @@ class MigrationAdminAsyncStub(MigrationAdminStub):
     GetHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetHistoryRequest, _admin_pb2.GetHistoryResponse]  # type: ignore[assignment]
     ListMismatches: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMismatchesRequest, _admin_pb2.ListMismatchesResponse]  # type: ignore[assignment]
     """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
+    ExportRecords: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportRecordsRequest, _admin_pb2.RecordChunk]  # type: ignore[assignment]
+    """A backup: every stored record of the primary (tombstones too), of one scope or all, as `memshift-jsonl`
+    lines (the first chunk starts with the header line), with each entity's vector and the model that made it.
+    """
+    ImportRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ImportRecordsRequest, _admin_pb2.ImportRecordsResponse]  # type: ignore[assignment]
+    """A restore, one chunk of a `memshift-jsonl` file a call: each record is applied only if newer than what the
+    store holds (so a newer write is never overwritten), with its own version; during a migration through the
+    same dual-write path as the Memory API's writes. A chunk is checked whole first: a bad line is
+    INVALID_ARGUMENT naming its number and field, and nothing of the chunk is written. Repeating a chunk is harmless.
+    """
 
 class MigrationAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -169,5 +189,27 @@ class MigrationAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListMismatchesResponse, _abc.Awaitable[_admin_pb2.ListMismatchesResponse]]:
         """The most recent shadow-read mismatches kept by this proxy (a bounded sample), newest first."""
+
+    @_abc_1.abstractmethod
+    def ExportRecords(
+        self,
+        request: _admin_pb2.ExportRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.RecordChunk], _abc.AsyncIterator[_admin_pb2.RecordChunk]]:
+        """A backup: every stored record of the primary (tombstones too), of one scope or all, as `memshift-jsonl`
+        lines (the first chunk starts with the header line), with each entity's vector and the model that made it.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportRecords(
+        self,
+        request: _admin_pb2.ImportRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ImportRecordsResponse, _abc.Awaitable[_admin_pb2.ImportRecordsResponse]]:
+        """A restore, one chunk of a `memshift-jsonl` file a call: each record is applied only if newer than what the
+        store holds (so a newer write is never overwritten), with its own version; during a migration through the
+        same dual-write path as the Memory API's writes. A chunk is checked whole first: a bad line is
+        INVALID_ARGUMENT naming its number and field, and nothing of the chunk is written. Repeating a chunk is harmless.
+        """
 
 def add_MigrationAdminServicer_to_server(servicer: MigrationAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
