@@ -5,9 +5,11 @@
     qdrant+local:///path/to/dir   qdrant+local:///:memory:   qdrant://host:6333?api_key_file=PATH   qdrants://host
     bolt://user@host:7687/database?prefix=Memshift&password_file=PATH   (also neo4j://, bolt+s://, neo4j+s://)
     hybrid:?graph=bolt://host:7687&vectors=qdrant://host:6333
+    chroma+local:///path/to/dir   chroma://host:8000?tenant=T&database=D&prefix=P&token_file=PATH   chromas://host
 
-Passwords come from the spec, a `password_file`/`api_key_file`, or the environment ($PGPASSWORD, $NEO4J_USERNAME and
-$NEO4J_PASSWORD, $QDRANT_API_KEY); specs are logged only redacted.
+Passwords come from the spec, a `password_file`/`api_key_file`/`token_file`, or the environment ($PGPASSWORD,
+$NEO4J_USERNAME and $NEO4J_PASSWORD, $QDRANT_API_KEY, $CHROMA_TOKEN); specs are logged only redacted.
+Qdrant's and ChromaDB's local modes (and a Chroma server) take one writer: one proxy, not a fleet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from adapters.base import Backend
+from adapters.chroma import ChromaBackend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
 from adapters.hybrid import HybridBackend
@@ -44,6 +47,7 @@ def sqlite_path(spec: str) -> str:
 _SERVER_STORES: dict[str, tuple[str, Callable[[str, Embedder], Backend]]] = {
     **dict.fromkeys(("postgresql", "postgres"), ("postgresql", PostgresBackend)),
     **dict.fromkeys(("qdrant+local", "qdrant", "qdrants"), ("qdrant", QdrantBackend)),
+    **dict.fromkeys(("chroma+local", "chroma", "chromas"), ("chroma", ChromaBackend)),
     **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), ("neo4j", Neo4jBackend)),
 }
 
@@ -60,7 +64,8 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
         make = _SERVER_STORES[scheme][1]
     else:
         raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
-                             "qdrant+local, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid")
+                             "qdrant+local, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid, "
+                             "chroma+local, chroma, chromas")
     try:
         return make(spec, embedder)
     except (ValueError, OSError) as exc:  # a malformed spec, or an unreadable password file

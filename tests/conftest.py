@@ -15,7 +15,7 @@ from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import memory_pb2_grpc
 from proxy.config import Config
 from proxy.server import MemshiftServer
-from tests.servers import ArcadeDBServer, PostgresServer
+from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer
 from tests.stores import STORE_KINDS, make_store
 
 StoreFactory = Callable[[], Awaitable[Backend]]
@@ -31,16 +31,19 @@ def embedder() -> BatchingEmbedder:
 def servers() -> Iterator[dict[str, str]]:
     """The real servers the stores run on, started once for the session: store kind -> address."""
     postgres = PostgresServer().start()
+    chroma = ChromaServer().start()
     try:
         # A real Neo4j when NEO4J_URI names one (bolt://user:password@host:7687), else ArcadeDB's Bolt server.
         neo4j_uri = os.environ.get("NEO4J_URI")
         arcadedb = None if neo4j_uri else ArcadeDBServer().start()
         try:
-            yield {"postgres": postgres.dsn, "neo4j": arcadedb.uri if arcadedb else str(neo4j_uri)}
+            yield {"postgres": postgres.dsn, "neo4j": arcadedb.uri if arcadedb else str(neo4j_uri),
+                   "chroma": chroma.url}
         finally:
             if arcadedb is not None:
                 arcadedb.stop()
     finally:
+        chroma.stop()
         postgres.stop()
 
 

