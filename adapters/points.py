@@ -77,6 +77,16 @@ def where(**equal: Any) -> Where:
     return Where(equal)
 
 
+def matches(payload: Payload, w: Where) -> bool:
+    """What a driver's database decides for `w`, decided in Python (for a driver answering from memory)."""
+    for k, v in w.equal.items():
+        if (payload.get(k) not in v) if isinstance(v, list) else payload.get(k) != v:
+            return False
+    if w.version_below is not None and not payload["version"] < w.version_below:
+        return False
+    return not w.any_of or any(payload.get(k) == v for k, v in w.any_of.items())
+
+
 class Points(Protocol):
     """What a point database offers this store; one implementation per database (adapters.qdrant, .chroma)."""
 
@@ -227,8 +237,10 @@ class PointsBackend(PlannedWrites, ExportInParts):
         """Apply and mark for re-embedding; the caller holds the write lock."""
         applied = await self._apply_records(records)
         texts = await self._texts(applied.touched)
-        # Vectors of entities whose text changed are dropped until recomputed: never a stale hit.
-        stale = [point_id(semantics.entity_key(*k)) for k in texts]  # live entities only: they exist
+        # Vectors of entities whose text changed are dropped until recomputed: never a stale hit. An entity point
+        # just written has none already (`Points.put`).
+        written = {point_id(r.key) for r in applied.writes if isinstance(r, EntityRecord)}
+        stale = [i for k in texts if (i := point_id(semantics.entity_key(*k))) not in written]  # live ones: they exist
         if stale:
             await self._p.drop_vectors(stale)
         return applied, texts
