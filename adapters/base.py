@@ -161,3 +161,10 @@ class Backend(Protocol):
     async def purge_tombstones(self, before_version: int) -> int:
         """Drop tombstones older than this version (once no migration needs them); returns how many."""
         ...
+
+
+def fleet_problem(store: Backend) -> str | None:
+    """Why a fleet of proxies may not share `store`, or None. Stores that cannot say `fleet_problem()` themselves;
+    the others (transactions or conditional writes in the database) can be shared."""
+    check = getattr(store, "fleet_problem", None)
+    return check() if callable(check) else None

@@ -95,6 +95,11 @@ class ChromaPoints:
 
     conditional = False
 
+    def fleet_problem(self) -> str | None:
+        return (f"{self.label}: ChromaDB has no conditional writes, so proxies sharing it could overwrite a newer "
+                "record with an older one; one proxy per ChromaDB store (a fleet shares PostgreSQL, Neo4j or a "
+                "Qdrant server)")
+
     def __init__(self, spec: str) -> None:
         parsed = parse_spec(spec)
         self._local: bool = parsed["local"]

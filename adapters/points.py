@@ -8,10 +8,11 @@ Qdrant (`adapters.qdrant`) and ChromaDB (`adapters.chroma`) hold the same layout
   `list_records` walk keys in order one scope at a time.
 - Apply-if-newer is a read-decide-write: the records a batch touches (and their entities' purge points) are read,
   the rules of `adapters.semantics` decide (newer version wins, purge points merge by max, children older than a
-  purge point are deleted or never written), and only the winners are written. A driver that can make each write
-  conditional on the stored version in the server (`Points.conditional`) keeps that true for any number of
+  purge point are deleted or never written), and only the winners are written. A driver that makes each write
+  conditional on the stored version in the database (`Points.conditional`) keeps that true for any number of
   writers; otherwise this store object must be the only writer of its collections, which the lock below makes true
-  within one process (local modes, one proxy). `tests/test_convergence.py` checks every interleaving on each.
+  within one process (local modes, one proxy), and `fleet_problem` says so to a fleet. `tests/test_convergence.py`
+  checks every interleaving on each.
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ class Points(Protocol):
     """What a point database offers this store; one implementation per database (adapters.qdrant, .chroma)."""
 
     label: str
-    conditional: bool  # True: `put` writes only where the stored version is lower (checked in the server)
+    conditional: bool  # True: `put` writes only where the stored version is lower (checked in the database)
+
+    def fleet_problem(self) -> str | None:
+        """Why several proxies may not write these collections at once, or None."""
+        ...
 
     async def open(self, info: EmbeddingInfo) -> None:
         """Create the collections (entities with cosine vectors of `info.dimension`), or check the existing ones'
@@ -167,6 +172,10 @@ class PointsBackend(PlannedWrites, ExportInParts):
     @property
     def embedding(self) -> EmbeddingInfo:
         return self._embedder.info
+
+    def fleet_problem(self) -> str | None:
+        """Why a fleet of proxies may not share this store, or None (see adapters.base.fleet_problem)."""
+        return self._p.fleet_problem()
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     async def open(self) -> None:

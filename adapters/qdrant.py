@@ -140,10 +140,28 @@ class _ChildIndex:
         return {i: p for i, p in found.items() if matches(p, w)}
 
 
-class QdrantPoints:
-    """adapters.points' driver for Qdrant."""
+CONDITIONAL_SINCE = (1, 16)  # the first Qdrant server whose upserts take an `update_filter`
 
-    conditional = False
+
+def _below(version: int) -> models.Filter:
+    return models.Filter(must=[models.FieldCondition(key="version", range=models.Range(lt=version))])
+
+
+def _server_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+class QdrantPoints:
+    """adapters.points' driver for Qdrant.
+
+    Every record write is conditional in Qdrant itself (`update_filter`: only where the stored version is lower),
+    so any number of proxies can share one server (1.16 or later) and none overwrites a newer record with an older
+    one. Local mode takes the same conditional writes (the client implements them), though its one writer never
+    needs them."""
 
     def __init__(self, spec: str) -> None:
         parsed = parse_spec(spec)
@@ -156,6 +174,8 @@ class QdrantPoints:
         self.label = f"qdrant:{where}/{p}"
         self._client: AsyncQdrantClient | None = None
         self._index = _ChildIndex() if "url" not in self._client_args else None  # a server indexes its payloads
+        self.conditional = True
+        self._too_old = ""  # a server without conditional writes: its version, for the fleet's refusal
 
     @property
     def _q(self) -> AsyncQdrantClient:
@@ -163,9 +183,23 @@ class QdrantPoints:
             raise StoreUnavailable(f"{self.label} is not open")
         return self._client
 
+    def fleet_problem(self) -> str | None:
+        if self._index is not None:
+            return (f"{self.label} is Qdrant's local mode: files one process owns, so one proxy, not a fleet; "
+                    f"give the fleet a Qdrant server ({'.'.join(map(str, CONDITIONAL_SINCE))} or later)")
+        if self._too_old:
+            return (f"{self.label} is Qdrant {self._too_old}, older than {'.'.join(map(str, CONDITIONAL_SINCE))}:"
+                    " it has no conditional writes, so proxies sharing it could overwrite a newer record with an"
+                    " older one; upgrade it, or run a single proxy")
+        return None
+
     async def open(self, info: EmbeddingInfo) -> None:
         self._client = AsyncQdrantClient(**self._client_args)
         existing = await vector_collection(self._client, self._c[Kind.ENTITY], info.dimension, self.label)
+        if self._index is None:
+            version = (await self._client.info()).version
+            if _server_version(version) < CONDITIONAL_SINCE:
+                self._too_old, self.conditional = version, False
         for name in (self._c[Kind.OBSERVATION], self._c[Kind.RELATION], self._scopes_c, self._meta_c):
             if name not in existing:
                 await self._client.create_collection(name, vectors_config={})
@@ -213,10 +247,33 @@ class QdrantPoints:
         return [p.payload or {} for p in await self._scroll(self._c[kind], _filter(where))]
 
     async def put(self, kind: Kind, rows: Sequence[tuple[str, Payload]]) -> None:
-        await self._q.upsert(self._c[kind], [models.PointStruct(id=i, vector={}, payload=pl) for i, pl in rows])
+        points = [models.PointStruct(id=i, vector={}, payload=pl) for i, pl in rows]
+        if not self.conditional:
+            await self._q.upsert(self._c[kind], points)
+            held = dict(rows)
+        else:
+            held = await self._put_if_newer(self._c[kind], points)
         if self._index is not None and kind in _OWNERS:
-            for i, pl in rows:
+            for i, pl in held.items():
                 self._index.add(kind, i, pl)
+
+    async def _put_if_newer(self, collection: str, points: list[models.PointStruct]) -> dict[str, Payload]:
+        """Write each point only where the stored version is lower than its own, checked by Qdrant; returns what
+        the points hold afterwards. A filter is one bound for a whole call, so the batch goes in one call bounded
+        by its lowest version; a point another writer holds at or above that bound but below its own version was
+        skipped by it and is written again alone, bounded by its own (rare: it needs a concurrent writer)."""
+        floor = min((p.payload or {})["version"] for p in points)
+        await self._q.upsert(collection, points, update_filter=_below(floor))
+        held = {str(p.id): p.payload or {} for p in await self._q.retrieve(
+            collection, [p.id for p in points], with_payload=True)}
+        for p in points:
+            mine = (p.payload or {})["version"]
+            if held.get(str(p.id), {}).get("version", -1) < mine:
+                await self._q.upsert(collection, [p], update_filter=_below(mine))
+                again = await self._q.retrieve(collection, [p.id], with_payload=True)
+                if again:
+                    held[str(p.id)] = again[0].payload or {}
+        return held
 
     async def remove(self, kind: Kind, where: Where | None = None, ids: Sequence[str] = ()) -> None:
         if self._index is not None and kind in _OWNERS:
@@ -238,9 +295,18 @@ class QdrantPoints:
         # costs local mode two commits per point, and its commits are most of what a write costs it.
         held = {str(p.id): p.payload or {} for p in await self._q.retrieve(
             self._c[Kind.ENTITY], [i for i, _, _ in rows], with_payload=True)}
-        await self._q.upsert(self._c[Kind.ENTITY], [models.PointStruct(
-            id=i, vector={VECTOR: np.asarray(v, dtype=np.float32).tolist()}, payload={**held[i], "vector_text": text})
-            for i, text, v in rows if i in held])
+        points = [models.PointStruct(id=i, vector={VECTOR: np.asarray(v, dtype=np.float32).tolist()},
+                                     payload={**held[i], "vector_text": text}) for i, text, v in rows if i in held]
+        if self._index is not None:  # local mode: this store object is the only writer
+            await self._q.upsert(self._c[Kind.ENTITY], points)
+            return
+        # A server may be shared: write each only onto the entity version it was read from (one call a version).
+        by_version: dict[int, list[models.PointStruct]] = {}
+        for p in points:
+            by_version.setdefault((p.payload or {})["version"], []).append(p)
+        for version, group in by_version.items():
+            await self._q.upsert(self._c[Kind.ENTITY], group, update_filter=models.Filter(must=[
+                models.FieldCondition(key="version", match=models.MatchValue(value=version))]))
 
     async def drop_vectors(self, ids: Sequence[str]) -> None:
         await self._q.delete_vectors(self._c[Kind.ENTITY], [VECTOR], points=_ids(list(ids)))

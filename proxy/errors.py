@@ -20,6 +20,11 @@ class IllegalTransition(Exception):
     """A phase change that is not allowed now: FAILED_PRECONDITION, saying which phase it is in and what is allowed."""
 
 
+class FleetUnsafe(IllegalTransition):
+    """A store a fleet of proxies would share, though it cannot be written by several at once: FAILED_PRECONDITION
+    (a refused start, a refused migration target), naming the store and why."""
+
+
 class LeaseLapsed(Exception):
     """A fleet proxy that lost touch with the control store refuses writes until it has caught up: UNAVAILABLE."""
 

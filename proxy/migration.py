@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
-from adapters.base import Backend, ExportPage, VectorMap, WriteResult
+from adapters.base import Backend, ExportPage, VectorMap, WriteResult, fleet_problem
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
 from policies.rules import Observations
@@ -43,7 +43,7 @@ from proxy.control import (
     RepairItem,
 )
 from proxy.eager import start_eagerly
-from proxy.errors import IllegalTransition, LeaseLapsed
+from proxy.errors import FleetUnsafe, IllegalTransition, LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.redaction import redact, scrub
@@ -221,7 +221,7 @@ class MigrationEngine:
         the opening goes on in the background; the proxy does not wait on a host that does not answer."""
         store = self._stores.get(spec)
         if store is None:
-            opening = asyncio.ensure_future(self._open(spec))
+            opening = asyncio.ensure_future(self._open_shareable(spec))
             if not tolerate:
                 store = await asyncio.wait_for(opening, self._OPEN_TIMEOUT)
             else:
@@ -244,6 +244,14 @@ class MigrationEngine:
             self.primary_up.set()
         return store
 
+    async def _open_shareable(self, spec: str) -> Backend:
+        """Open `spec`; in a fleet, refuse a store several proxies cannot write at once (FleetUnsafe)."""
+        store = await self._open(spec)
+        if self._fleet and (why := fleet_problem(store)) is not None:
+            await store.close()
+            raise FleetUnsafe(f"a fleet cannot share {redact(spec)}: {why}")
+        return store
+
     def _adopt_store(self, spec: str, store: Backend) -> None:
         """`store` now serves `spec` (opened, or stood in for while it cannot be)."""
         self._stores[spec] = store
@@ -261,7 +269,7 @@ class MigrationEngine:
                 else:
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
-                    store = await asyncio.wait_for(self._open(spec), self._OPEN_TIMEOUT)
+                    store = await asyncio.wait_for(self._open_shareable(spec), self._OPEN_TIMEOUT)
             except Exception as exc:
                 opening = None
                 log.debug("store still unreachable", extra={"store": redact(spec), "error": repr(exc)})

@@ -8,6 +8,7 @@ never see each other's data.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 from adapters.base import Backend
@@ -20,6 +21,9 @@ from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 
 STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j", "hybrid", "chroma-local", "chroma"]
+# No Qdrant server installs here; given one (QDRANT_URL=qdrant://host:6333), every suite runs against it too.
+if os.environ.get("QDRANT_URL"):
+    STORE_KINDS.append("qdrant-server")
 _fresh = itertools.count()
 
 
@@ -36,6 +40,9 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
     if kind == "hybrid":
         graph = f"{servers['neo4j']}?prefix=H{next(_fresh)}{workdir.name[-8:].replace('-', '_')}"
         return HybridBackend(f"hybrid:?graph={graph}&vectors=qdrant+local:///{workdir / 'vectors'}", embedder)
+    if kind == "qdrant-server":
+        return QdrantBackend(f"{os.environ['QDRANT_URL']}?prefix=t{next(_fresh)}{workdir.name[-8:].replace('-', '_')}",
+                             embedder)
     if kind == "chroma-local":
         return ChromaBackend(f"chroma+local:///{workdir / 'chroma'}", embedder)
     if kind == "chroma":  # a fresh collection prefix per store on the session's server
