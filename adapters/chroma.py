@@ -5,11 +5,13 @@ client.
   a server through `HttpClient`. Query parameters: `tenant`, `database` (both must exist; Chroma's defaults
   otherwise), `prefix` (collection names, default `memshift`), `token_file` (else $CHROMA_TOKEN), sent as a bearer
   token and never logged.
-- `<prefix>_entities` holds the vectors in cosine space; the model and dimension are the collection's metadata,
-  checked at open. The vectors are Memshift's own: the collection has no embedding function, so Chroma never embeds
-  (its default one would try to download a model). Chroma wants a vector on every record, so an entity not yet
-  embedded and every payload-only point (observations, relations, scopes) carries a fixed placeholder, kept out of
-  searches by `has_vector`.
+- `<prefix>_vectors` holds one point per embedded entity, in cosine space, with the scope, name and type it is
+  searched by and the text it was computed from; the model and dimension are that collection's metadata, checked
+  at open. The vectors are Memshift's own: no collection has an embedding function, so Chroma never embeds (its
+  default one would try to download a model). Chroma wants a vector on every record, so the payload-only points
+  (entities, observations, relations, scopes) carry a one-number placeholder. Keeping entity records apart from
+  their vectors matters for speed: a vector updated in place, or thousands of identical placeholders in one HNSW
+  index, made the copy several times slower than the client's own upserts.
 - Chroma's metadata holds flat values: an entity's or relation's own metadata is stored as a JSON string.
 - The client is synchronous; its calls run one at a time on a thread of their own, so the event loop never waits.
 - One writer per collection prefix: Chroma has no conditional writes, so two proxies writing one server's
@@ -73,13 +75,11 @@ def _where(w: Where | None) -> dict[str, Any] | None:
     return conds[0] if len(conds) == 1 else {"$and": conds}
 
 
-def _stored(kind: Kind, p: Payload) -> dict[str, Any]:
+def _stored(p: Payload) -> dict[str, Any]:
     """A payload as Chroma metadata: flat values only."""
     out = dict(p)
     if "metadata" in out:
         out["metadata"] = json.dumps(out["metadata"], ensure_ascii=False, sort_keys=True)
-    if kind == Kind.ENTITY:
-        out.update(has_vector=False, vector_text="")
     return out
 
 
@@ -107,13 +107,13 @@ class ChromaPoints:
         p = parsed["prefix"]
         self._names = {Kind.ENTITY: f"{p}_entities", Kind.OBSERVATION: f"{p}_observations",
                        Kind.RELATION: f"{p}_relations"}
-        self._scopes_name = f"{p}_scopes"
+        self._scopes_name, self._vectors_name = f"{p}_scopes", f"{p}_vectors"
         self.label: str = parsed["label"]
         self._client: Any = None
         self._c: dict[Kind, Any] = {}
         self._scopes_c: Any = None
+        self._vectors_c: Any = None
         self._batch = 1000
-        self._placeholder: list[float] = []
         self._executor: ThreadPoolExecutor | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -143,25 +143,23 @@ class ChromaPoints:
         self._batch = max(1, min(1000, int(await self._call(self._client.get_max_batch_size))))
         space = {"hnsw": {"space": "cosine"}}
 
-        def collection(name: str, meta: dict[str, Any] | None) -> Any:
+        def collection(name: str, configuration: dict[str, Any] | None, meta: dict[str, Any] | None) -> Any:
             try:
                 return self._client.get_collection(name, embedding_function=None)
             except NotFoundError:
-                return self._client.create_collection(name, embedding_function=None, configuration=space,
+                return self._client.create_collection(name, embedding_function=None, configuration=configuration,
                                                       metadata=meta)
 
-        ents = await self._call(collection, self._names[Kind.ENTITY],
-                                {"embedding_model": info.model, "embedding_dim": info.dimension})
-        meta = ents.metadata or {}
+        vectors = await self._call(collection, self._vectors_name, space,
+                                   {"embedding_model": info.model, "embedding_dim": info.dimension})
+        meta = vectors.metadata or {}
         if (meta.get("embedding_model"), meta.get("embedding_dim")) != (info.model, info.dimension):
             raise EmbeddingMismatch(f"{self.label} was written with embedding model {meta.get('embedding_model')!r}"
                                     f" (dimension {meta.get('embedding_dim')}), but the configured model is "
                                     f"{info.model!r} (dimension {info.dimension}); migrate with re-embedding")
-        self._c = {Kind.ENTITY: ents}
-        for kind in (Kind.OBSERVATION, Kind.RELATION):
-            self._c[kind] = await self._call(collection, self._names[kind], None)
-        self._scopes_c = await self._call(collection, self._scopes_name, None)
-        self._placeholder = [1.0] + [0.0] * (info.dimension - 1)
+        self._vectors_c = vectors
+        self._c = {kind: await self._call(collection, self._names[kind], None, None) for kind in Kind}
+        self._scopes_c = await self._call(collection, self._scopes_name, None, None)
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -171,9 +169,6 @@ class ChromaPoints:
 
     def _chunks(self, n: int) -> range:
         return range(0, n, self._batch)
-
-    def _flat(self, kind: Kind) -> list[float]:
-        return self._placeholder if kind == Kind.ENTITY else _FLAT
 
     async def get(self, kind: Kind, ids: Sequence[str]) -> list[Payload]:
         if not ids:
@@ -186,49 +181,70 @@ class ChromaPoints:
         return [_payload(m) for m in got["metadatas"]]
 
     async def put(self, kind: Kind, rows: Sequence[tuple[str, Payload]]) -> None:
-        flat = self._flat(kind)
         for i in self._chunks(len(rows)):
             part = rows[i:i + self._batch]
-            await self._call(self._c[kind].upsert, ids=[r[0] for r in part], embeddings=[flat] * len(part),
-                             metadatas=[_stored(kind, r[1]) for r in part])
+            await self._call(self._c[kind].upsert, ids=[r[0] for r in part], embeddings=[_FLAT] * len(part),
+                             metadatas=[_stored(r[1]) for r in part])
+        if kind == Kind.ENTITY:  # an entity written loses its vector: its text or type may have changed
+            await self.drop_vectors([r[0] for r in rows])
 
     async def remove(self, kind: Kind, where: Where | None = None, ids: Sequence[str] = ()) -> None:
         if ids:
             await self._call(self._c[kind].delete, ids=list(ids))
-        if where is not None:
+            if kind == Kind.ENTITY:
+                await self.drop_vectors(ids)
+        if where is not None:  # by filter only tombstones and purged children go: none has a vector
             await self._call(self._c[kind].delete, where=_where(where))
 
     async def count(self, kind: Kind, where: Where) -> int:
         return len((await self._call(self._c[kind].get, where=_where(where), include=[]))["ids"])
 
     async def set_vectors(self, rows: Sequence[tuple[str, str, Vector]]) -> None:
-        for i in self._chunks(len(rows)):
-            part = rows[i:i + self._batch]
-            await self._call(self._c[Kind.ENTITY].update, ids=[r[0] for r in part],
+        if not rows:
+            return
+        got = await self._call(self._c[Kind.ENTITY].get, ids=[r[0] for r in rows], include=["metadatas"])
+        held = dict(zip(got["ids"], got["metadatas"], strict=True))
+        live = [r for r in rows if r[0] in held and not held[r[0]]["deleted"]]
+        for i in self._chunks(len(live)):
+            part = live[i:i + self._batch]
+            await self._call(self._vectors_c.upsert, ids=[r[0] for r in part],
                              embeddings=[np.asarray(r[2], dtype=np.float32).tolist() for r in part],
-                             metadatas=[{"has_vector": True, "vector_text": r[1]} for r in part])
+                             metadatas=[{"scope": held[r[0]]["scope"], "name": held[r[0]]["name"],
+                                         "entity_type": held[r[0]]["entity_type"], "vector_text": r[1]}
+                                        for r in part])
 
     async def drop_vectors(self, ids: Sequence[str]) -> None:
         for i in self._chunks(len(ids)):
-            part = list(ids[i:i + self._batch])
-            await self._call(self._c[Kind.ENTITY].update, ids=part, embeddings=[self._placeholder] * len(part),
-                             metadatas=[{"has_vector": False, "vector_text": ""}] * len(part))
+            await self._call(self._vectors_c.delete, ids=list(ids[i:i + self._batch]))
 
     async def with_vectors(self, ids: Sequence[str] | None, where: Where | None) -> list[tuple[Payload, Vector | None]]:
         if ids is not None:
-            got = await self._call(self._c[Kind.ENTITY].get, ids=list(ids), include=["metadatas", "embeddings"])
+            if not ids:
+                return []
+            got = await self._call(self._c[Kind.ENTITY].get, ids=list(ids), include=["metadatas"])
         else:
-            got = await self._call(self._c[Kind.ENTITY].get, where=_where(where), include=["metadatas", "embeddings"])
+            got = await self._call(self._c[Kind.ENTITY].get, where=_where(where), include=["metadatas"])
+        if not got["ids"]:
+            return []
+        vecs = await self._call(self._vectors_c.get, ids=got["ids"], include=["metadatas", "embeddings"])
+        found = {i: (m["vector_text"], np.asarray(v, dtype=np.float32)) for i, m, v in zip(
+            vecs["ids"], vecs["metadatas"], vecs["embeddings"] if vecs["embeddings"] is not None else [],
+            strict=True)}
         out: list[tuple[Payload, Vector | None]] = []
-        for m, v in zip(got["metadatas"], got["embeddings"] if got["embeddings"] is not None else [], strict=True):
+        for i, m in zip(got["ids"], got["metadatas"], strict=True):
             pl = _payload(m)
-            out.append((pl, np.asarray(v, dtype=np.float32) if pl.get("has_vector") else None))
+            text, vector = found.get(i, ("", None))
+            if vector is not None:
+                pl["vector_text"] = text
+            out.append((pl, vector))
         return out
 
     async def nearest(self, vector: Vector, where: Where, limit: int,
                       min_score: float | None) -> list[tuple[Payload, float]]:
-        searched = Where({**where.equal, "has_vector": True}, where.version_below, where.any_of)
-        got = await self._call(self._c[Kind.ENTITY].query, query_embeddings=[np.asarray(vector, np.float32).tolist()],
+        # Only live entities have vectors (a write or a removal of an entity drops its own), so the vectors'
+        # scope and type are all a search filters on.
+        searched = Where({k: v for k, v in where.equal.items() if k != "deleted"}, where.version_below, where.any_of)
+        got = await self._call(self._vectors_c.query, query_embeddings=[np.asarray(vector, np.float32).tolist()],
                                n_results=limit, where=_where(searched), include=["metadatas", "distances"])
         hits = [(_payload(m), 1.0 - float(d)) for m, d in zip(got["metadatas"][0], got["distances"][0], strict=True)]
         return [h for h in hits if min_score is None or h[1] >= min_score]
