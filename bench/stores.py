@@ -40,6 +40,17 @@ from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer
 _names = itertools.count()
 
 
+async def backfill_rate(work: Path, embedder: BatchingEmbedder, source: str, target: str) -> float:
+    """Records per second the migration engine's backfill copies `source` into `target` (vectors kept)."""
+    engine, control = await engine_on(work, embedder, source)
+    await engine.start_migration(target, MigrationOptions(batch_size=500, workers=2), "bench")
+    secs = await wait_backfill(engine)
+    rate = engine.state.backfill_done / secs
+    await engine.stop()
+    await control.close()
+    return float(rate)
+
+
 async def measure(table: Table, label: str, target: str, work: Path, embedder: BatchingEmbedder,
                   pages: list[tuple[tuple[Record, ...], VectorMap]], source: str, spec: dict[str, str]) -> None:
     if "warm" in spec:  # a JVM server (ArcadeDB) compiles its hot paths first: warm it so the baseline is fair
@@ -51,14 +62,9 @@ async def measure(table: Table, label: str, target: str, work: Path, embedder: B
     raw_rate = await bulk_rate(raw, pages)
     table.add(f"{label}: raw bulk load, vectors included (baseline)", rate=raw_rate)
 
-    engine, control = await engine_on(work, embedder, source)
-    await engine.start_migration(target, MigrationOptions(batch_size=500, workers=2), "bench")
-    secs = await wait_backfill(engine)
-    rate = engine.state.backfill_done / secs
+    rate = await backfill_rate(work, embedder, source, target)
     table.add(f"{label}: backfill from embedded, vectors kept", rate=rate,
               note=f"{rate / raw_rate:.2f} x raw bulk load")
-    await engine.stop()
-    await control.close()
 
     naive = backend_for(spec["naive"], embedder)
     await naive.open()
@@ -106,15 +112,10 @@ async def chroma_rows(table: Table, label: str, base: str, work: Path, embedder:
     raw_rate = len(flat) / (time.perf_counter() - t)
     table.add(f"{label}: the client's own batched upsert, 500 a call (baseline)", rate=raw_rate)
 
-    engine, control = await engine_on(work, embedder, source)
-    await engine.start_migration(f"{base}{'&' if '?' in base else '?'}prefix=backfill{next(_names)}",
-                                 MigrationOptions(batch_size=500, workers=2), "bench")
-    secs = await wait_backfill(engine)
-    rate = engine.state.backfill_done / secs
+    rate = await backfill_rate(work, embedder, source, f"{base}{'&' if '?' in base else '?'}prefix=backfill"
+                                                         f"{next(_names)}")
     table.add(f"{label}: backfill from embedded, vectors kept", rate=rate,
               note=f"{rate / raw_rate:.2f} x the client's batched upsert")
-    await engine.stop()
-    await control.close()
 
     seed = client.create_collection(f"seed{next(_names)}", embedding_function=None)
     part = flat[:2000]
@@ -143,19 +144,13 @@ async def qdrant_rows(table: Table, sizes: list[int], work: Path, embedder: Batc
         await raw.open()
         raw_rate = await bulk_rate(raw, pages)
         table.add(f"Qdrant local, {n} entities: raw batched apply (baseline)", rate=raw_rate, entities=n)
-        engine, control = await engine_on(d, embedder, f"sqlite:///{d}/src.db")
-        await engine.start_migration(f"qdrant+local:///{d}/backfill", MigrationOptions(batch_size=500, workers=2),
-                                     "bench")
-        secs = await wait_backfill(engine)
-        rate = engine.state.backfill_done / secs
+        rate = await backfill_rate(d, embedder, f"sqlite:///{d}/src.db", f"qdrant+local:///{d}/backfill")
         table.add(f"Qdrant local, {n} entities: backfill from embedded", rate=rate,
                   note=f"{rate / raw_rate:.2f} x raw batched apply", entities=n)
-        await engine.stop()
-        await control.close()
 
 
 async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
-    table = Table("stores")
+    table = Table(f"stores-{only}" if only else "stores")
     work = Path(tempfile.mkdtemp(prefix="memshift-sbench-"))
     embedder = BatchingEmbedder(SentenceTransformerModel())
     src = EmbeddedBackend(work / "src.db", embedder)

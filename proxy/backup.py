@@ -34,7 +34,7 @@ from adapters.records import EntityRecord, ObservationRecord, Record, RelationRe
 from proxy import validation as check
 from proxy.config import Limits
 from proxy.errors import InvalidInput
-from proxy.jsonl import JsonlError
+from proxy.jsonl import JsonlError, json_object
 
 FORMAT = "memshift-jsonl"
 FORMAT_VERSION = 1
@@ -213,21 +213,8 @@ def _record(f: _Fields, kind: Any, limits: Limits, dimension: int) -> Record | V
     raise JsonlError(f.number, f"kind must be entity, observation, relation or vector, not {kind!r}")
 
 
-def _object(raw: str, number: int) -> dict[str, Any] | None:
-    text = raw.strip()
-    if not text:
-        return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise JsonlError(number, f"not JSON ({exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise JsonlError(number, "must be a JSON object")
-    return obj
-
-
 def parse_header(raw: str, number: int = 1) -> Header:
-    obj = _object(raw, number)
+    obj = json_object(raw, number)
     if obj is None:
         raise JsonlError(number, f"the first line must be the {FORMAT} header")
     return _header(obj, number)
@@ -238,7 +225,7 @@ def parse_body(lines: Iterable[tuple[int, str]], header: Header,
     """(line number, record or vector) for every non-blank numbered line after the header; JsonlError naming the
     line and the field otherwise. A file made for one scope holds that scope only."""
     for number, raw in lines:
-        obj = _object(raw, number)
+        obj = json_object(raw, number)
         if obj is None:
             continue
         item = _record(_Fields(obj, number, limits), obj.get("kind"), limits, header.dimension)

@@ -61,18 +61,26 @@ def _string(obj: dict[str, Any], field: str, line: int) -> str:
     return value
 
 
+def json_object(raw: str, number: int) -> dict[str, Any] | None:
+    """One line of a JSON-lines file as an object (None for a blank line); JsonlError naming the line otherwise."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JsonlError(number, f"not JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise JsonlError(number, "must be a JSON object")
+    return obj
+
+
 def parse(lines: Iterable[str]) -> Iterator[tuple[int, Entity | Relation]]:
     """(line number, entity or relation) for every non-blank line; JsonlError naming the line otherwise."""
     for number, raw in enumerate(lines, 1):
-        text = raw.strip()
-        if not text:
+        obj = json_object(raw, number)
+        if obj is None:
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise JsonlError(number, f"not JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise JsonlError(number, "must be a JSON object")
         kind = obj.get("type")
         if kind == "entity":
             yield number, entity_of({"name": _string(obj, "name", number),

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -109,7 +110,24 @@ srv.stop()
 """
 
 
-class ArcadeDBServer:
+class _Child:
+    """A server run as a child process with its data in `dir`; `stop` ends it (gently, then not) and removes it."""
+
+    dir: Path
+    _proc: subprocess.Popen[Any] | None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ArcadeDBServer(_Child):
     """ArcadeDB with its Bolt plugin (a real Bolt server the official neo4j driver talks to), data in a temp dir."""
 
     user = "root"
@@ -144,18 +162,9 @@ class ArcadeDBServer:
         self.stop()
         raise RuntimeError(f"ArcadeDB did not start: {(self.dir / 'log').read_text()[-3000:]}")
 
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class ChromaServer:
+class ChromaServer(_Child):
     """The ChromaDB server the `chromadb` wheel ships (`chroma run`), data in a temp dir."""
 
     def __init__(self) -> None:
@@ -191,12 +200,3 @@ class ChromaServer:
             self._proc.kill()
             self._proc.wait()
 
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
