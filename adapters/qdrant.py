@@ -81,7 +81,7 @@ def _filter(w: Where) -> models.Filter:
         key=k, match=models.MatchAny(any=v) if isinstance(v, list) else models.MatchValue(value=v))
         for k, v in w.equal.items()]
     if w.version_below is not None:
-        must.append(models.FieldCondition(key="version", range=models.Range(lt=w.version_below)))
+        must.append(_below(w.version_below))
     should: list[models.Condition] = [models.FieldCondition(key=k, match=models.MatchValue(value=v))
                                       for k, v in w.any_of.items()]
     return models.Filter(must=must, should=should or None)
@@ -143,8 +143,22 @@ class _ChildIndex:
 CONDITIONAL_SINCE = (1, 16)  # the first Qdrant server whose upserts take an `update_filter`
 
 
+# Qdrant compares ranges as 64-bit floats, exact only up to 2**53; versions are 63-bit integers, and two written in
+# the same millisecond differ only in their low bits. So every point also carries its version in two halves that a
+# float holds exactly, and "below V" is decided on them: high half below, or equal and low half below.
+_LOW_BITS = 26
+
+
+def _halves(version: int) -> dict[str, int]:
+    return {"version_hi": version >> _LOW_BITS, "version_lo": version & ((1 << _LOW_BITS) - 1)}
+
+
 def _below(version: int) -> models.Filter:
-    return models.Filter(must=[models.FieldCondition(key="version", range=models.Range(lt=version))])
+    hi, lo = _halves(version).values()
+    return models.Filter(should=[
+        models.FieldCondition(key="version_hi", range=models.Range(lt=hi)),
+        models.Filter(must=[models.FieldCondition(key="version_hi", match=models.MatchValue(value=hi)),
+                            models.FieldCondition(key="version_lo", range=models.Range(lt=lo))])])
 
 
 def _server_version(text: str) -> tuple[int, int]:
@@ -212,6 +226,7 @@ class QdrantPoints:
         else:
             await self._client.upsert(self._meta_c, [models.PointStruct(id=META_ID, vector={}, payload={
                 "embedding_model": info.model, "embedding_dim": info.dimension})])
+        await self._add_version_halves()
         if self._index is not None:
             for kind in _OWNERS:
                 for point in await self._scroll(self._c[kind], None):
@@ -221,6 +236,15 @@ class QdrantPoints:
                                  Kind.RELATION: ("scope", "source", "target")}.items():
                 for f in fields:
                     await self._client.create_payload_index(self._c[kind], f, models.PayloadSchemaType.KEYWORD)
+
+    async def _add_version_halves(self) -> None:
+        """Points written before versions were also stored in halves get them (once, at the first open)."""
+        lacking = models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="version_hi"))])
+        for kind in Kind:
+            for point in await self._scroll(self._c[kind], lacking):
+                version = (point.payload or {}).get("version")
+                if isinstance(version, int):
+                    await self._q.set_payload(self._c[kind], _halves(version), _ids([str(point.id)]))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -247,6 +271,7 @@ class QdrantPoints:
         return [p.payload or {} for p in await self._scroll(self._c[kind], _filter(where))]
 
     async def put(self, kind: Kind, rows: Sequence[tuple[str, Payload]]) -> None:
+        rows = [(i, {**pl, **_halves(pl["version"])}) for i, pl in rows]
         points = [models.PointStruct(id=i, vector={}, payload=pl) for i, pl in rows]
         if not self.conditional:
             await self._q.upsert(self._c[kind], points)
