@@ -149,16 +149,18 @@ CONDITIONAL_SINCE = (1, 16)  # the first Qdrant server whose upserts take an `up
 _LOW_BITS = 26
 
 
-def _halves(version: int) -> dict[str, int]:
-    return {"version_hi": version >> _LOW_BITS, "version_lo": version & ((1 << _LOW_BITS) - 1)}
+def _halves(payload: Payload) -> dict[str, int]:
+    """The exact halves of a payload's version (and an entity's purge point)."""
+    return {f"{f}_{half}": value for f in ("version", "purged") if isinstance(payload.get(f), int)
+            for half, value in (("hi", payload[f] >> _LOW_BITS), ("lo", payload[f] & ((1 << _LOW_BITS) - 1)))}
 
 
-def _below(version: int) -> models.Filter:
-    hi, lo = _halves(version).values()
+def _below(value: int, field: str = "version") -> models.Filter:
+    hi, lo = value >> _LOW_BITS, value & ((1 << _LOW_BITS) - 1)
     return models.Filter(should=[
-        models.FieldCondition(key="version_hi", range=models.Range(lt=hi)),
-        models.Filter(must=[models.FieldCondition(key="version_hi", match=models.MatchValue(value=hi)),
-                            models.FieldCondition(key="version_lo", range=models.Range(lt=lo))])])
+        models.FieldCondition(key=f"{field}_hi", range=models.Range(lt=hi)),
+        models.Filter(must=[models.FieldCondition(key=f"{field}_hi", match=models.MatchValue(value=hi)),
+                            models.FieldCondition(key=f"{field}_lo", range=models.Range(lt=lo))])])
 
 
 def _server_version(text: str) -> tuple[int, int]:
@@ -238,13 +240,12 @@ class QdrantPoints:
                     await self._client.create_payload_index(self._c[kind], f, models.PayloadSchemaType.KEYWORD)
 
     async def _add_version_halves(self) -> None:
-        """Points written before versions were also stored in halves get them (once, at the first open)."""
+        """Points written before versions (and purge points) were also stored in halves get them (once)."""
         lacking = models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="version_hi"))])
         for kind in Kind:
             for point in await self._scroll(self._c[kind], lacking):
-                version = (point.payload or {}).get("version")
-                if isinstance(version, int):
-                    await self._q.set_payload(self._c[kind], _halves(version), _ids([str(point.id)]))
+                if halves := _halves(point.payload or {}):
+                    await self._q.set_payload(self._c[kind], halves, _ids([str(point.id)]))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -271,7 +272,7 @@ class QdrantPoints:
         return [p.payload or {} for p in await self._scroll(self._c[kind], _filter(where))]
 
     async def put(self, kind: Kind, rows: Sequence[tuple[str, Payload]]) -> None:
-        rows = [(i, {**pl, **_halves(pl["version"])}) for i, pl in rows]
+        rows = [(i, {**pl, **_halves(pl)}) for i, pl in rows]
         points = [models.PointStruct(id=i, vector={}, payload=pl) for i, pl in rows]
         if not self.conditional:
             await self._q.upsert(self._c[kind], points)
@@ -283,18 +284,36 @@ class QdrantPoints:
                 self._index.add(kind, i, pl)
 
     async def _put_if_newer(self, collection: str, points: list[models.PointStruct]) -> dict[str, Payload]:
-        """Write each point only where the stored version is lower than its own, checked by Qdrant; returns what
-        the points hold afterwards. A filter is one bound for a whole call, so the batch goes in one call bounded
-        by its lowest version; a point another writer holds at or above that bound but below its own version was
-        skipped by it and is written again alone, bounded by its own (rare: it needs a concurrent writer)."""
+        """Write each point only over an older one, checked by Qdrant; returns what the points hold afterwards.
+
+        A filter is one bound for a whole call, so the batch goes in one call bounded by its lowest version. Read
+        back, a point still behind is settled alone: below its own version it is written bounded by that version;
+        at the same or a newer version an entity whose purge point is lower gets ours merged in, on exactly the
+        state read (purge points merge by max whatever the version). Each round is lost only to another writer's
+        write, so a few rounds settle it."""
         floor = min((p.payload or {})["version"] for p in points)
-        await self._q.upsert(collection, points, update_filter=_below(floor))
+        bound = _below(floor)
+        if "purged" in (points[0].payload or {}):  # entities: nor over a higher purge point (merged below)
+            bound = models.Filter(must=[bound, _below(min((p.payload or {})["purged"] for p in points) + 1, "purged")])
+        await self._q.upsert(collection, points, update_filter=bound)
         held = {str(p.id): p.payload or {} for p in await self._q.retrieve(
             collection, [p.id for p in points], with_payload=True)}
         for p in points:
-            mine = (p.payload or {})["version"]
-            if held.get(str(p.id), {}).get("version", -1) < mine:
-                await self._q.upsert(collection, [p], update_filter=_below(mine))
+            mine = p.payload or {}
+            for _ in range(8):
+                now = held.get(str(p.id))
+                newer = now is None or now["version"] < mine["version"]
+                if "purged" in mine and now is not None and (newer or now["purged"] < mine["purged"]):
+                    # an entity: the newer record with the higher purge point, set on exactly the state read
+                    merged = {**(mine if newer else now), "purged": max(now["purged"], mine["purged"])}
+                    point = models.PointStruct(id=p.id, vector={}, payload={**merged, **_halves(merged)})
+                    bound = models.Filter(must=[models.FieldCondition(key=k, match=models.MatchValue(value=now[k]))
+                                                for k in ("version", "purged")])
+                elif newer:
+                    point, bound = p, _below(mine["version"])
+                else:
+                    break
+                await self._q.upsert(collection, [point], update_filter=bound)
                 again = await self._q.retrieve(collection, [p.id], with_payload=True)
                 if again:
                     held[str(p.id)] = again[0].payload or {}

@@ -119,3 +119,35 @@ async def test_a_deletion_hides_exactly_the_children_older_than_it_to_the_last_b
     graph = await backend.open_nodes("s", ["a"])
     assert [e.observations for e in graph.entities] == [("just after",)]
     assert [(r.source, r.relation_type, r.target) for r in graph.relations] == [("b", "likes", "a")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(NOW, NOW + 20),
+                                   st.sampled_from([0, NOW + 1, NOW + 7, NOW + 15])), min_size=1, max_size=4),
+                min_size=1, max_size=8))
+def test_a_conditional_entity_write_keeps_the_newest_record_and_the_highest_purge_point(
+        batches: list[list[tuple[str, int, int]]]) -> None:
+    """Entity records merge two ways: the newest version wins, and purge points merge by maximum whatever the
+    version. Written straight through the conditional path by writers that never read, in any order, each entity
+    ends at the highest version and the highest purge point written to it."""
+    async def run() -> dict[str, tuple[int, int]]:
+        points = QdrantPoints("qdrant+local:///:memory:")
+        await points.open(EmbeddingInfo(model="m", dimension=4))
+        try:
+            for batch in batches:
+                rows = {point_id((Kind.ENTITY, "s", (n,))): {
+                    "scope": "s", "name": n, "entity_type": "t", "metadata": {}, "version": v, "created": v,
+                    "purged": p, "deleted": False} for n, v, p in batch}
+                await points.put(Kind.ENTITY, list(rows.items()))
+            found = await points.get(Kind.ENTITY, [point_id((Kind.ENTITY, "s", (n,))) for n in ("a", "b")])
+            return {p["name"]: (p["version"], p["purged"]) for p in found}
+        finally:
+            await points.close()
+
+    expected: dict[str, tuple[int, int]] = {}
+    for batch in batches:
+        last = {n: (v, p) for n, v, p in batch}
+        for n, (v, p) in last.items():
+            old_v, old_p = expected.get(n, (0, 0))
+            expected[n] = (max(old_v, v), max(old_p, p))
+    assert asyncio.run(run()) == expected
