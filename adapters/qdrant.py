@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -76,15 +77,18 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return {"client": args, "prefix": prefix}
 
 
-def _filter(w: Where) -> models.Filter:
-    must: list[models.Condition] = [models.FieldCondition(
-        key=k, match=models.MatchAny(any=v) if isinstance(v, list) else models.MatchValue(value=v))
-        for k, v in w.equal.items()]
+# The filter and point classes: the client's (`models`) or Qdrant Edge's, which mirror them (adapters.qdrant_edge).
+CLIENT = SimpleNamespace(Filter=models.Filter, FieldCondition=models.FieldCondition, MatchValue=models.MatchValue,
+                         MatchAny=models.MatchAny, Range=models.Range, Point=models.PointStruct)
+
+
+def _filter(w: Where, m: Any = CLIENT) -> Any:
+    must: list[Any] = [m.FieldCondition(key=k, match=m.MatchAny(any=v) if isinstance(v, list) else m.MatchValue(
+        value=v)) for k, v in w.equal.items()]
     if w.version_below is not None:
-        must.append(_below(w.version_below))
-    should: list[models.Condition] = [models.FieldCondition(key=k, match=models.MatchValue(value=v))
-                                      for k, v in w.any_of.items()]
-    return models.Filter(must=must, should=should or None)
+        must.append(_below(w.version_below, m=m))
+    should: list[Any] = [m.FieldCondition(key=k, match=m.MatchValue(value=v)) for k, v in w.any_of.items()]
+    return m.Filter(must=must, should=should or None)
 
 
 _OWNERS = {Kind.OBSERVATION: ("entity",), Kind.RELATION: ("source", "target")}
@@ -155,12 +159,12 @@ def _halves(payload: Payload) -> dict[str, int]:
             for half, value in (("hi", payload[f] >> _LOW_BITS), ("lo", payload[f] & ((1 << _LOW_BITS) - 1)))}
 
 
-def _below(value: int, field: str = "version") -> models.Filter:
+def _below(value: int, field: str = "version", m: Any = CLIENT) -> Any:
     hi, lo = value >> _LOW_BITS, value & ((1 << _LOW_BITS) - 1)
-    return models.Filter(should=[
-        models.FieldCondition(key=f"{field}_hi", range=models.Range(lt=hi)),
-        models.Filter(must=[models.FieldCondition(key=f"{field}_hi", match=models.MatchValue(value=hi)),
-                            models.FieldCondition(key=f"{field}_lo", range=models.Range(lt=lo))])])
+    return m.Filter(should=[
+        m.FieldCondition(key=f"{field}_hi", range=m.Range(lt=hi)),
+        m.Filter(must=[m.FieldCondition(key=f"{field}_hi", match=m.MatchValue(value=hi)),
+                       m.FieldCondition(key=f"{field}_lo", range=m.Range(lt=lo))])])
 
 
 def _server_version(text: str) -> tuple[int, int]:
@@ -190,6 +194,7 @@ class QdrantPoints:
         self.label = f"qdrant:{where}/{p}"
         self._client: AsyncQdrantClient | None = None
         self._index = _ChildIndex() if "url" not in self._client_args else None  # a server indexes its payloads
+        self._m: Any = CLIENT
         self.conditional = True
         self._too_old = ""  # a server without conditional writes: its version, for the fleet's refusal
 
@@ -273,9 +278,9 @@ class QdrantPoints:
 
     async def put(self, kind: Kind, rows: Sequence[tuple[str, Payload]]) -> None:
         rows = [(i, {**pl, **_halves(pl)}) for i, pl in rows]
-        points = [models.PointStruct(id=i, vector={}, payload=pl) for i, pl in rows]
+        points = [self._m.Point(id=i, vector={}, payload=pl) for i, pl in rows]
         if not self.conditional:
-            await self._q.upsert(self._c[kind], points)
+            await self._upsert_if(self._c[kind], points, None)
             held = dict(rows)
         else:
             held = await self._put_if_newer(self._c[kind], points)
@@ -283,40 +288,43 @@ class QdrantPoints:
             for i, pl in held.items():
                 self._index.add(kind, i, pl)
 
-    async def _put_if_newer(self, collection: str, points: list[models.PointStruct]) -> dict[str, Payload]:
+    async def _upsert_if(self, collection: str, points: list[Any], bound: Any) -> None:
+        await self._q.upsert(collection, points, update_filter=bound)
+
+    async def _payloads(self, collection: str, ids: list[Any]) -> dict[str, Payload]:
+        return {str(p.id): p.payload or {} for p in await self._q.retrieve(collection, ids, with_payload=True)}
+
+    async def _put_if_newer(self, collection: str, points: list[Any]) -> dict[str, Payload]:
         """Write each point only over an older one, checked by Qdrant; returns what the points hold afterwards.
 
-        A filter is one bound for a whole call, so the batch goes in one call bounded by its lowest version. Read
-        back, a point still behind is settled alone: below its own version it is written bounded by that version;
-        at the same or a newer version an entity whose purge point is lower gets ours merged in, on exactly the
-        state read (purge points merge by max whatever the version). Each round is lost only to another writer's
-        write, so a few rounds settle it."""
+        A filter is one bound for a whole call, so the batch goes in one call bounded by its lowest version (and,
+        for entities, its lowest purge point). Read back, a point still behind is settled alone: below its own
+        version it is written bounded by that version; an entity holding a lower purge point gets the newer record
+        with the higher purge point, set on exactly the state read (purge points merge by max whatever the
+        version). Each round is lost only to another writer's write, so a few rounds settle it."""
+        m = self._m
         floor = min((p.payload or {})["version"] for p in points)
-        bound = _below(floor)
+        bound = _below(floor, m=m)
         if "purged" in (points[0].payload or {}):  # entities: nor over a higher purge point (merged below)
-            bound = models.Filter(must=[bound, _below(min((p.payload or {})["purged"] for p in points) + 1, "purged")])
-        await self._q.upsert(collection, points, update_filter=bound)
-        held = {str(p.id): p.payload or {} for p in await self._q.retrieve(
-            collection, [p.id for p in points], with_payload=True)}
+            bound = m.Filter(must=[bound, _below(min((p.payload or {})["purged"] for p in points) + 1, "purged", m)])
+        await self._upsert_if(collection, points, bound)
+        held = await self._payloads(collection, [p.id for p in points])
         for p in points:
             mine = p.payload or {}
             for _ in range(8):
                 now = held.get(str(p.id))
                 newer = now is None or now["version"] < mine["version"]
                 if "purged" in mine and now is not None and (newer or now["purged"] < mine["purged"]):
-                    # an entity: the newer record with the higher purge point, set on exactly the state read
                     merged = {**(mine if newer else now), "purged": max(now["purged"], mine["purged"])}
-                    point = models.PointStruct(id=p.id, vector={}, payload={**merged, **_halves(merged)})
-                    bound = models.Filter(must=[models.FieldCondition(key=k, match=models.MatchValue(value=now[k]))
-                                                for k in ("version", "purged")])
+                    point = m.Point(id=p.id, vector={}, payload={**merged, **_halves(merged)})
+                    bound = m.Filter(must=[m.FieldCondition(key=k, match=m.MatchValue(value=now[k]))
+                                           for k in ("version", "purged")])
                 elif newer:
-                    point, bound = p, _below(mine["version"])
+                    point, bound = p, _below(mine["version"], m=m)
                 else:
                     break
-                await self._q.upsert(collection, [point], update_filter=bound)
-                again = await self._q.retrieve(collection, [p.id], with_payload=True)
-                if again:
-                    held[str(p.id)] = again[0].payload or {}
+                await self._upsert_if(collection, [point], bound)
+                held.update(await self._payloads(collection, [p.id]))
         return held
 
     async def remove(self, kind: Kind, where: Where | None = None, ids: Sequence[str] = ()) -> None:

@@ -3,13 +3,14 @@
     sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
     postgresql://user@host:5432/db?schema=memshift&password_file=/run/secrets/pg
     qdrant+local:///path/to/dir   qdrant+local:///:memory:   qdrant://host:6333?api_key_file=PATH   qdrants://host
+    qdrant+edge:///path/to/dir   (Qdrant's embeddable engine, qdrant-edge-py)
     bolt://user@host:7687/database?prefix=Memshift&password_file=PATH   (also neo4j://, bolt+s://, neo4j+s://)
     hybrid:?graph=bolt://host:7687&vectors=qdrant://host:6333
     chroma+local:///path/to/dir   chroma://host:8000?tenant=T&database=D&prefix=P&token_file=PATH   chromas://host
 
 Passwords come from the spec, a `password_file`/`api_key_file`/`token_file`, or the environment ($PGPASSWORD,
 $NEO4J_USERNAME and $NEO4J_PASSWORD, $QDRANT_API_KEY, $CHROMA_TOKEN); specs are logged only redacted.
-Qdrant's and ChromaDB's local modes (and a Chroma server) take one writer: one proxy, not a fleet.
+Qdrant's local mode and Edge, and ChromaDB (local or server) take one writer: one proxy, not a fleet.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
+from adapters.qdrant_edge import QdrantEdgeBackend
 from proxy.redaction import redact, scrub_secrets
 
 __all__ = ["StoreSpecError", "backend_for", "redact", "sqlite_path", "system_of"]
@@ -47,6 +49,7 @@ def sqlite_path(spec: str) -> str:
 _SERVER_STORES: dict[str, tuple[str, Callable[[str, Embedder], Backend]]] = {
     **dict.fromkeys(("postgresql", "postgres"), ("postgresql", PostgresBackend)),
     **dict.fromkeys(("qdrant+local", "qdrant", "qdrants"), ("qdrant", QdrantBackend)),
+    "qdrant+edge": ("qdrant", QdrantEdgeBackend),
     **dict.fromkeys(("chroma+local", "chroma", "chromas"), ("chroma", ChromaBackend)),
     **dict.fromkeys(("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc"), ("neo4j", Neo4jBackend)),
 }
@@ -64,7 +67,7 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
         make = _SERVER_STORES[scheme][1]
     else:
         raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
-                             "qdrant+local, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid, "
+                             "qdrant+local, qdrant+edge, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid, "
                              "chroma+local, chroma, chromas")
     try:
         return make(spec, embedder)

@@ -19,8 +19,9 @@ from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
+from adapters.qdrant_edge import QdrantEdgeBackend
 
-STORE_KINDS = ["embedded", "postgres", "qdrant", "neo4j", "hybrid", "chroma-local", "chroma"]
+STORE_KINDS = ["embedded", "postgres", "qdrant", "qdrant-edge", "neo4j", "hybrid", "chroma-local", "chroma"]
 # No Qdrant server installs here; given one (QDRANT_URL=qdrant://host:6333), every suite runs against it too.
 if os.environ.get("QDRANT_URL"):
     STORE_KINDS.append("qdrant-server")
@@ -40,6 +41,8 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
     if kind == "hybrid":
         graph = f"{servers['neo4j']}?prefix=H{next(_fresh)}{workdir.name[-8:].replace('-', '_')}"
         return HybridBackend(f"hybrid:?graph={graph}&vectors=qdrant+local:///{workdir / 'vectors'}", embedder)
+    if kind == "qdrant-edge":
+        return QdrantEdgeBackend(f"qdrant+edge:///{workdir / 'edge'}", embedder)
     if kind == "qdrant-server":
         return QdrantBackend(f"{os.environ['QDRANT_URL']}?prefix=t{next(_fresh)}{workdir.name[-8:].replace('-', '_')}",
                              embedder)

@@ -31,6 +31,8 @@ def spec_for(kind: str, d: Path, servers: dict[str, str], role: str) -> str:
     if kind == "hybrid":
         graph = f"{servers['neo4j']}?prefix=Mig{next(_schemas)}{role}"
         return f"hybrid:?graph={graph}&vectors=qdrant+local:///{d}/{role}-vectors"
+    if kind == "qdrant-edge":
+        return f"qdrant+edge:///{d}/{role}-edge"
     if kind == "chroma-local":
         return f"chroma+local:///{d}/{role}-chroma"
     if kind == "chroma":
@@ -41,7 +43,8 @@ def spec_for(kind: str, d: Path, servers: dict[str, str], role: str) -> str:
 PAIRS = [("embedded", "postgres"), ("postgres", "embedded"), ("embedded", "qdrant"), ("postgres", "qdrant"),
          ("embedded", "neo4j"), ("neo4j", "embedded"), ("embedded", "hybrid"),
          # ChromaDB: into a server, the seeds' own local-to-server move done live, and out to PostgreSQL
-         ("embedded", "chroma"), ("chroma-local", "chroma"), ("chroma", "postgres")]
+         ("embedded", "chroma"), ("chroma-local", "chroma"), ("chroma", "postgres"),
+         ("qdrant", "qdrant-edge")]
 
 
 @pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
