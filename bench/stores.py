@@ -130,8 +130,10 @@ async def chroma_rows(table: Table, label: str, base: str, work: Path, embedder:
               note=f"backfill is {rate / script:,.0f} x faster ({10 / per_batch:,.0f}/s without the pause)")
 
 
-async def qdrant_rows(table: Table, sizes: list[int], work: Path, embedder: BatchingEmbedder) -> None:
-    """Qdrant local mode at several sizes: the store's own batched path and the backfill, each per size."""
+async def qdrant_rows(table: Table, sizes: list[int], work: Path, embedder: BatchingEmbedder,
+                      schemes: list[str]) -> None:
+    """Qdrant at several sizes, each embedded engine (the client's local mode, Edge): the store's own batched
+    apply and the backfill, per size: a batch must cost the same whatever the store already holds."""
     for n in sizes:
         d = work / f"q{n}"
         d.mkdir()
@@ -140,13 +142,15 @@ async def qdrant_rows(table: Table, sizes: list[int], work: Path, embedder: Batc
         await fill(src, n, embedder.info.dimension)
         pages = await pages_of(src)
         await src.close()
-        raw = backend_for(f"qdrant+local:///{d}/raw", embedder)
-        await raw.open()
-        raw_rate = await bulk_rate(raw, pages)
-        table.add(f"Qdrant local, {n} entities: raw batched apply (baseline)", rate=raw_rate, entities=n)
-        rate = await backfill_rate(d, embedder, f"sqlite:///{d}/src.db", f"qdrant+local:///{d}/backfill")
-        table.add(f"Qdrant local, {n} entities: backfill from embedded", rate=rate,
-                  note=f"{rate / raw_rate:.2f} x raw batched apply", entities=n)
+        for scheme in schemes:
+            label = {"qdrant+local": "Qdrant local mode", "qdrant+edge": "Qdrant Edge"}[scheme]
+            raw = backend_for(f"{scheme}:///{d}/{scheme}-raw", embedder)
+            await raw.open()
+            raw_rate = await bulk_rate(raw, pages)
+            table.add(f"{label}, {n} entities: raw batched apply (baseline)", rate=raw_rate, entities=n)
+            rate = await backfill_rate(d, embedder, f"sqlite:///{d}/src.db", f"{scheme}:///{d}/{scheme}-backfill")
+            table.add(f"{label}, {n} entities: backfill from embedded", rate=rate,
+                      note=f"{rate / raw_rate:.2f} x raw batched apply", entities=n)
 
 
 async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
@@ -168,8 +172,10 @@ async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
                               pages, source)
         finally:
             chroma.stop()
-    if only in ("", "qdrant"):
-        await qdrant_rows(table, qdrant_sizes, work, embedder)
+    if only in ("", "qdrant", "qdrant-edge"):
+        await qdrant_rows(table, qdrant_sizes, work, embedder,
+                          {"": ["qdrant+local", "qdrant+edge"], "qdrant": ["qdrant+local"],
+                           "qdrant-edge": ["qdrant+edge"]}[only])
     if only == "":
         pg = PostgresServer().start()
         try:
@@ -198,7 +204,7 @@ if __name__ == "__main__":
     parser.add_argument("--entities", type=int, default=20_000)
     parser.add_argument("--qdrant-sizes", default="2000,20000,100000",
                         help="entities for the Qdrant rows, comma-separated")
-    parser.add_argument("--only", choices=["chroma", "qdrant"], default="", help="only these rows")
+    parser.add_argument("--only", choices=["chroma", "qdrant", "qdrant-edge"], default="", help="only these rows")
     ns = parser.parse_args()
     asyncio.run(main(ns.entities, [int(x) for x in ns.qdrant_sizes.split(",")], ns.only))
     sys.exit(0)
