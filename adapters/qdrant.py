@@ -262,7 +262,10 @@ class QdrantPoints:
         out: list[models.Record] = []
         offset = None
         while True:
-            points, offset = await self._q.scroll(collection, scroll_filter=flt, limit=_SCROLL, offset=offset,
+            # Local mode tests every point against the filter on each call, so pages would cost O(n) each: it
+            # is asked for everything at once (it holds it all in memory anyway).
+            limit = _SCROLL if self._index is None else 1 << 30
+            points, offset = await self._q.scroll(collection, scroll_filter=flt, limit=limit, offset=offset,
                                                   with_payload=True, with_vectors=with_vectors)
             out += points
             if offset is None:
