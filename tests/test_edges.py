@@ -134,8 +134,9 @@ def test_redaction_hides_every_form_of_secret(spec: str) -> None:
        text=st.text(max_size=60))
 @settings(max_examples=300)
 def test_redaction_never_raises_and_never_shows_a_password(secret: str, text: str) -> None:
-    assume(secret not in text)
-    for spec in (f"postgresql://u:{secret}@h:5432/d", f"qdrant://h?api_key={secret}", f"x://u:{secret}@h:{text}"):
+    specs = (f"postgresql://u:{secret}@h:5432/d", f"qdrant://h?api_key={secret}", f"x://u:{secret}@h:{text}")
+    assume(secret not in text and not any(secret in spec.replace(secret, " ") for spec in specs))  # the secret alone
+    for spec in specs:
         assert secret not in redact(spec)
         assert secret not in scrub(f"{text} {spec} {text}")
     redact(text)  # anything at all: an answer, never an exception
