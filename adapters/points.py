@@ -81,7 +81,7 @@ def where(**equal: Any) -> Where:
 def matches(payload: Payload, w: Where) -> bool:
     """What a driver's database decides for `w`, decided in Python (for a driver answering from memory)."""
     for k, v in w.equal.items():
-        if (payload.get(k) not in v) if isinstance(v, list) else payload.get(k) != v:
+        if (payload.get(k) not in v) if isinstance(v, list | set | frozenset) else payload.get(k) != v:
             return False
     if w.version_below is not None and not payload["version"] < w.version_below:
         return False

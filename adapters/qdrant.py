@@ -141,6 +141,10 @@ class _ChildIndex:
                 found.update(self._by_owner[kind].get((scope, name), {}))
         else:
             found = self._where[kind]
+        # lists become sets once here: a walk over every entity names them all, and membership in a list per point
+        # would make it quadratic
+        w = Where({k: frozenset(v) if isinstance(v, list) else v for k, v in w.equal.items()}, w.version_below,
+                  w.any_of)
         return {i: p for i, p in found.items() if matches(p, w)}
 
 
