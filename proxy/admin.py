@@ -29,7 +29,7 @@ from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 from proxy.redaction import scrub
-from proxy.servicer import rpc, status_for
+from proxy.servicer import abort_for, rpc
 from proxy.shadow import ShadowReader
 from proxy.shedding import Budget
 from proxy.stores import redact
@@ -269,13 +269,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             within("page_size", size, 1, self._limits.max_page_size)
             store = self._engine.primary
             total = (await store.count(scope)).total
-        except Exception as exc:
-            await _abort(context, exc)
-            raise
-        info = store.embedding
-        header = backup.header_line(backup.Header(info.model, info.dimension, scope))
-        done, first = 0, True
-        try:
+            header = backup.header_line(backup.Header(store.embedding.model, store.embedding.dimension, scope))
+            done, first = 0, True
             async for page in export_pages(store, size, vectors=not request.no_vectors):
                 records = [r for r in page.records if scope is None or r.scope == scope]
                 vectors = {k: v for k, v in (page.vectors or {}).items() if scope is None or k[0] == scope}
@@ -285,7 +280,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                     yield pb.RecordChunk(lines=([header] if first else []) + lines, done=done, total=total)
                     first = False
         except Exception as exc:
-            await _abort(context, exc)
+            await abort_for(context, exc, "ExportRecords")
             raise
 
     @rpc
@@ -309,12 +304,3 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                         vectors_used=same_model and bool(carried),
                                         embedded=embedded)
 
-
-async def _abort(context: Any, exc: BaseException) -> None:
-    """A streaming handler's error, mapped as `rpc` maps a unary one's."""
-    mapped = status_for(exc)
-    if mapped is None:
-        log.exception("internal error in a stream")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see proxy logs")
-    else:
-        await context.abort(mapped[0], scrub(mapped[1]))

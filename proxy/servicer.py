@@ -59,6 +59,19 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, name: str) -> None:
+    """End the call with the status `exc` maps to (anything unexpected logged and INTERNAL); for unary handlers
+    through `rpc`, and for streaming ones, which call it from their own `except`."""
+    mapped = status_for(exc)
+    if mapped is None:
+        log.exception("internal error", extra={"rpc": name})
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}; see proxy logs")
+        return
+    detail = scrub(mapped[1])  # a store's error may quote a spec; the caller never sees its secrets
+    log.debug("rejected", extra={"rpc": name, "status": mapped[0].name, "detail": detail})
+    await context.abort(mapped[0], detail)
+
+
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Wraps a handler of the Memory or MigrationAdmin servicer: a server span (the servicer's `telemetry`), domain
     errors mapped to their status (`status_for`, anything else logged and INTERNAL), and the work the handler left
@@ -74,18 +87,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
                     authorize(request, context)
                 response = await method(self, request, context)
             except Exception as exc:
-                mapped = status_for(exc)
-                if mapped is None:
-                    call.status = "INTERNAL"
-                    log.exception("internal error", extra={"rpc": method.__name__})
-                    await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"internal error in {method.__name__}; see proxy logs")
-                    raise  # unreachable: abort raises
-                call.status = mapped[0].name
-                detail = scrub(mapped[1])  # a store's error may quote a spec; the caller never sees its secrets
-                log.debug("rejected", extra={"rpc": method.__name__, "status": mapped[0].name, "detail": detail})
-                await context.abort(mapped[0], detail)
-                raise
+                call.status = (status_for(exc) or (grpc.StatusCode.INTERNAL, ""))[0].name
+                await abort_for(context, exc, method.__name__)
+                raise  # unreachable: abort raises
             finally:
                 reset_after_reply(token)
         if hooks:
