@@ -18,7 +18,9 @@ writers fill whole batches. Three rules keep that safe:
 
 Vectors are kept in their own table, apart from the entity rows: a 1.5 KB blob inside a WITHOUT ROWID row spills to
 overflow pages and made every entity lookup and update several times slower (SQLite advises WITHOUT ROWID for small
-rows only). The in-memory index holds a scope's vectors from its first semantic search on, not from `open`: a store
+rows only). `SearchNodes` finds its candidates in a trigram index (FTS5 over `search_docs`, one document per live
+entity, see `semantics.search_document`), kept in the same transaction as the rows by the same bookkeeping that
+marks an entity's vector stale, and checks each candidate with the shared matching rule. The in-memory index holds a scope's vectors from its first semantic search on, not from `open`: a store
 that is only written to (a migration's target during the backfill, the old primary in the mirror window) or a scope
 nobody searches costs no memory for vectors.
 """
@@ -74,7 +76,7 @@ from adapters.records import (
 from adapters.vector_index import VectorIndex
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2  # 2: vectors moved out of `entities` into `vectors` (upgraded in place on open)
+SCHEMA_VERSION = 3  # 2: vectors moved out of `entities` into `vectors`; 3: the search index (both built on open)
 SMALL_JOB = 16  # records (or names) a job may touch and still run inline on the event loop
 log = logging.getLogger("memshift.store.embedded")
 
@@ -100,6 +102,10 @@ CREATE TABLE IF NOT EXISTS relations (
     metadata TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL,
     PRIMARY KEY (scope, source, relation_type, target)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
+CREATE TABLE IF NOT EXISTS search_docs (
+    id INTEGER PRIMARY KEY, scope TEXT NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, UNIQUE (scope, name));
+CREATE VIRTUAL TABLE IF NOT EXISTS search_index USING fts5(
+    text, content='search_docs', content_rowid='id', tokenize='trigram case_sensitive 1', detail=none);
 """
 
 
@@ -220,10 +226,10 @@ class _Txn:
             self.touched.add(key)
         return replaced
 
-    def current_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The embedding text of each live entity among `keys`: two queries per scope, whatever the number of
-        entities."""
-        out: dict[tuple[str, str], str] = {}
+    def current_parts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
+        """Type and observations (in order) of each live entity among `keys`: two queries per scope, whatever the
+        number of entities."""
+        out: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
         for scope, names in _by_scope(keys).items():
             arg = json.dumps(names)
             obs: dict[str, list[str]] = {}
@@ -234,16 +240,66 @@ class _Txn:
             for name, etype in self.conn.execute(
                     "SELECT name, entity_type FROM entities WHERE scope=? AND deleted=0"
                     " AND name IN (SELECT value FROM json_each(?))", (scope, arg)).fetchall():
-                out[(scope, name)] = embedding_text(name, etype, tuple(obs.get(name, ())))
+                out[(scope, name)] = (etype, tuple(obs.get(name, ())))
         return out
 
+    def current_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The embedding text of each live entity among `keys`."""
+        return {(s, n): embedding_text(n, t, obs) for (s, n), (t, obs) in self.current_parts(keys).items()}
+
     def embedding_texts(self) -> dict[tuple[str, str], str]:
-        """The texts of every touched live entity, each marked as wanting the vector of exactly that text."""
-        out = self.current_texts(self.touched)
-        for (scope, name), text in out.items():
+        """The texts of every touched live entity, each marked as wanting the vector of exactly that text; the
+        search index follows the same entities (what changes an entity's text changes its search document)."""
+        parts = self.current_parts(self.touched)
+        for key in self.touched | self.removed:
+            index_document(self.conn, key, parts.get(key))
+        out: dict[tuple[str, str], str] = {}
+        for (scope, name), (etype, obs) in parts.items():
+            text = out[(scope, name)] = embedding_text(name, etype, obs)
             self.conn.execute(
                 "UPDATE entities SET embed_hash=? WHERE scope=? AND name=?", (text_hash(text), scope, name))
         return out
+
+
+def index_document(conn: sqlite3.Connection, key: tuple[str, str], parts: tuple[str, tuple[str, ...]] | None) -> None:
+    """Make the search index hold the document of `key`'s entity (type and observations in `parts`), or none for an
+    entity that is not live. The FTS5 table indexes `search_docs`' text: its old text is handed back to delete."""
+    row = conn.execute("SELECT id, text FROM search_docs WHERE scope=? AND name=?", key).fetchone()
+    doc = None if parts is None else semantics.search_document(key[1], parts[0], parts[1])
+    if row is not None:
+        if row[1] == doc:
+            return
+        conn.execute("INSERT INTO search_index(search_index, rowid, text) VALUES ('delete', ?, ?)", row)
+    if doc is None:
+        if row is not None:
+            conn.execute("DELETE FROM search_docs WHERE id=?", (row[0],))
+        return
+    if row is None:
+        doc_id = conn.execute("INSERT INTO search_docs (scope, name, text) VALUES (?,?,?)", (*key, doc)).lastrowid
+    else:
+        doc_id = row[0]
+        conn.execute("UPDATE search_docs SET text=? WHERE id=?", (doc, doc_id))
+    conn.execute("INSERT INTO search_index(rowid, text) VALUES (?, ?)", (doc_id, doc))
+
+
+def _build_search_index(conn: sqlite3.Connection) -> None:
+    """A file written before the search index existed: index every live entity once, in one transaction."""
+    if conn.execute("SELECT 1 FROM meta WHERE key='search_index'").fetchone() is not None:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM search_docs")
+        conn.execute(
+            "INSERT INTO search_docs (scope, name, text) SELECT e.scope, e.name, search_document(e.name, e.entity_type,"
+            " (SELECT json_group_array(o.text) FROM observations o WHERE o.scope=e.scope AND o.entity=e.name"
+            " AND o.deleted=0)) FROM entities e WHERE e.deleted=0")
+        conn.execute("INSERT INTO search_index(search_index) VALUES ('rebuild')")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('search_index', '1')")
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _by_scope(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -425,7 +481,10 @@ class EmbeddedBackend(PlannedWrites):
             _upgrade(conn)
             conn.create_function("contains_ci", 2, lambda hay, needle: needle in semantics.lowered(hay),
                                  deterministic=True)
+            conn.create_function("search_document", 3, lambda name, etype, obs: semantics.search_document(
+                name, etype, json.loads(obs)), deterministic=True)
             self._check_embedding(conn)
+            _build_search_index(conn)
         except Exception:
             conn.close()
             raise
@@ -535,6 +594,8 @@ class EmbeddedBackend(PlannedWrites):
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         needle = semantics.lowered(query)
+        if len(needle) >= semantics.INDEXED_NEEDLE_CHARS:
+            return await self._call(self._search_indexed, scope, needle)
 
         def run() -> Graph:
             assert self._conn is not None
@@ -546,6 +607,17 @@ class EmbeddedBackend(PlannedWrites):
             return self._graph(scope, names)
 
         return await self._call(run)
+
+    def _search_indexed(self, scope: str, needle: str) -> Graph:
+        """Candidates from the trigram index (GLOB: case-sensitive, matching the lowered documents; the index is
+        walked first, hence the CROSS JOIN), then the shared rule on each."""
+        assert self._conn is not None
+        pattern = "*" + "".join(f"[{c}]" if c in "*?[" else c for c in needle) + "*"
+        names = [r[0] for r in self._conn.execute(
+            "SELECT d.name FROM search_index s CROSS JOIN search_docs d ON d.id = s.rowid"
+            " WHERE s.text GLOB ? AND d.scope = ? ORDER BY d.name", (pattern, scope))]
+        entities = [e for e in self._entities(scope, names) if semantics.entity_hit(needle, e)]
+        return Graph(tuple(entities), tuple(self._relations_touching(scope, [e.name for e in entities])))
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         return await self._call(self._graph, scope, list(dict.fromkeys(names)), small=len(names) <= SMALL_JOB)

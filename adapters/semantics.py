@@ -30,6 +30,24 @@ def search_hit(needle: str, *texts: str) -> bool:
     return any(needle in lowered(t) for t in texts)
 
 
+# A substring index (SQLite's trigram FTS5, PostgreSQL's pg_trgm) holds one document per live entity: its name, type
+# and observations, each `lowered` on its own (lowering is not context-free: a final Σ lowers to ς) and joined by a
+# line feed. A needle found in one field is found in the document, so the index's candidates are always a superset of
+# the hits; `search_hit` on the candidates gives exactly the documented matching. Needles shorter than three
+# characters have no trigram: stores scan for those.
+SEARCH_FIELD_SEPARATOR = "\n"
+INDEXED_NEEDLE_CHARS = 3
+
+
+def search_document(name: str, entity_type: str, observations: Sequence[str]) -> str:
+    return SEARCH_FIELD_SEPARATOR.join(lowered(t) for t in (name, entity_type, *observations))
+
+
+def entity_hit(needle: str, entity: Entity) -> bool:
+    """The documented `SearchNodes` match of one entity: name, type or any observation contains the needle."""
+    return search_hit(needle, entity.name, entity.entity_type, *entity.observations)
+
+
 def entity_key(scope: str, name: str) -> RecordKey:
     return (Kind.ENTITY, scope, (name,))
 

