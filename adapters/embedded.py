@@ -20,9 +20,10 @@ Vectors are kept in their own table, apart from the entity rows: a 1.5 KB blob i
 overflow pages and made every entity lookup and update several times slower (SQLite advises WITHOUT ROWID for small
 rows only). `SearchNodes` finds its candidates in a trigram index (FTS5 over `search_docs`, one document per live
 entity, see `semantics.search_document`), kept in the same transaction as the rows by the same bookkeeping that
-marks an entity's vector stale, and checks each candidate with the shared matching rule. The in-memory index holds a scope's vectors from its first semantic search on, not from `open`: a store
-that is only written to (a migration's target during the backfill, the old primary in the mirror window) or a scope
-nobody searches costs no memory for vectors.
+marks an entity's vector stale, and checks each candidate with the shared matching rule. The in-memory index holds
+a scope's vectors from its first semantic search on, not from `open`: a store that is only written to (a migration's
+target during the backfill, the old primary in the mirror window) or a scope nobody searches costs no memory for
+vectors.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -594,8 +596,12 @@ class EmbeddedBackend(PlannedWrites):
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         needle = semantics.lowered(query)
-        if len(needle) >= semantics.INDEXED_NEEDLE_CHARS:
-            return await self._call(self._search_indexed, scope, needle)
+        # The index is asked for the needle's longest stretch free of GLOB syntax: SQLite's trigram GLOB missed
+        # matches of a bracket-escaped `*` followed by a Greek letter and a space; the stretch's matches include
+        # the needle's.
+        stretch = max(re.split(r"[*?\[\]]", needle), key=len)
+        if len(stretch) >= semantics.INDEXED_NEEDLE_CHARS:
+            return await self._call(self._search_indexed, scope, needle, stretch)
 
         def run() -> Graph:
             assert self._conn is not None
@@ -608,14 +614,13 @@ class EmbeddedBackend(PlannedWrites):
 
         return await self._call(run)
 
-    def _search_indexed(self, scope: str, needle: str) -> Graph:
+    def _search_indexed(self, scope: str, needle: str, stretch: str) -> Graph:
         """Candidates from the trigram index (GLOB: case-sensitive, matching the lowered documents; the index is
         walked first, hence the CROSS JOIN), then the shared rule on each."""
         assert self._conn is not None
-        pattern = "*" + "".join(f"[{c}]" if c in "*?[" else c for c in needle) + "*"
         names = [r[0] for r in self._conn.execute(
             "SELECT d.name FROM search_index s CROSS JOIN search_docs d ON d.id = s.rowid"
-            " WHERE s.text GLOB ? AND d.scope = ? ORDER BY d.name", (pattern, scope))]
+            " WHERE s.text GLOB ? AND d.scope = ? ORDER BY d.name", (f"*{stretch}*", scope))]
         entities = [e for e in self._entities(scope, names) if semantics.entity_hit(needle, e)]
         return Graph(tuple(entities), tuple(self._relations_touching(scope, [e.name for e in entities])))
 

@@ -68,7 +68,7 @@ from adapters.records import (
 
 T = TypeVar("T")
 log = logging.getLogger("memshift.store.postgres")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entities.search_doc and its trigram index (filled on open for older stores)
 COPY_THRESHOLD = 256  # records per table above which a batch is staged with binary COPY
 
 _DDL = """
@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS relations (
     target text COLLATE "C" NOT NULL, metadata jsonb NOT NULL, version bigint NOT NULL, deleted boolean NOT NULL,
     PRIMARY KEY (scope, source, relation_type, target));
 CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
+ALTER TABLE entities ADD COLUMN IF NOT EXISTS search_doc text;
+CREATE INDEX IF NOT EXISTS entities_search_trgm ON entities USING gin (search_doc gin_trgm_ops);
 """
 
 _E_COLS = "scope, name, entity_type, metadata, version, created, purged, deleted"
@@ -105,6 +107,7 @@ ON CONFLICT (scope, name) DO UPDATE SET
     created = CASE WHEN t.version < excluded.version THEN excluded.created ELSE t.created END,
     deleted = CASE WHEN t.version < excluded.version THEN excluded.deleted ELSE t.deleted END,
     embedding = CASE WHEN t.version < excluded.version AND excluded.deleted THEN NULL ELSE t.embedding END,
+    search_doc = CASE WHEN t.version < excluded.version AND excluded.deleted THEN NULL ELSE t.search_doc END,
     version = GREATEST(t.version, excluded.version),
     purged = GREATEST(t.purged, excluded.purged)
 WHERE t.version < excluded.version OR t.purged < excluded.purged
@@ -214,6 +217,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
                 # pg_namespace), so the whole setup runs under one lock.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('memshift-schema'))")
                 await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
                 await conn.execute(f'SET search_path TO "{self._schema}", public')
                 await conn.execute(_DDL.format(dim=self.embedding.dimension))
@@ -223,7 +227,22 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         self._pool = await asyncpg.create_pool(
             self._dsn, min_size=1, max_size=self._pool_size, init=register_vector,
             server_settings={"search_path": f'"{self._schema}", public'})
+        await self._index_unsearchable()
         await self.embed_stale()
+
+    async def _index_unsearchable(self) -> None:
+        """Live entities without a search document (a store written before the index existed): give them one, a
+        page at a time, each page under its scopes' write locks."""
+        while True:
+            keys: list[tuple[str, str]] = [(r["scope"], r["name"]) for r in await self._read(lambda conn: conn.fetch(
+                "SELECT scope, name FROM entities WHERE NOT deleted AND search_doc IS NULL LIMIT 2000"))]
+            if not keys:
+                return
+
+            async def run(conn: asyncpg.Connection, page: list[tuple[str, str]] = keys) -> None:
+                await self._texts(conn, page, mark=True)
+
+            await self._write({s for s, _ in keys}, run)
 
     async def _ensure_vector_index(self) -> None:
         async def run(conn: asyncpg.Connection) -> None:
@@ -343,7 +362,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
 
     async def _texts(self, conn: asyncpg.Connection, keys: set[tuple[str, str]] | list[tuple[str, str]],
                      mark: bool, childless_only: bool = False) -> dict[tuple[str, str], str]:
-        """The embedding text of each live entity among `keys`; with `mark`, recorded as the text wanted."""
+        """The embedding text of each live entity among `keys`; with `mark`, recorded as the text wanted, and the
+        entity's search document rewritten (what changes the one changes the other)."""
         if not keys:
             return {}
         scopes, names = [list(c) for c in zip(*keys, strict=True)]
@@ -358,9 +378,11 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         out = {(r["scope"], r["name"]): embedding_text(r["name"], r["entity_type"], tuple(r["obs"])) for r in rows}
         if mark and out:
             await conn.execute(
-                "UPDATE entities e SET embed_hash = u.h FROM unnest($1::text[], $2::text[], $3::text[])"
-                " AS u(scope, name, h) WHERE e.scope = u.scope AND e.name = u.name",
-                [k[0] for k in out], [k[1] for k in out], [text_hash(t) for t in out.values()])
+                "UPDATE entities e SET embed_hash = u.h, search_doc = u.d"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+                " AS u(scope, name, h, d) WHERE e.scope = u.scope AND e.name = u.name",
+                [k[0] for k in out], [k[1] for k in out], [text_hash(t) for t in out.values()],
+                [semantics.search_document(r["name"], r["entity_type"], r["obs"]) for r in rows])
         return out
 
     async def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
@@ -483,6 +505,9 @@ class PostgresBackend(PlannedWrites, ExportInParts):
     async def search_nodes(self, scope: str, query: str) -> Graph:
         needle = semantics.lowered(query)
 
+        if len(needle) >= semantics.INDEXED_NEEDLE_CHARS:
+            return await self._read(lambda conn: self._search_indexed(conn, scope, needle))
+
         async def run(conn: asyncpg.Connection) -> Graph:
             # Matched here with the one shared rule: PostgreSQL's lower() follows the server's locale.
             hits = {r["name"] for r in await conn.fetch(
@@ -495,6 +520,18 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             return await self._graph(conn, scope, sorted(hits))
 
         return await self._read(run)
+
+    async def _search_indexed(self, conn: asyncpg.Connection, scope: str, needle: str) -> Graph:
+        """Candidates from the trigram index over the lowered documents (a case-sensitive LIKE, which pg_trgm's GIN
+        index answers), then the shared rule on each, so the server's locale never decides a match."""
+        pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        names = [r["name"] for r in await conn.fetch(
+            "SELECT name FROM entities WHERE scope = $1 AND NOT deleted AND search_doc LIKE $2", scope, pattern)]
+        graph = await self._graph(conn, scope, sorted(names))
+        hits = tuple(e for e in graph.entities if semantics.entity_hit(needle, e))
+        if len(hits) == len(graph.entities):
+            return graph
+        return await self._graph(conn, scope, [e.name for e in hits])
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         return await self._read(lambda conn: self._graph(conn, scope, list(dict.fromkeys(names))))
