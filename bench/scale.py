@@ -1,0 +1,349 @@
+"""A large migration while agents work: an embedded store of N entities moved to PostgreSQL through a running proxy.
+
+    python -m bench.scale --entities 100000 [--agents 8] [--agent-rate 4] [--json FILE]
+
+1. Builds the source: N entities in 8 scopes, 2 to 5 observations each, one relation each, with vectors generated
+   (unit length, the model's dimension, recorded under the model's name: a copy that keeps vectors never recomputes
+   them, so their values do not change its speed). Built through the store's own `apply`.
+2. Baseline, in the same run and on the same PostgreSQL server: the same data loaded with binary COPY into a store's
+   own tables (its primary keys and trigram index in place), then its vector index built as the store builds it.
+3. A proxy (its own process) serves the source; 8 agents write to it at a steady pace the whole time (a new entity or
+   a new observation per call). Through the admin API: StartMigration (backfill), Advance to DualWrite, Verify,
+   Advance to Completed.
+Reports the backfill rate against the baseline, agents' write latency before / during the backfill / after cutover,
+the proxy's RSS growth, Verify's rate and the wall time from start to Completed; figures in bench/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import numpy as np
+import numpy.typing as npt
+from pgvector.asyncpg import register_vector
+
+from adapters import semantics
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import DEFAULT_MODEL, EmbeddingInfo
+from adapters.postgres import PostgresBackend
+from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord, embedding_text, text_hash
+from bench.__main__ import Table, free_port, wait_ready
+from bench.__main__ import start as start_process
+from memshift.v1 import admin_pb2 as apb
+from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
+from memshift.v1 import memory_pb2 as pb
+from tests.servers import PostgresServer
+
+SCOPES = 8
+DIM = 384
+CHUNK = 5000  # entities generated (and applied, and copied) at a time
+TOPICS = ["tea", "chess", "astronomy", "cooking", "python", "jazz", "hiking", "finance", "poetry", "robots"]
+TYPES = ["person", "project", "place", "tool", "idea"]
+AUTH = (("authorization", "Bearer scale"),)
+
+
+class GeneratedVectorsOnly:
+    """The model's name and dimension for stores that are only ever handed vectors: building the source must never
+    need the model (it would take hours at this size), and a call here says the build went wrong."""
+
+    info = EmbeddingInfo(DEFAULT_MODEL, DIM)
+
+    async def embed(self, texts: object, urgent: bool = False) -> npt.NDArray[np.float32]:
+        raise RuntimeError("the scale benchmark's source is built with generated vectors only")
+
+
+@dataclass
+class Chunk:
+    records: list[Record] = field(default_factory=list)
+    vectors: dict[tuple[str, str], tuple[str, npt.NDArray[np.float32]]] = field(default_factory=dict)
+    entity_rows: list[tuple[object, ...]] = field(default_factory=list)
+
+
+def name_of(i: int) -> str:
+    return f"n{i:07d}"
+
+
+def chunks(n: int) -> Iterator[Chunk]:
+    """The source's records, entity by entity (an entity, its observations and its relation together, so each
+    page's vectors match their entity's complete text), with the rows COPY loads for the same data."""
+    rng = np.random.default_rng(11)
+    version = itertools.count(1)
+    for start in range(0, n, CHUNK):
+        out = Chunk()
+        stop = min(n, start + CHUNK)
+        vecs = rng.standard_normal((stop - start, DIM)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        for i in range(start, stop):
+            scope, name, etype = f"team-{i % SCOPES}", name_of(i), TYPES[i % len(TYPES)]
+            v = next(version)
+            obs = tuple(f"note {k} on {name}: likes {TOPICS[(i + k) % 10]} and {TOPICS[(i * 7 + k) % 10]}"
+                        for k in range(2 + i % 4))
+            target = i + SCOPES if i + SCOPES < n else i - SCOPES
+            out.records.append(EntityRecord(scope, name, etype, v, v))
+            out.records += [ObservationRecord(scope, name, o, v, v + k) for k, o in enumerate(obs)]
+            if target >= 0:
+                out.records.append(RelationRecord(scope, name, "works_with", name_of(target), v))
+            text = embedding_text(name, etype, obs)
+            out.vectors[(scope, name)] = (text_hash(text), vecs[i - start])
+            out.entity_rows.append((scope, name, etype, "{}", v, v, 0, False, text_hash(text), text_hash(text),
+                                    vecs[i - start], semantics.search_document(name, etype, obs)))
+        yield out
+
+
+async def build_source(path: Path, n: int) -> int:
+    store = EmbeddedBackend(path, GeneratedVectorsOnly())
+    await store.open()
+    count = 0
+    t = time.perf_counter()
+    for chunk in chunks(n):
+        await store.apply(chunk.records, chunk.vectors)
+        count += len(chunk.records)
+        progress("source", count, t)
+    await store.close()
+    print(file=sys.stderr)
+    return count
+
+
+def progress(label: str, done: int, since: float, total: int | None = None) -> None:
+    rate = done / max(1e-9, time.perf_counter() - since)
+    eta = f", ETA {(total - done) / rate:,.0f} s" if total and rate else ""
+    print(f"\r  {label}: {done:,} records, {rate:,.0f}/s{eta}   ", end="", file=sys.stderr, flush=True)
+
+
+async def copy_baseline(dsn: str, n: int) -> tuple[float, int]:
+    """COPY of the same data into a fresh store's own tables (binary, through the driver), then the store's vector
+    index built as the store builds it after a bulk load. Generating the rows is not timed."""
+    store = PostgresBackend(f"{dsn}?schema=baseline", GeneratedVectorsOnly())  # type: ignore[arg-type]
+    await store.open()
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "baseline, public"})
+    await register_vector(conn)
+    secs, count = 0.0, 0
+    e_cols = ["scope", "name", "entity_type", "metadata", "version", "created", "purged", "deleted", "embed_hash",
+              "vector_hash", "embedding", "search_doc"]
+    try:
+        for chunk in chunks(n):
+            obs = [(r.scope, r.entity, r.text, r.version, r.created, r.deleted) for r in chunk.records
+                   if isinstance(r, ObservationRecord)]
+            rels = [(r.scope, r.source, r.relation_type, r.target, "{}", r.version, r.deleted) for r in chunk.records
+                    if isinstance(r, RelationRecord)]
+            t = time.perf_counter()
+            await conn.copy_records_to_table("entities", records=chunk.entity_rows, columns=e_cols)
+            await conn.copy_records_to_table("observations", records=obs, columns=[
+                "scope", "entity", "text", "version", "created", "deleted"])
+            await conn.copy_records_to_table("relations", records=rels, columns=[
+                "scope", "source", "relation_type", "target", "metadata", "version", "deleted"])
+            secs += time.perf_counter() - t
+            count += len(chunk.records)
+            progress("COPY baseline", count, time.perf_counter() - secs)
+        t = time.perf_counter()
+        await store.embed_stale()  # nothing is stale: builds the vector index, as after a backfill
+        secs += time.perf_counter() - t
+    finally:
+        await conn.close()
+        await store.close()
+    print(file=sys.stderr)
+    return count / secs, count
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Agents:
+    """8 agents writing at a steady pace, each latency filed under the migration's stage when the call started."""
+
+    memory: memory_pb2_grpc.MemoryStub
+    count: int
+    rate: float  # writes per second per agent
+    stage: str = "before"
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    failures: int = 0
+    acknowledged: list[tuple[str, str, str]] = field(default_factory=list)  # (scope, entity, observation)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._agent(a) for a in range(self.count)))
+
+    async def _agent(self, a: int) -> None:
+        scope = f"team-{a % SCOPES}"
+        start = time.perf_counter() + a / (self.count * self.rate)  # agents are not in step with each other
+        for k in itertools.count():
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(max(0.0, start + k / self.rate - time.perf_counter()))
+            name, note = f"agent{a}-{k // 2:06d}", f"agent {a} learned fact {k} about {TOPICS[k % 10]}"
+            stage, t = self.stage, time.perf_counter()
+            try:
+                if k % 2 == 0:
+                    await self.memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[
+                        pb.Entity(name=name, entity_type="memory", observations=[note])]))
+                else:
+                    await self.memory.AddObservations(pb.AddObservationsRequest(scope=scope, observations=[
+                        pb.ObservationAddition(entity_name=name, contents=[note])]))
+            except grpc.aio.AioRpcError:
+                self.failures += 1
+                continue
+            self.latencies.setdefault(stage, []).append(time.perf_counter() - t)
+            if os.environ.get("SCALE_TRACE") and time.perf_counter() - t > 0.2:
+                print(f"\nslow {stage} write at {time.time():.1f}: {1000 * (time.perf_counter() - t):.0f} ms",
+                      file=sys.stderr)
+            self.acknowledged.append((scope, name, note))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def status(admin: admin_pb2_grpc.MigrationAdminStub) -> apb.MigrationStatus:
+    return await admin.GetStatus(apb.GetStatusRequest(), metadata=AUTH)
+
+
+async def migrate(work: Path, source: Path, target: str, total: int, agents: int, agent_rate: float,
+                  table: Table, baseline: float) -> dict[str, float]:
+    port, admin_port = free_port(), free_port()
+    proc = start_process(["-m", "proxy.cli", "serve"], {
+        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_STORE": f"sqlite:///{source}",
+        "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db", "MEMSHIFT_ADMIN_TOKEN": "scale",
+        "MEMSHIFT_LOG_LEVEL": "WARNING"})
+    figures: dict[str, float] = {}
+    try:
+        await wait_ready(f"127.0.0.1:{port}", proc)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ach:
+            admin = admin_pb2_grpc.MigrationAdminStub(ach)
+            crew = Agents(memory_pb2_grpc.MemoryStub(mch), agents, agent_rate)
+            writing = asyncio.ensure_future(crew.run())
+            await asyncio.sleep(20)  # agents' latency with no migration
+            rss_before = peak = rss_mb(proc.pid)
+
+            started = time.perf_counter()
+            crew.stage = "backfill"
+            await admin.StartMigration(apb.StartMigrationRequest(target=target, batch_size=2000, workers=2),
+                                       metadata=AUTH)
+            while not (st := await status(admin)).backfill.complete:
+                peak = max(peak, rss_mb(proc.pid))
+                b = st.backfill
+                eta = f", ETA {b.eta_seconds:,.0f} s" if b.eta_seconds >= 0 else ""
+                print(f"\r  backfill: {b.done:,}/{b.total:,} records, {b.rate_per_second:,.0f}/s{eta}   ",
+                      end="", file=sys.stderr, flush=True)
+                await asyncio.sleep(1)
+            backfill_secs = time.perf_counter() - started
+            if os.environ.get("SCALE_TRACE"):
+                print(f"\nbackfill from {time.time() - backfill_secs:.1f} to {time.time():.1f}", file=sys.stderr)
+            print(file=sys.stderr)
+            crew.stage = "dual write"
+            await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
+
+            t = time.perf_counter()
+            last = None
+            async for last in admin.Verify(apb.VerifyRequest(), metadata=AUTH):
+                peak = max(peak, rss_mb(proc.pid))
+                print(f"\r  verify: {last.compared:,} records compared   ", end="", file=sys.stderr, flush=True)
+            verify_secs = time.perf_counter() - t
+            print(file=sys.stderr)
+            assert last is not None and last.done
+
+            await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
+            wall = time.perf_counter() - started
+            crew.stage = "after cutover"
+            peak = max(peak, rss_mb(proc.pid))
+            await asyncio.sleep(20)
+            crew.stop()
+            await writing
+
+            # Every write the agents had acknowledged is served by the new primary.
+            memory = memory_pb2_grpc.MemoryStub(mch)
+            lost = 0
+            latest: dict[tuple[str, str], set[str]] = {}
+            for scope, name, note in crew.acknowledged:
+                latest.setdefault((scope, name), set()).add(note)
+            for (scope, name), notes in latest.items():
+                got = await memory.OpenNodes(pb.OpenNodesRequest(scope=scope, names=[name]))
+                held = set(got.entities[0].observations) if got.entities else set()
+                lost += len(notes - held)
+
+        p = {s: lat for s, lat in crew.latencies.items()}
+        before = p.get("before", [0.0])
+        for stage_name in ("before", "backfill", "dual write", "after cutover"):
+            lat = p.get(stage_name)
+            if lat:
+                ratio = np.percentile(lat, 99) / np.percentile(before, 99)
+                table.add(f"agent writes ({agents} agents, {agents * agent_rate:g}/s), {stage_name}", lat,
+                          note=f"{ratio:.2f} x p99 before" if stage_name != "before" else "",
+                          p99_vs_before=float(ratio))
+        rate = total / backfill_secs
+        table.add(f"backfill to PostgreSQL, {total:,} records (vectors kept)", rate=rate,
+                  note=f"{rate / baseline:.2f} x COPY", seconds=backfill_secs, vs_copy=rate / baseline)
+        table.add("Verify", rate=(last.compared / verify_secs), seconds=verify_secs,
+                  note=f"{last.compared:,} records, {last.differences} differences")
+        table.add("start to Completed (wall)", note=f"{wall:,.0f} s", seconds=wall)
+        table.add("proxy RSS growth", note=f"{peak - rss_before:,.0f} MB (from {rss_before:,.0f} MB)",
+                  rss_growth_mb=peak - rss_before, rss_before_mb=rss_before)
+        table.add("acknowledged agent writes lost", note=f"{lost} of {len(crew.acknowledged)} "
+                  f"({crew.failures} calls refused)", lost=lost, acknowledged=len(crew.acknowledged))
+        figures.update(backfill_rate=rate, verify_rate=last.compared / verify_secs, wall=wall)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return figures
+
+
+async def main(n: int, agents: int, agent_rate: float, json_out: Path | None) -> None:
+    table = Table("scale")
+    work = Path(tempfile.mkdtemp(prefix="memshift-scale-"))
+    server = PostgresServer().start()
+    try:
+        dsn = server.dsn
+        conn = await asyncpg.connect(dsn)
+        # The vector index of a million entities is built in memory when it fits (pgvector's advice); the same
+        # setting serves the baseline and the backfill.
+        await conn.execute("ALTER SYSTEM SET maintenance_work_mem = '2GB'")
+        await conn.execute("SELECT pg_reload_conf()")
+        await conn.close()
+        t = time.perf_counter()
+        total = await build_source(work / "source.db", n)
+        table.add(f"build the source: {n:,} entities, {total:,} records, through the store's apply",
+                  rate=total / (time.perf_counter() - t))
+        baseline, _ = await copy_baseline(dsn, n)
+        table.add("PostgreSQL COPY of the same data + vector index (baseline)", rate=baseline)
+        await migrate(work, work / "source.db", f"{dsn}?schema=memory", total, agents, agent_rate, table, baseline)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    table.print()
+    if json_out is not None:
+        write_json(json_out, {"bench": "scale", "entities": n, "rows": table.raw})
+
+
+def write_json(path: Path, figures: dict[str, object]) -> None:
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"figures also in {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=100_000)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--agent-rate", type=float, default=4.0, help="writes per second per agent")
+    parser.add_argument("--json", type=Path, default=None)
+    ns = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    asyncio.run(main(ns.entities, ns.agents, ns.agent_rate, ns.json))
