@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest bench proto clean
+.PHONY: install run test lint typecheck pytest bench bench-full proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,27 @@ pytest: install
 
 test: lint typecheck pytest
 
+# `make bench`: every benchmark at sizes that finish within about ten minutes on a 2-core machine; every figure also
+# lands in bench/results/<name>.json. `make bench-full`: the sizes docs/benchmarks.md reports (an hour and more).
 bench: install
+	$(PY) -m bench --entities 5000 --calls 1000
+	$(PY) -m bench.migration --entities 5000 --memory-entities 50000 --writes 1000 --rounds 3
+	$(PY) -m bench.stores --entities 2000 --qdrant-sizes 2000
+	$(PY) -m bench.fleet --changes 20
+	$(PY) -m bench.flood
+	$(PY) -m bench.transfer --entities 2000 --calls 200
+	$(PY) -m bench.reference --sizes 1000,5000 --calls 100
+	$(PY) -m bench.scale --entities 100000 --json bench/results/scale-100k.json
+
+bench-full: install
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
 	$(PY) -m bench.stores $(STORES_ARGS)
 	$(PY) -m bench.fleet $(FLEET_ARGS)
 	$(PY) -m bench.flood $(FLOOD_ARGS)
 	$(PY) -m bench.transfer $(TRANSFER_ARGS)
+	$(PY) -m bench.reference --sizes 1000,5000,50000
+	$(PY) -m bench.scale --entities 1000000 --json bench/results/scale-1m.json
 
 proto: install
 	$(PY) tools/gen_proto.py

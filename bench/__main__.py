@@ -98,8 +98,15 @@ async def wait_ready(target: str, proc: subprocess.Popen[bytes]) -> None:
             raise SystemExit(f"server at {target} did not start") from None
 
 
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """A server process of the benchmark, run in the benchmark's own temporary directory `cwd`: a default path
+    (./data/control.db, ./data/memory.db) then lands there, never in a checkout where `make run` left state."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen([sys.executable, *args], env={**os.environ, **env, "PYTHONPATH": path}, cwd=cwd,
+                            stderr=subprocess.DEVNULL)
 
 
 async def main(n_entities: int, calls: int) -> None:
@@ -134,10 +141,10 @@ async def main(n_entities: int, calls: int) -> None:
     table.add("query embedding alone: the library's encode, one text (baseline)", qlat, qrate)
 
     noop_port, proxy_port = free_port(), free_port()
-    noop = start(["-m", "bench.noop_server", str(noop_port)], {})
+    noop = start(["-m", "bench.noop_server", str(noop_port)], {}, work)
     proxy = start(["-m", "proxy.cli", "serve"], {
         "MEMSHIFT_LISTEN": f"127.0.0.1:{proxy_port}", "MEMSHIFT_STORE": f"sqlite:///{db}", "MEMSHIFT_LOG_LEVEL":
-        "WARNING"})
+        "WARNING", "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db"}, work)
     try:
         await wait_ready(f"127.0.0.1:{noop_port}", noop)
         await wait_ready(f"127.0.0.1:{proxy_port}", proxy)

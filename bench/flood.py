@@ -2,7 +2,7 @@
 its in-flight budget and against the same proxy with no budget (the baseline), in the same run. Prints a table and
 writes a JSON file.
 
-    python -m bench.flood [--small 2000] [--large 50] [--json bench-flood.json]
+    python -m bench.flood [--small 2000] [--large 50] [--json bench/results/flood.json]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ async def run(small: int, large: int, budget: int) -> dict[str, Any]:
             "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0",
             "MEMSHIFT_HEALTH_LISTEN": f"127.0.0.1:{health}", "MEMSHIFT_STORE": f"sqlite:///{work}/m.db",
             "MEMSHIFT_CONTROL": f"sqlite:///{work}/c.db", "MEMSHIFT_LOG_LEVEL": "ERROR",
-            "MEMSHIFT_MAX_INFLIGHT_CALLS": str(calls)})
+            "MEMSHIFT_MAX_INFLIGHT_CALLS": str(calls)}, work)
         try:
             await wait_ready(f"127.0.0.1:{port}", proc)
             results[name] = await flood(port, health, small, large)
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--large", type=int, default=50)
     parser.add_argument("--budget", type=int, default=64)
-    parser.add_argument("--json", default="bench-flood.json")
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "flood.json"))
     ns = parser.parse_args()
     results = asyncio.run(run(ns.small, ns.large, ns.budget))
     base = results["no budget (baseline)"]

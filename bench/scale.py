@@ -221,7 +221,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
         "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
         "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_STORE": f"sqlite:///{source}",
         "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db", "MEMSHIFT_ADMIN_TOKEN": "scale",
-        "MEMSHIFT_LOG_LEVEL": "WARNING"})
+        "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
     figures: dict[str, float] = {}
     try:
         await wait_ready(f"127.0.0.1:{port}", proc)

@@ -44,7 +44,7 @@ def proxy(work: Path, name: str) -> tuple[subprocess.Popen[bytes], int, int, int
         "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin}",
         "MEMSHIFT_MCP_LISTEN": f"127.0.0.1:{mcp}", "MEMSHIFT_ADMIN_TOKEN": TOKEN,
         "MEMSHIFT_STORE": f"sqlite:///{work / name}.db", "MEMSHIFT_CONTROL": f"sqlite:///{work / name}-control.db",
-        "MEMSHIFT_LOG_LEVEL": "WARNING"})
+        "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
     return proc, port, admin, mcp
 
 

@@ -200,3 +200,22 @@ class ChromaServer(_Child):
             self._proc.kill()
             self._proc.wait()
 
+
+
+REFERENCE_MEMORY_SERVER = "@modelcontextprotocol/server-memory@2026.8.31"
+
+
+def reference_memory_server() -> Path | None:
+    """The MCP reference memory server's entry point, installed from npm into the project's .cache/node (once); None
+    when this machine has no Node.js."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    prefix = Path(__file__).resolve().parent.parent / ".cache" / "node"
+    entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
+    if not entry.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                               REFERENCE_MEMORY_SERVER], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"npm install {REFERENCE_MEMORY_SERVER} failed: {done.stderr[-2000:]}")
+    return entry

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from memshift.v1 import memory_pb2 as pb
 from proxy import jsonl
 from proxy.cli import main
 from tests.cluster import Cluster
+from tests.servers import reference_memory_server
 
 REFERENCE = "\n".join([
     '{"type":"entity","name":"alice","entityType":"person","observations":["drinks green tea","lives in Paris"]}',
@@ -96,21 +95,12 @@ async def test_a_bad_line_is_reported_with_its_number_and_nothing_is_written(
     assert await graph(cluster, "bad") == ({}, set())
 
 
-REFERENCE_SERVER = "@modelcontextprotocol/server-memory@2026.8.31"
-
-
 @pytest.fixture(scope="session")
 def reference_server() -> Path:
     """The MCP reference memory server itself, installed from npm into the project's .cache/ (once)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
+    entry = reference_memory_server()
+    if entry is None:
         pytest.skip("Node.js is not on this machine")
-    prefix = Path(__file__).resolve().parent.parent / ".cache" / "node"
-    entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-memory" / "dist" / "index.js"
-    if not entry.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), REFERENCE_SERVER],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
     return entry
 
 

@@ -1,0 +1,212 @@
+"""Memshift against the MCP reference memory server, one operation at a time from one client, in one run.
+
+    python -m bench.reference [--sizes 1000,5000,50000] [--calls 200]
+
+The reference (`@modelcontextprotocol/server-memory`, installed from npm into .cache/node by the project) runs on the
+machine's Node.js over stdio and re-reads its memory.jsonl on every call; Memshift is a proxy in its own process on
+the embedded store holding the same graph, reached over MCP Streamable HTTP. Both are driven by the official Python
+MCP client, every tool the reference has, the two servers alternating round by round so a slow spell of this shared
+machine lands on both alike. A last table measures Memshift's reads while its embedder works through a stream of
+bulk creates (reads must not queue behind the model). Without Node.js the comparison is skipped with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from adapters.embedded import EmbeddedBackend
+from adapters.model import Entity, Relation
+from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord, embedding_text, text_hash
+from bench.__main__ import Table, free_port, start, wait_ready
+from bench.scale import DIM, TOPICS, GeneratedVectorsOnly
+from memshift.v1 import memory_pb2 as pb
+from memshift.v1 import memory_pb2_grpc as pb_grpc
+from proxy import jsonl
+from tests.servers import reference_memory_server
+
+SCOPE = "agent"
+
+
+def entity(i: int) -> Entity:
+    return Entity(f"e{i:05d}", ["person", "project", "place"][i % 3],
+                  tuple(f"fact {k} of e{i:05d}: likes {TOPICS[(i + k) % 10]}" for k in range(3)))
+
+
+def relation(i: int, n: int) -> Relation:
+    return Relation(f"e{i:05d}", f"e{(i * 7 + 1) % n:05d}", "knows")
+
+
+def write_jsonl(path: Path, n: int) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(jsonl.entity_line(entity(i)) + "\n")
+        for i in range(n // 2):
+            f.write(jsonl.relation_line(relation(i, n)) + "\n")
+
+
+async def build_store(path: Path, n: int) -> None:
+    """The same graph in an embedded store, with generated vectors (none of these operations reads them)."""
+    store = EmbeddedBackend(path, GeneratedVectorsOnly())
+    await store.open()
+    rng = np.random.default_rng(3)
+    for start_i in range(0, n, 2000):
+        recs: list[Record] = []
+        vectors = {}
+        for i in range(start_i, min(n, start_i + 2000)):
+            e = entity(i)
+            recs.append(EntityRecord(SCOPE, e.name, e.entity_type, 1 + i, 1 + i))
+            recs += [ObservationRecord(SCOPE, e.name, o, 1 + i, 1 + i + k) for k, o in enumerate(e.observations)]
+            if i < n // 2:
+                r = relation(i, n)
+                recs.append(RelationRecord(SCOPE, r.source, r.relation_type, r.target, 1 + i))
+            v = rng.standard_normal(DIM).astype(np.float32)
+            vectors[(SCOPE, e.name)] = (text_hash(embedding_text(e.name, e.entity_type, e.observations)),
+                                        v / np.linalg.norm(v))
+        await store.apply(recs, vectors)
+    await store.close()
+
+
+def operations(n: int) -> list[tuple[str, Callable[[int, str], dict[str, Any]]]]:
+    """Every tool of the reference server, with arguments for call i of side `tag` (each side its own new names)."""
+    def e(i: int) -> str:
+        return f"e{i % n:05d}"
+
+    return [
+        ("open_nodes", lambda i, t: {"names": [e(i * 13), e(i * 7 + 2)]}),
+        ("search_nodes", lambda i, t: {"query": e(i * 31)}),
+        ("create_entities", lambda i, t: {"entities": [
+            {"name": f"new-{t}-{i}", "entityType": "note", "observations": [f"fresh fact {i}"]}]}),
+        ("add_observations", lambda i, t: {"observations": [{"entityName": e(i), "contents": [f"note {t} {i}"]}]}),
+        ("create_relations", lambda i, t: {"relations": [{"from": e(i), "to": e(i * 7), "relationType": f"r{t}{i}"}]}),
+        ("delete_relations", lambda i, t: {"relations": [{"from": e(i), "to": e(i * 7), "relationType": f"r{t}{i}"}]}),
+        ("delete_observations", lambda i, t: {"deletions": [{"entityName": e(i), "observations": [f"note {t} {i}"]}]}),
+        ("delete_entities", lambda i, t: {"entityNames": [f"new-{t}-{i}"]}),
+        ("read_graph", lambda i, t: {}),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def reference_session(entry: Path, memory_file: Path) -> AsyncIterator[ClientSession]:
+    params = StdioServerParameters(command="node", args=[str(entry)],
+                                   env={**os.environ, "MEMORY_FILE_PATH": str(memory_file)})
+    async with stdio_client(params) as (r, w), ClientSession(r, w) as session:
+        await session.initialize()
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def memshift_session(work: Path, n: int) -> AsyncIterator[tuple[ClientSession, pb_grpc.MemoryStub]]:
+    db = work / f"memshift-{n}.db"
+    await build_store(db, n)
+    port, mcp = free_port(), free_port()
+    proc = start(["-m", "proxy.cli", "serve"], {
+        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": "127.0.0.1:0",
+        "MEMSHIFT_MCP_LISTEN": f"127.0.0.1:{mcp}", "MEMSHIFT_STORE": f"sqlite:///{db}",
+        "MEMSHIFT_CONTROL": f"sqlite:///{work}/control-{n}.db", "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
+    try:
+        await wait_ready(f"127.0.0.1:{port}", proc)
+        http = create_mcp_http_client(headers={"Memshift-Scope": SCOPE})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, http, \
+                streamable_http_client(f"http://127.0.0.1:{mcp}/mcp", http_client=http) as (r, w), \
+                ClientSession(r, w) as session:
+            await session.initialize()
+            yield session, pb_grpc.MemoryStub(ch)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def call(session: ClientSession, tool: str, args: dict[str, Any]) -> float:
+    t = time.perf_counter()
+    result = await session.call_tool(tool, args)
+    spent = time.perf_counter() - t
+    if result.is_error:
+        raise SystemExit(f"{tool}({args}) failed: {result.content}")
+    return spent
+
+
+async def compare(table: Table, sessions: dict[str, ClientSession], n: int, calls: int) -> None:
+    rounds = 10
+    for tool, args in operations(n):
+        lat: dict[str, list[float]] = {side: [] for side in sessions}
+        count = calls if tool != "read_graph" or n <= 5000 else max(10, calls // 10)
+        counter = itertools.count()
+        for r in range(rounds):
+            for side in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+                for _ in range(count // rounds):
+                    i = next(counter)
+                    lat[side].append(await call(sessions[side], tool, args(i, side)))
+        ref, ours = lat["reference"], lat["memshift"]
+        p50 = statistics.median(ref) / statistics.median(ours)
+        p99 = float(np.percentile(ref, 99) / np.percentile(ours, 99))
+        table.add(f"{n:,} entities, {tool}: reference server (baseline)", ref)
+        table.add(f"{n:,} entities, {tool}: Memshift", ours, note=f"{p50:.1f} x faster p50, {p99:.1f} x p99",
+                  faster_p50=p50, faster_p99=p99)
+
+
+async def reads_while_embedding(table: Table, session: ClientSession, memory: pb_grpc.MemoryStub, n: int,
+                                calls: int) -> None:
+    """Memshift's reads while bulk creates keep its embedder busy (batches of 64 new entities, back to back)."""
+    stop = asyncio.Event()
+
+    async def bulk() -> None:
+        for b in itertools.count():
+            if stop.is_set():
+                return
+            await memory.CreateEntities(pb.CreateEntitiesRequest(scope=SCOPE, entities=[
+                pb.Entity(name=f"bulk-{b}-{k}", entity_type="note",
+                          observations=[f"bulk fact {b} {k} {TOPICS[k % 10]}"]) for k in range(64)]))
+
+    writer = asyncio.ensure_future(bulk())
+    try:
+        await asyncio.sleep(1)
+        for tool, args in operations(n)[:2]:
+            lat = [await call(session, tool, args(i, "busy")) for i in range(calls)]
+            table.add(f"{n:,} entities, {tool}: Memshift while its embedder works", lat)
+    finally:
+        stop.set()
+        await writer
+
+
+async def main(sizes: list[int], calls: int) -> None:
+    entry = reference_memory_server()
+    if entry is None:
+        print("bench.reference: skipped, Node.js is not on this machine (the reference server runs on it)")
+        return
+    table = Table("reference")
+    work = Path(tempfile.mkdtemp(prefix="memshift-bench-reference-"))
+    for n in sizes:
+        memory_file = work / f"memory-{n}.jsonl"
+        write_jsonl(memory_file, n)
+        async with reference_session(entry, memory_file) as ref, memshift_session(work, n) as (ours, memory):
+            await compare(table, {"reference": ref, "memshift": ours}, n, calls)
+            await reads_while_embedding(table, ours, memory, n, calls)
+        print(f"  {n:,} entities done", file=sys.stderr)
+    print()
+    table.print()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,5000,50000")
+    parser.add_argument("--calls", type=int, default=200)
+    ns = parser.parse_args()
+    asyncio.run(main([int(s) for s in ns.sizes.split(",")], ns.calls))
