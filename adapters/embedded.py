@@ -374,6 +374,7 @@ def _sqlite_thread() -> ThreadPoolExecutor:
 
 
 INLINE_SEARCH_ROWS = 4096
+CHECKPOINT_EVERY = 200  # writes between WAL checkpoints (on the worker thread)
 
 
 class EmbeddedBackend(PlannedWrites):
@@ -388,6 +389,8 @@ class EmbeddedBackend(PlannedWrites):
         self._conn: sqlite3.Connection | None = None
         self._index = VectorIndex(embedder.info.dimension)
         self._loaded: set[str] = set()  # scopes whose vectors the index holds (from their first search on)
+        self._commits = 0
+        self._checkpoint: asyncio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -439,8 +442,21 @@ class EmbeddedBackend(PlannedWrites):
                                size: int = SMALL_JOB + 1) -> T:
         written: tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]] = await self._call(
             self._write, body, small=size <= SMALL_JOB)
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpoint is None:
+            self._checkpoint = asyncio.ensure_future(self._call(self._wal_checkpoint))
+            self._checkpoint.add_done_callback(self._checkpointed)
         await self._embeddings.after_write(written[1], vectors)
         return written[0]
+
+    def _wal_checkpoint(self) -> None:
+        assert self._conn is not None
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpointed(self, task: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("WAL checkpoint failed; the next one retries", exc_info=task.exception())
 
     async def _store_ready(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
         await self._call(self._store_vectors, ready, small=len(ready) <= SMALL_JOB)
@@ -479,6 +495,10 @@ class EmbeddedBackend(PlannedWrites):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            # SQLite checkpoints the WAL inside whichever COMMIT crosses 1000 pages, and an agent's small write
+            # commits on the event loop: under a backfill's reads that checkpoint stalled every call in flight for up
+            # to half a second. Checkpoints run on the worker thread instead, every CHECKPOINT_EVERY writes.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(_SCHEMA)
             _upgrade(conn)
             conn.create_function("contains_ci", 2, lambda hay, needle: needle in semantics.lowered(hay),
@@ -515,6 +535,8 @@ class EmbeddedBackend(PlannedWrites):
 
     async def close(self) -> None:
         await self._embeddings.settled()
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, conn.close)
