@@ -105,8 +105,6 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[b
     """A server process of the benchmark, run in the benchmark's own temporary directory `cwd`: a default path
     (./data/control.db, ./data/memory.db) then lands there, never in a checkout where `make run` left state."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    if os.environ.get("XWATCH") and args[:2] == ["-m", "proxy.cli"]:
-        return subprocess.Popen([sys.executable, "/tmp/watchdog_cli.py"], env={**os.environ, **env, "PYTHONPATH": path}, cwd=cwd)
     return subprocess.Popen([sys.executable, *args], env={**os.environ, **env, "PYTHONPATH": path}, cwd=cwd,
                             stderr=subprocess.DEVNULL)
 

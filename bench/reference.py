@@ -113,7 +113,10 @@ async def reference_session(entry: Path, memory_file: Path) -> AsyncIterator[Cli
 
 
 @contextlib.asynccontextmanager
-async def memshift_session(work: Path, n: int) -> AsyncIterator[tuple[ClientSession, pb_grpc.MemoryStub]]:
+async def memshift_session(work: Path, n: int) -> AsyncIterator[tuple[ClientSession, ClientSession,
+                                                                       pb_grpc.MemoryStub]]:
+    """Memshift's two MCP doors to one proxy: Streamable HTTP served by the proxy itself, and `memshift mcp`, the
+    stdio command a client launches as it launches the reference server (a bridge to the proxy over gRPC)."""
     db = work / f"memshift-{n}.db"
     await build_store(db, n)
     port, mcp = free_port(), free_port()
@@ -124,11 +127,14 @@ async def memshift_session(work: Path, n: int) -> AsyncIterator[tuple[ClientSess
     try:
         await wait_ready(f"127.0.0.1:{port}", proc)
         http = create_mcp_http_client(headers={"Memshift-Scope": SCOPE})
+        bridge = StdioServerParameters(command=sys.executable, args=[
+            "-m", "proxy.cli", "mcp", "--target", f"127.0.0.1:{port}", "--scope", SCOPE], cwd=str(work))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, http, \
                 streamable_http_client(f"http://127.0.0.1:{mcp}/mcp", http_client=http) as (r, w), \
-                ClientSession(r, w) as session:
+                ClientSession(r, w) as session, stdio_client(bridge) as (sr, sw), ClientSession(sr, sw) as stdio:
             await session.initialize()
-            yield session, pb_grpc.MemoryStub(ch)
+            await stdio.initialize()
+            yield session, stdio, pb_grpc.MemoryStub(ch)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -154,12 +160,15 @@ async def compare(table: Table, sessions: dict[str, ClientSession], n: int, call
                 for _ in range(count // rounds):
                     i = next(counter)
                     lat[side].append(await call(sessions[side], tool, args(i, side)))
-        ref, ours = lat["reference"], lat["memshift"]
-        p50 = statistics.median(ref) / statistics.median(ours)
-        p99 = float(np.percentile(ref, 99) / np.percentile(ours, 99))
-        table.add(f"{n:,} entities, {tool}: reference server (baseline)", ref)
-        table.add(f"{n:,} entities, {tool}: Memshift", ours, note=f"{p50:.1f} x faster p50, {p99:.1f} x p99",
-                  faster_p50=p50, faster_p99=p99)
+        ref = lat["reference"]
+        table.add(f"{n:,} entities, {tool}: reference server, stdio (baseline)", ref)
+        for side, ours in lat.items():
+            if side == "reference":
+                continue
+            p50 = statistics.median(ref) / statistics.median(ours)
+            p99 = float(np.percentile(ref, 99) / np.percentile(ours, 99))
+            table.add(f"{n:,} entities, {tool}: Memshift, {side}", ours,
+                      note=f"{p50:.2f} x faster p50, {p99:.2f} x p99", faster_p50=p50, faster_p99=p99)
 
 
 async def reads_while_embedding(table: Table, session: ClientSession, memory: pb_grpc.MemoryStub, n: int,
@@ -180,7 +189,7 @@ async def reads_while_embedding(table: Table, session: ClientSession, memory: pb
         await asyncio.sleep(1)
         for tool, args in operations(n)[:2]:
             lat = [await call(session, tool, args(i, "busy")) for i in range(calls)]
-            table.add(f"{n:,} entities, {tool}: Memshift while its embedder works", lat)
+            table.add(f"{n:,} entities, {tool}: Memshift (stdio) while its embedder works", lat)
     finally:
         stop.set()
         await writer
@@ -196,9 +205,11 @@ async def main(sizes: list[int], calls: int) -> None:
     for n in sizes:
         memory_file = work / f"memory-{n}.jsonl"
         write_jsonl(memory_file, n)
-        async with reference_session(entry, memory_file) as ref, memshift_session(work, n) as (ours, memory):
-            await compare(table, {"reference": ref, "memshift": ours}, n, calls)
-            await reads_while_embedding(table, ours, memory, n, calls)
+        async with reference_session(entry, memory_file) as ref, \
+                memshift_session(work, n) as (http, stdio, memory):
+            await compare(table, {"reference": ref, "stdio (memshift mcp)": stdio, "Streamable HTTP": http}, n,
+                          calls)
+            await reads_while_embedding(table, stdio, memory, n, calls)
         print(f"  {n:,} entities done", file=sys.stderr)
     print()
     table.print()
