@@ -13,6 +13,7 @@ compares the effects of the primary and the secondary to find keys that need rec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
@@ -27,6 +28,10 @@ from adapters.model import (
     SearchResult,
 )
 from adapters.records import Counts, Record, RecordKey, RecordPage
+
+# Set while a call serves nobody who waits (a shadow read): a store then keeps the work off the event loop, on its
+# worker thread, even when it is small enough to run inline, so the next caller's request is not held behind it.
+BACKGROUND: ContextVar[bool] = ContextVar("memshift_background", default=False)
 
 T = TypeVar("T")
 

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adapters import semantics
-from adapters.base import ExportPage, VectorMap, WriteResult
+from adapters.base import BACKGROUND, ExportPage, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
 from adapters.export import vector_keys
@@ -408,7 +408,7 @@ class EmbeddedBackend(PlannedWrites):
         job's lock."""
         if self._conn is None:
             raise StoreUnavailable(f"{self.name} is not open")
-        if small and self._conn_lock.acquire(blocking=False):
+        if small and not BACKGROUND.get() and self._conn_lock.acquire(blocking=False):
             try:
                 return fn(*args)
             finally:

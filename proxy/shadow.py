@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
-from adapters.base import Backend
+from adapters.base import BACKGROUND, Backend
 from adapters.model import StoreUnavailable
 from policies.comparators import CompareSettings
 from policies.loader import ShadowSettings
@@ -136,6 +136,7 @@ class ShadowReader:
 
     async def _run(self, job: _ShadowJob) -> None:
         op, answer, served_by_primary, served_seconds = job.op, job.answer, job.served_by_primary, job.served_seconds
+        BACKGROUND.set(True)  # this task's own context: the store keeps the read off the event loop
         outcome = "match"
         start = time.perf_counter()
         try:
