@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 import numpy as np
+from pgvector import Vector as PgVector
 from pgvector.asyncpg import register_vector
 
 from adapters import semantics
@@ -147,6 +148,15 @@ def _array(value: Any) -> Vector:
     """A `vector` column as float32 numpy (pgvector's codec hands out its own Vector type)."""
     raw = value.to_numpy() if hasattr(value, "to_numpy") else value
     return np.asarray(raw, dtype=np.float32)
+
+
+def _given(vectors: VectorMap | None, key: tuple[str, str], text_hash_: str, dim: int) -> PgVector | None:
+    """The vector handed in for `key` if it was computed from exactly the text of hash `text_hash_` (as pgvector's
+    own type: in a `vector[]` parameter the driver would take a numpy array for a nested array)."""
+    got = vectors.get(key) if vectors is not None else None
+    if got is None or got[0] != text_hash_ or len(got[1]) != dim:
+        return None
+    return PgVector(np.asarray(got[1], dtype=np.float32))
 
 
 def _entity_row(r: EntityRecord) -> tuple[Any, ...]:
@@ -361,9 +371,12 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         return out
 
     async def _texts(self, conn: asyncpg.Connection, keys: set[tuple[str, str]] | list[tuple[str, str]],
-                     mark: bool, childless_only: bool = False) -> dict[tuple[str, str], str]:
+                     mark: bool, childless_only: bool = False,
+                     vectors: VectorMap | None = None) -> dict[tuple[str, str], str]:
         """The embedding text of each live entity among `keys`; with `mark`, recorded as the text wanted, and the
-        entity's search document rewritten (what changes the one changes the other)."""
+        entity's search document rewritten (what changes the one changes the other). A vector handed in (a
+        backfill's) for exactly that text is stored by the same statement, and its entity left out of the answer:
+        one UPDATE per page instead of a second transaction of one UPDATE per entity."""
         if not keys:
             return {}
         scopes, names = [list(c) for c in zip(*keys, strict=True)]
@@ -377,12 +390,17 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             f" WHERE NOT e.deleted{childless} GROUP BY e.scope, e.name, e.entity_type", scopes, names)
         out = {(r["scope"], r["name"]): embedding_text(r["name"], r["entity_type"], tuple(r["obs"])) for r in rows}
         if mark and out:
+            hashes = [text_hash(t) for t in out.values()]
+            given = [_given(vectors, key, h, self.embedding.dimension) for key, h in zip(out, hashes, strict=True)]
             await conn.execute(
-                "UPDATE entities e SET embed_hash = u.h, search_doc = u.d"
-                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
-                " AS u(scope, name, h, d) WHERE e.scope = u.scope AND e.name = u.name",
-                [k[0] for k in out], [k[1] for k in out], [text_hash(t) for t in out.values()],
-                [semantics.search_document(r["name"], r["entity_type"], r["obs"]) for r in rows])
+                "UPDATE entities e SET embed_hash = u.h, search_doc = u.d,"
+                " embedding = COALESCE(u.v, e.embedding), vector_hash = CASE WHEN u.v IS NULL THEN e.vector_hash"
+                " ELSE u.h END FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::vector[])"
+                " AS u(scope, name, h, d, v) WHERE e.scope = u.scope AND e.name = u.name",
+                [k[0] for k in out], [k[1] for k in out], hashes,
+                [semantics.search_document(r["name"], r["entity_type"], r["obs"]) for r in rows], given)
+            if vectors is not None:
+                return {k: t for (k, t), v in zip(out.items(), given, strict=True) if v is None}
         return out
 
     async def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
@@ -402,7 +420,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
                          vectors: VectorMap | None = None) -> T:
         async def run(conn: asyncpg.Connection) -> tuple[T, dict[tuple[str, str], str]]:
             result, applied = await body(conn)
-            return result, await self._texts(conn, applied.touched, mark=True)
+            return result, await self._texts(conn, applied.touched, mark=True, vectors=vectors)
 
         result, texts = await self._write(scopes, run)
         await self._embeddings.after_write(texts, vectors)
