@@ -33,6 +33,7 @@ import asyncpg
 import grpc
 import numpy as np
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pgvector.asyncpg import register_vector
 
 from adapters import semantics
@@ -210,6 +211,17 @@ class Agents:
         self._stop.set()
 
 
+async def serving(channel: grpc.aio.Channel) -> None:
+    """Until the proxy reports SERVING: a store of a million entities takes a while to open (the proxy answers
+    UNAVAILABLE meanwhile, as it should)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    t = time.perf_counter()
+    request, up = health_pb2.HealthCheckRequest(), health_pb2.HealthCheckResponse.SERVING
+    while (await health.Check(request)).status != up:  # noqa: ASYNC110 - polling another process, as a probe does
+        await asyncio.sleep(0.5)
+    print(f"  proxy serving after {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+
 async def status(admin: admin_pb2_grpc.MigrationAdminStub) -> apb.MigrationStatus:
     return await admin.GetStatus(apb.GetStatusRequest(), metadata=AUTH)
 
@@ -227,6 +239,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
         await wait_ready(f"127.0.0.1:{port}", proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ach:
+            await serving(mch)
             admin = admin_pb2_grpc.MigrationAdminStub(ach)
             crew = Agents(memory_pb2_grpc.MemoryStub(mch), agents, agent_rate)
             writing = asyncio.ensure_future(crew.run())
