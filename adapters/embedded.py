@@ -34,8 +34,9 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -288,8 +289,7 @@ def _build_search_index(conn: sqlite3.Connection) -> None:
     """A file written before the search index existed: index every live entity once, in one transaction."""
     if conn.execute("SELECT 1 FROM meta WHERE key='search_index'").fetchone() is not None:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("DELETE FROM search_docs")
         conn.execute(
             "INSERT INTO search_docs (scope, name, text) SELECT e.scope, e.name, search_document(e.name, e.entity_type,"
@@ -298,6 +298,14 @@ def _build_search_index(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO search_index(search_index) VALUES ('rebuild')")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('search_index', '1')")
         conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -323,8 +331,7 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     them, in one transaction (an interrupted upgrade leaves the file as it was)."""
     if "vector" not in {row[1] for row in conn.execute("PRAGMA table_info(entities)")}:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("INSERT OR REPLACE INTO vectors SELECT scope, name, vector_hash, vector FROM entities"
                      " WHERE vector IS NOT NULL AND vector_hash IS NOT NULL AND deleted=0")
         conn.execute("ALTER TABLE entities RENAME TO entities_v1")
@@ -333,10 +340,6 @@ def _upgrade(conn: sqlite3.Connection) -> None:
                      " deleted, embed_hash FROM entities_v1")
         conn.execute("DROP TABLE entities_v1")
         conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     log.info("upgraded the embedded store's schema", extra={"schema_version": SCHEMA_VERSION})
 
 
@@ -426,14 +429,9 @@ class EmbeddedBackend(PlannedWrites):
     def _write(self, body: Callable[[_Txn], T]) -> tuple[T, dict[tuple[str, str], str], set[tuple[str, str]]]:
         assert self._conn is not None
         txn = _Txn(self._conn)
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._conn):
             result = body(txn)
             texts = txn.embedding_texts()
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         for scope, name in txn.removed:
             self._index.remove(scope, name)
         return result, texts, txn.removed
@@ -463,8 +461,7 @@ class EmbeddedBackend(PlannedWrites):
 
     def _store_vectors(self, ready: dict[tuple[str, str], tuple[str, Vector]]) -> None:
         assert self._conn is not None
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._conn):
             for (scope, name), (text, vec) in ready.items():
                 h = text_hash(text)
                 row = self._conn.execute("SELECT entity_type FROM entities WHERE scope=? AND name=? AND embed_hash=?"
@@ -476,10 +473,6 @@ class EmbeddedBackend(PlannedWrites):
                     " vector=excluded.vector", (scope, name, h, vec.astype(np.float32).tobytes()))
                 if scope in self._loaded:
                     self._index.upsert(scope, name, row[0], vec)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -515,9 +508,8 @@ class EmbeddedBackend(PlannedWrites):
         stale: dict[tuple[str, str], str] = {(s, n): "" for s, n in conn.execute(_STALE)}
         if stale:  # a crash between commit and embedding, or data written by a replication without vectors
             txn = _Txn(conn, touched=set(stale))
-            conn.execute("BEGIN IMMEDIATE")
-            stale = txn.embedding_texts()
-            conn.execute("COMMIT")
+            with _immediate(conn):
+                stale = txn.embedding_texts()
         return stale
 
     def _check_embedding(self, conn: sqlite3.Connection) -> None:
