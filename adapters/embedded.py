@@ -216,9 +216,12 @@ class _Txn:
         if purged > old_purged:
             self.conn.execute(
                 "DELETE FROM observations WHERE scope=? AND entity=? AND version<?", (rec.scope, rec.name, purged))
-            self.conn.execute(
-                "DELETE FROM relations WHERE scope=? AND (source=? OR target=?) AND version<?",
-                (rec.scope, rec.name, rec.name, purged))
+            # One index each: `source=? OR target=?` scanned the scope, and so did a DELETE by target until told
+            # which index to use.
+            self.conn.execute("DELETE FROM relations WHERE scope=? AND source=? AND version<?",
+                              (rec.scope, rec.name, purged))
+            self.conn.execute("DELETE FROM relations INDEXED BY relations_by_target WHERE scope=? AND target=?"
+                              " AND version<?", (rec.scope, rec.name, purged))
         key = (rec.scope, rec.name)
         if replaced and rec.deleted:
             self.conn.execute("UPDATE entities SET embed_hash=NULL WHERE scope=? AND name=?", key)
@@ -567,10 +570,16 @@ class EmbeddedBackend(PlannedWrites):
         assert self._conn is not None
         if not names:
             return []
+        # One index lookup per name and side (the key for sources, relations_by_target for targets), the names
+        # walked first (CROSS JOIN fixes the order): with `source IN (..) OR target IN (..)` SQLite scanned every
+        # relation of the scope, which at a million entities made each OpenNodes, and the size check of every
+        # AddObservations, cost 50 ms instead of 0.2.
         rows = self._conn.execute(
-            "SELECT source, relation_type, target, metadata FROM relations WHERE scope=:scope AND deleted=0 AND"
-            " (source IN (SELECT value FROM json_each(:names)) OR target IN (SELECT value FROM json_each(:names)))"
-            " ORDER BY source, relation_type, target", {"scope": scope, "names": json.dumps(list(names))}).fetchall()
+            "SELECT r.source, r.relation_type, r.target, r.metadata FROM json_each(:names) j CROSS JOIN relations r"
+            " ON r.scope=:scope AND r.source=j.value WHERE r.deleted=0 UNION"
+            " SELECT r.source, r.relation_type, r.target, r.metadata FROM json_each(:names) j CROSS JOIN relations r"
+            " ON r.scope=:scope AND r.target=j.value WHERE r.deleted=0 ORDER BY 1, 2, 3",
+            {"scope": scope, "names": json.dumps(list(names))}).fetchall()
         return [Relation(s, t, r, load_metadata(m)) for s, r, t, m in rows]
 
     def _graph(self, scope: str, names: Sequence[str]) -> Graph:
@@ -697,7 +706,8 @@ class EmbeddedBackend(PlannedWrites):
             obs: list[RecordKey] = [(Kind.OBSERVATION, scope, (name, t)) for (t,) in self._conn.execute(
                 "SELECT text FROM observations WHERE scope=? AND entity=?", (scope, name)).fetchall()]
             rels: list[RecordKey] = [(Kind.RELATION, scope, (a, r, b)) for a, r, b in self._conn.execute(
-                "SELECT source, relation_type, target FROM relations WHERE scope=?1 AND (source=?2 OR target=?2)",
+                "SELECT source, relation_type, target FROM relations WHERE scope=?1 AND source=?2 UNION"
+                " SELECT source, relation_type, target FROM relations WHERE scope=?1 AND target=?2",
                 (scope, name)).fetchall()]
             return obs + rels
 
