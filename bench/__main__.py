@@ -61,7 +61,8 @@ class Table:
         self.raw.append({"benchmark": name, "p50_ms": statistics.median(lat) * 1000 if lat else None,
                          "p99_ms": float(np.percentile(lat, 99)) * 1000 if lat else None, "per_second": rate,
                          "vs_baseline": note, **figures})
-        print(f"  measured {name}", file=sys.stderr)
+        # Said as soon as measured: a long run stopped part-way still leaves what it had measured.
+        print(f"  measured {name}: {' | '.join(c for c in self.rows[-1][1:] if c != '-')}", file=sys.stderr)
 
     def print(self) -> None:
         head = ("benchmark", "p50 ms", "p99 ms", "ops/s", "vs baseline")
