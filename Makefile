@@ -43,6 +43,7 @@ bench: install
 	$(PY) -m bench.flood
 	$(PY) -m bench.transfer --entities 2000 --calls 200
 	$(PY) -m bench.reference --sizes 1000,5000 --calls 100
+	$(PY) -m bench.search --entities 100000
 	$(PY) -m bench.scale --entities 100000 --json bench/results/scale-100k.json
 
 bench-full: install
@@ -53,6 +54,7 @@ bench-full: install
 	$(PY) -m bench.flood $(FLOOD_ARGS)
 	$(PY) -m bench.transfer $(TRANSFER_ARGS)
 	$(PY) -m bench.reference --sizes 1000,5000,50000
+	$(PY) -m bench.search --entities 1000000
 	$(PY) -m bench.scale --entities 1000000 --json bench/results/scale-1m.json
 
 proto: install
