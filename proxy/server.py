@@ -225,7 +225,9 @@ class MemshiftServer:
         host, _, port = cfg.mcp_listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self.mcp = MemoryTools(self.router, cfg.limits, tokens, cfg.mcp_default_scope)
-        app = self.mcp.server.streamable_http_app(streamable_http_path="/mcp", host=host)
+        # Answers as JSON bodies, not server-sent events: the official Python client refuses an event over 1 MiB,
+        # so a whole-graph `read_graph` of a few thousand entities failed over SSE; no tool here streams progress.
+        app = self.mcp.server.streamable_http_app(streamable_http_path="/mcp", host=host, json_response=True)
         self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
                                                         lifespan="on", log_config=None))
         self._uvicorn_task = asyncio.ensure_future(self._uvicorn.serve())

@@ -181,3 +181,15 @@ async def test_memshift_mcp_over_stdio_is_a_bridge_to_the_running_proxy(cluster:
         assert bad.is_error and "NOT_FOUND" in bad.content[0].text
     graph = await cluster.memory.ReadGraph(pb.ReadGraphRequest(scope="via-stdio"))
     assert [e.name for e in graph.entities] == ["bob"]
+
+
+async def test_a_whole_graph_larger_than_the_clients_event_limit_reads_over_http(cluster: Cluster) -> None:
+    """The official Python client refuses a server-sent event over 1 MiB; a `read_graph` of a few thousand entities
+    is larger than that. Answers come as JSON bodies, which it reads whatever their size."""
+    notes = [f"note {i}: " + "x" * 8_000 for i in range(180)]  # about 1.45 MB of observations
+    async with mcp_session(cluster, headers={"Memshift-Scope": "mcp-large"}) as s:
+        for start in range(0, len(notes), 40):
+            await call(s, "create_entities", entities=[{"name": f"big-{i}", "entityType": "note", "observations": [n]}
+                                                       for i, n in enumerate(notes) if start <= i < start + 40])
+        graph = await call(s, "read_graph")
+    assert sorted(o for e in graph["entities"] for o in e["observations"]) == sorted(notes)
