@@ -88,6 +88,10 @@ CREATE TABLE IF NOT EXISTS relations (
     target text COLLATE "C" NOT NULL, metadata jsonb NOT NULL, version bigint NOT NULL, deleted boolean NOT NULL,
     PRIMARY KEY (scope, source, relation_type, target));
 CREATE INDEX IF NOT EXISTS relations_by_target ON relations (scope, target);
+"""
+# Run only when the index is missing: ALTER TABLE takes an exclusive lock even when the column exists, and a proxy
+# opening the store while its fleet wrote deadlocked with those writes.
+_SEARCH_DDL = """
 ALTER TABLE entities ADD COLUMN IF NOT EXISTS search_doc text;
 CREATE INDEX IF NOT EXISTS entities_search_trgm ON entities USING gin (search_doc gin_trgm_ops);
 """
@@ -231,6 +235,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
                 await conn.execute(f'SET search_path TO "{self._schema}", public')
                 await conn.execute(_DDL.format(dim=self.embedding.dimension))
+                if await conn.fetchval("SELECT to_regclass('entities_search_trgm') IS NULL"):
+                    await conn.execute(_SEARCH_DDL)
                 await self._check_embedding(conn)
         finally:
             await conn.close()
