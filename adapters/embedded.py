@@ -249,10 +249,6 @@ class _Txn:
                 out[(scope, name)] = (etype, tuple(obs.get(name, ())))
         return out
 
-    def current_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The embedding text of each live entity among `keys`."""
-        return {(s, n): embedding_text(n, t, obs) for (s, n), (t, obs) in self.current_parts(keys).items()}
-
     def embedding_texts(self) -> dict[tuple[str, str], str]:
         """The texts of every touched live entity, each marked as wanting the vector of exactly that text; the
         search index follows the same entities (what changes an entity's text changes its search document)."""
@@ -644,8 +640,7 @@ class EmbeddedBackend(PlannedWrites):
         names = [r[0] for r in self._conn.execute(
             "SELECT d.name FROM search_index s CROSS JOIN search_docs d ON d.id = s.rowid"
             " WHERE s.text GLOB ? AND d.scope = ? ORDER BY d.name", (f"*{stretch}*", scope))]
-        entities = [e for e in self._entities(scope, names) if semantics.entity_hit(needle, e)]
-        return Graph(tuple(entities), tuple(self._relations_touching(scope, [e.name for e in entities])))
+        return semantics.search_answer(self._graph(scope, names), needle)
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         return await self._call(self._graph, scope, list(dict.fromkeys(names)), small=len(names) <= SMALL_JOB)

@@ -237,13 +237,15 @@ class PostgresBackend(PlannedWrites, ExportInParts):
                 await conn.execute(_DDL.format(dim=self.embedding.dimension))
                 if await conn.fetchval("SELECT to_regclass('entities_search_trgm') IS NULL"):
                     await conn.execute(_SEARCH_DDL)
+                indexed = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'search_docs')")
                 await self._check_embedding(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
             self._dsn, min_size=1, max_size=self._pool_size, init=register_vector,
             server_settings={"search_path": f'"{self._schema}", public'})
-        await self._index_unsearchable()
+        if not indexed:  # once per store: from then on every write keeps its entities' documents current
+            await self._index_unsearchable()
         await self.embed_stale()
 
     async def _index_unsearchable(self) -> None:
@@ -253,6 +255,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             keys: list[tuple[str, str]] = [(r["scope"], r["name"]) for r in await self._read(lambda conn: conn.fetch(
                 "SELECT scope, name FROM entities WHERE NOT deleted AND search_doc IS NULL LIMIT 2000"))]
             if not keys:
+                await self._read(lambda conn: conn.execute(
+                    "INSERT INTO meta VALUES ('search_docs', 'filled') ON CONFLICT (key) DO NOTHING"))
                 return
 
             async def run(conn: asyncpg.Connection, page: list[tuple[str, str]] = keys) -> None:
@@ -551,11 +555,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         names = [r["name"] for r in await conn.fetch(
             "SELECT name FROM entities WHERE scope = $1 AND NOT deleted AND search_doc LIKE $2", scope, pattern)]
-        graph = await self._graph(conn, scope, sorted(names))
-        hits = tuple(e for e in graph.entities if semantics.entity_hit(needle, e))
-        if len(hits) == len(graph.entities):
-            return graph
-        return await self._graph(conn, scope, [e.name for e in hits])
+        return semantics.search_answer(await self._graph(conn, scope, sorted(names)), needle)
 
     async def open_nodes(self, scope: str, names: Sequence[str]) -> Graph:
         return await self._read(lambda conn: self._graph(conn, scope, list(dict.fromkeys(names))))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
+from adapters.model import Entity, EntityNotFound, Graph, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, RelationRecord, newest_per_key
 
 Stored = Mapping[RecordKey, Record]
@@ -46,6 +46,14 @@ def search_document(name: str, entity_type: str, observations: Sequence[str]) ->
 def entity_hit(needle: str, entity: Entity) -> bool:
     """The documented `SearchNodes` match of one entity: name, type or any observation contains the needle."""
     return search_hit(needle, entity.name, entity.entity_type, *entity.observations)
+
+
+def search_answer(candidates: Graph, needle: str) -> Graph:
+    """`SearchNodes`' answer from an index's candidates (with the relations touching them): the entities the
+    documented matching keeps, and the relations touching those."""
+    entities = tuple(e for e in candidates.entities if entity_hit(needle, e))
+    names = {e.name for e in entities}
+    return Graph(entities, tuple(r for r in candidates.relations if r.source in names or r.target in names))
 
 
 def entity_key(scope: str, name: str) -> RecordKey:

@@ -32,8 +32,9 @@ from adapters.base import Backend, VectorMap
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.export import export_pages
-from adapters.model import ObservationAddition, Relation
-from adapters.records import EntityRecord, ObservationRecord, Record, embedding_text, text_hash
+from adapters.model import Entity, ObservationAddition, Relation
+from adapters.records import Record
+from bench import generated
 from bench.__main__ import Table, free_port, wait_ready
 from bench.__main__ import start as start_process
 from memshift.v1 import admin_pb2 as apb
@@ -61,20 +62,10 @@ def rss_mb() -> float:
     return 0.0
 
 
-async def fill(store: Backend, n: int, dim: int, scope: str = "bench") -> None:
-    """n entities with one observation each, with ready vectors (random, unit length): loading 200k entities
-    through the model would take most of an hour on this machine, and vector values do not change copy speed."""
-    rng = np.random.default_rng(7)
-    for start in range(0, n, 2000):
-        recs: list[Record] = []
-        vectors = {}
-        for i in range(start, min(n, start + 2000)):
-            name, obs = f"e{i:07d}", f"fact {i} about topic {i % 97}"
-            recs += [EntityRecord(scope, name, "thing", 1 + i, 1 + i),
-                     ObservationRecord(scope, name, obs, 1 + i, 1 + i)]
-            vec = rng.standard_normal(dim).astype(np.float32)
-            vectors[(scope, name)] = (text_hash(embedding_text(name, "thing", (obs,))), vec / np.linalg.norm(vec))
-        await store.apply(recs, vectors)
+async def fill(store: Backend, n: int, scope: str = "bench") -> None:
+    """n entities with one observation each, with generated vectors (`bench.generated`)."""
+    await generated.load(store, scope, [Entity(f"e{i:07d}", "thing", (f"fact {i} about topic {i % 97}",))
+                                        for i in range(n)])
 
 
 async def pages_of(src: Backend, size: int = 500) -> list[tuple[tuple[Record, ...], VectorMap]]:
@@ -253,7 +244,7 @@ async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
     for name in ("solo", "dual"):
         seed = EmbeddedBackend(work / f"engine-{name}.db", embedder)
         await seed.open()
-        await fill(seed, 1000, dim)
+        await fill(seed, 1000)
         await seed.close()
     solo_engine, solo_control = await engine_on(work, embedder, f"sqlite:///{work}/engine-solo.db")
     dual_engine, dual_control = await engine_on(work, embedder, f"sqlite:///{work}/engine-dual.db")
@@ -277,7 +268,7 @@ async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
     # --- backfill rate vs the target's raw bulk path ------------------------------------------------------------
     src = EmbeddedBackend(work / "src.db", embedder)
     await src.open()
-    await fill(src, n, dim)
+    await fill(src, n)
     pages = await pages_of(src)
     await src.close()
     # Baseline, read and backfill alternate, in reversed order every other round, so neither a slow spell of this
@@ -324,7 +315,7 @@ async def main(n: int, mem_n: int, writes: int, rounds: int) -> None:
     if mem_n:
         big = EmbeddedBackend(work / "big.db", embedder)
         await big.open()
-        await fill(big, mem_n, dim)
+        await fill(big, mem_n)
         await big.close()
         # Measured in a fresh process: this one has just built and freed the data, and memory the allocator kept
         # would hide the backfill's own growth.

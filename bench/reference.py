@@ -34,9 +34,10 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 
 from adapters.embedded import EmbeddedBackend
 from adapters.model import Entity, Relation
-from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord, embedding_text, text_hash
+from bench import generated
 from bench.__main__ import Table, free_port, start, wait_ready
-from bench.scale import DIM, TOPICS, GeneratedVectorsOnly
+from bench.generated import GeneratedVectorsOnly
+from bench.scale import TOPICS
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import jsonl
@@ -66,21 +67,7 @@ async def build_store(path: Path, n: int) -> None:
     """The same graph in an embedded store, with generated vectors (none of these operations reads them)."""
     store = EmbeddedBackend(path, GeneratedVectorsOnly())
     await store.open()
-    rng = np.random.default_rng(3)
-    for start_i in range(0, n, 2000):
-        recs: list[Record] = []
-        vectors = {}
-        for i in range(start_i, min(n, start_i + 2000)):
-            e = entity(i)
-            recs.append(EntityRecord(SCOPE, e.name, e.entity_type, 1 + i, 1 + i))
-            recs += [ObservationRecord(SCOPE, e.name, o, 1 + i, 1 + i + k) for k, o in enumerate(e.observations)]
-            if i < n // 2:
-                r = relation(i, n)
-                recs.append(RelationRecord(SCOPE, r.source, r.relation_type, r.target, 1 + i))
-            v = rng.standard_normal(DIM).astype(np.float32)
-            vectors[(SCOPE, e.name)] = (text_hash(embedding_text(e.name, e.entity_type, e.observations)),
-                                        v / np.linalg.norm(v))
-        await store.apply(recs, vectors)
+    await generated.load(store, SCOPE, [entity(i) for i in range(n)], [relation(i, n) for i in range(n // 2)])
     await store.close()
 
 

@@ -38,32 +38,21 @@ from pgvector.asyncpg import register_vector
 
 from adapters import semantics
 from adapters.embedded import EmbeddedBackend
-from adapters.embedder import DEFAULT_MODEL, EmbeddingInfo
 from adapters.postgres import PostgresBackend
 from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord, embedding_text, text_hash
 from bench.__main__ import Table, free_port, wait_ready
 from bench.__main__ import start as start_process
+from bench.generated import GeneratedVectorsOnly, unit_vectors
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from tests.servers import PostgresServer
 
 SCOPES = 8
-DIM = 384
 CHUNK = 5000  # entities generated (and applied, and copied) at a time
 TOPICS = ["tea", "chess", "astronomy", "cooking", "python", "jazz", "hiking", "finance", "poetry", "robots"]
 TYPES = ["person", "project", "place", "tool", "idea"]
 AUTH = (("authorization", "Bearer scale"),)
-
-
-class GeneratedVectorsOnly:
-    """The model's name and dimension for stores that are only ever handed vectors: building the source must never
-    need the model (it would take hours at this size), and a call here says the build went wrong."""
-
-    info = EmbeddingInfo(DEFAULT_MODEL, DIM)
-
-    async def embed(self, texts: object, urgent: bool = False) -> npt.NDArray[np.float32]:
-        raise RuntimeError("the scale benchmark's source is built with generated vectors only")
 
 
 @dataclass
@@ -85,8 +74,7 @@ def chunks(n: int) -> Iterator[Chunk]:
     for start in range(0, n, CHUNK):
         out = Chunk()
         stop = min(n, start + CHUNK)
-        vecs = rng.standard_normal((stop - start, DIM)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        vecs = unit_vectors(rng, stop - start)
         for i in range(start, stop):
             scope, name, etype = f"team-{i % SCOPES}", name_of(i), TYPES[i % len(TYPES)]
             v = next(version)

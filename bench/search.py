@@ -17,34 +17,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from adapters import semantics
 from adapters.base import Backend
 from adapters.embedded import EmbeddedBackend
-from adapters.model import Graph
+from adapters.model import Entity, Graph
 from adapters.postgres import PostgresBackend
-from adapters.records import EntityRecord, ObservationRecord, Record, embedding_text, text_hash
+from bench import generated
 from bench.__main__ import Table
-from bench.scale import DIM, TOPICS, GeneratedVectorsOnly
+from bench.generated import GeneratedVectorsOnly
+from bench.scale import TOPICS
 from tests.servers import PostgresServer
 
 SCOPE = "agent"
 
 
 async def load(store: Backend, n: int) -> None:
-    rng = np.random.default_rng(5)
-    for start in range(0, n, 5000):
-        recs: list[Record] = []
-        vectors = {}
-        for i in range(start, min(n, start + 5000)):
-            name = f"person-{i:06d}"
-            obs = tuple(f"note {k}: met {name} at the {TOPICS[(i + k) % 10]} club" for k in range(3))
-            recs.append(EntityRecord(SCOPE, name, "person", 1 + i, 1 + i))
-            recs += [ObservationRecord(SCOPE, name, o, 1 + i, 1 + i + k) for k, o in enumerate(obs)]
-            v = rng.standard_normal(DIM).astype(np.float32)
-            vectors[(SCOPE, name)] = (text_hash(embedding_text(name, "person", obs)), v / np.linalg.norm(v))
-        await store.apply(recs, vectors)
+    await generated.load(store, SCOPE, [
+        Entity(f"person-{i:06d}", "person", tuple(f"note {k}: met person-{i:06d} at the {TOPICS[(i + k) % 10]} club"
+                                                  for k in range(3))) for i in range(n)], seed=5)
 
 
 async def scan(store: Backend, needle: str) -> Graph:
@@ -94,7 +84,7 @@ async def main(n: int, calls: int) -> None:
     await embedded.close()
     server = PostgresServer().start()
     try:
-        pg = PostgresBackend(f"{server.dsn}?schema=search", GeneratedVectorsOnly())  # type: ignore[arg-type]
+        pg = PostgresBackend(f"{server.dsn}?schema=search", GeneratedVectorsOnly())
         await pg.open()
         await load(pg, n)
         await measure(table, "PostgreSQL", pg, n, calls)

@@ -139,7 +139,7 @@ async def qdrant_rows(table: Table, sizes: list[int], work: Path, embedder: Batc
         d.mkdir()
         src = EmbeddedBackend(d / "src.db", embedder)
         await src.open()
-        await fill(src, n, embedder.info.dimension)
+        await fill(src, n)
         pages = await pages_of(src)
         await src.close()
         for scheme in schemes:
@@ -159,7 +159,7 @@ async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
     embedder = BatchingEmbedder(SentenceTransformerModel())
     src = EmbeddedBackend(work / "src.db", embedder)
     await src.open()
-    await fill(src, n, embedder.info.dimension)
+    await fill(src, n)
     pages = await pages_of(src)
     await src.close()
     source = f"sqlite:///{work}/src.db"

@@ -16,6 +16,7 @@ from adapters import semantics
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.model import Entity, EntityNotFound, Graph, ObservationAddition, ObservationDeletion, Relation
+from adapters.postgres import PostgresBackend
 from tests.stores import make_store
 
 INDEXED_STORES = ["embedded", "postgres"]
@@ -112,3 +113,26 @@ async def test_a_needle_with_pattern_syntax_is_matched_literally(store: Backend)
     assert [e.name for e in (await store.search_nodes(scope, "b*s")).entities] == ["glob*star"]
     assert [e.name for e in (await store.search_nodes(scope, "[BRA")).entities] == ["glob*star"]
     assert (await store.search_nodes(scope, "a_b")).entities == ()
+
+
+async def test_a_store_written_before_the_index_is_indexed_when_opened(
+        embedder: BatchingEmbedder, servers: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """PostgreSQL: a store from before the search column and its index gets both, and a document for every live
+    entity, the first time it is opened; the embedded store's older files are covered in tests/test_units.py."""
+    workdir = tmp_path_factory.mktemp("pg-upgrade")
+    store = make_store("postgres", embedder, workdir, servers)
+    await store.open()
+    spec = store._dsn, store._schema  # type: ignore[attr-defined]
+    await store.create_entities("old", [Entity("Ada", "person", ("wrote the first program",)),
+                                        Entity("Bob", "person", ("likes tea",))], 1)
+    await store._read(lambda conn: conn.execute(  # type: ignore[attr-defined]
+        "DROP INDEX entities_search_trgm; ALTER TABLE entities DROP COLUMN search_doc;"
+        " DELETE FROM meta WHERE key = 'search_docs'"))
+    await store.close()
+    again = PostgresBackend(f"{spec[0]}?schema={spec[1]}", embedder)
+    await again.open()
+    try:
+        assert [e.name for e in (await again.search_nodes("old", "FIRST PROG")).entities] == ["Ada"]
+        assert [e.name for e in (await again.search_nodes("old", "tea")).entities] == ["Bob"]
+    finally:
+        await again.close()
