@@ -106,8 +106,11 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[b
     """A server process of the benchmark, run in the benchmark's own temporary directory `cwd`: a default path
     (./data/control.db, ./data/memory.db) then lands there, never in a checkout where `make run` left state."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # BENCH_SERVER_LOG=FILE keeps the servers' stderr (their logs) for a look at what a slow figure hid.
+    log = os.environ.get("BENCH_SERVER_LOG")
+    stderr = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child process owns it
     return subprocess.Popen([sys.executable, *args], env={**os.environ, **env, "PYTHONPATH": path}, cwd=cwd,
-                            stderr=subprocess.DEVNULL)
+                            stderr=stderr)
 
 
 async def main(n_entities: int, calls: int) -> None:

@@ -246,6 +246,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
                       end="", file=sys.stderr, flush=True)
                 await asyncio.sleep(1)
             backfill_secs = time.perf_counter() - started
+            during = st.counters
             if os.environ.get("SCALE_TRACE"):
                 print(f"\nbackfill from {time.time() - backfill_secs:.1f} to {time.time():.1f}", file=sys.stderr)
             print(file=sys.stderr)
@@ -292,6 +293,11 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
         rate = total / backfill_secs
         table.add(f"backfill to PostgreSQL, {total:,} records (vectors kept)", rate=rate,
                   note=f"{rate / baseline:.2f} x COPY", seconds=backfill_secs, vs_copy=rate / baseline)
+        table.add("agent writes whose new-store half was late or failed (during the backfill)",
+                  note=f"{during.secondary_late:,} late, {during.secondary_failures:,} failed of "
+                  f"{during.dual_writes:,}; {during.repairs_done:,} keys repaired",
+                  late=during.secondary_late, failed=during.secondary_failures, dual_writes=during.dual_writes,
+                  repaired=during.repairs_done)
         table.add("Verify", rate=(last.compared / verify_secs), seconds=verify_secs,
                   note=f"{last.compared:,} records, {last.differences} differences")
         table.add("start to Completed (wall)", note=f"{wall:,.0f} s", seconds=wall)

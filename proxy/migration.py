@@ -32,6 +32,7 @@ from adapters.base import Backend, ExportPage, VectorMap, WriteResult, fleet_pro
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
 from policies.rules import Observations
+from proxy import heap
 from proxy.clock import HybridClock, earlier, unix_seconds
 from proxy.control import (
     Conflict,
@@ -256,6 +257,8 @@ class MigrationEngine:
         """`store` now serves `spec` (opened, or stood in for while it cannot be)."""
         self._stores[spec] = store
         self._systems[id(store)] = system_of(spec)
+        if not isinstance(store, Unreachable):
+            heap.freeze_new_modules()  # its client library's objects are as long-lived as the ones frozen at start
         if spec == self.state.primary and not isinstance(store, Unreachable):
             self.primary_up.set()
 

@@ -30,6 +30,7 @@ from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
 from policies.loader import PolicyError
 from policies.loader import load as load_policy
 from policies.rules import Observations
+from proxy import heap
 from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
 from proxy.auth import ScopeTokens, TokensFileError
 from proxy.clock import HybridClock
@@ -288,6 +289,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    heap.freeze_long_lived()  # the model, the stores, the libraries: out of every full collection from now on
     try:
         await stop.wait()
         log.info("shutting down", extra={"grace_seconds": config.grace_seconds})
