@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 from adapters.base import Backend, ExportPage, VectorMap, WriteResult, fleet_problem
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
+from policies import pacing
 from policies.rules import Observations
 from proxy import heap
 from proxy.clock import HybridClock, earlier, unix_seconds
@@ -137,6 +138,7 @@ class MigrationEngine:
         self._open = open_store
         self._clock = clock
         self._grace = secondary_grace
+        self._page_size = pacing.FLOOR  # the backfill's next page, in records (policies.pacing sizes it by time)
         self._repair_interval = repair_interval
         self._repair_batch = repair_batch
         self._background = background  # False: tests drive backfill and repair step by step
@@ -682,8 +684,8 @@ class MigrationEngine:
                         page = await self._read_page(next_cursor)
                     ahead = None
                     writing = self._changed(page)
-                    in_flight.append((next_cursor, writing, asyncio.ensure_future(
-                        secondary.apply(writing.records, writing.vectors))))
+                    in_flight.append((next_cursor, writing,
+                                      asyncio.ensure_future(self._apply_page(secondary, writing))))
                     next_cursor, exhausted = page.next_after, page.next_after is None
                 if ahead is None and not exhausted:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
@@ -720,6 +722,16 @@ class MigrationEngine:
         drop_pipeline()
         if self.state.backfill_complete:
             log.info("backfill complete", extra={"records": self.state.backfill_done})
+
+    async def _apply_page(self, secondary: Backend, page: _Page) -> int:
+        """Apply a page, and size the next one by how long this one held the new store (policies.pacing): half the
+        dual write's grace, so an agent's write waiting behind a page still lands in time."""
+        started = time.monotonic()
+        applied = await secondary.apply(page.records, page.vectors)
+        if page.records:
+            self._page_size = pacing.next_page_size(pacing.PageTiming(
+                len(page.records), time.monotonic() - started, self._grace / 2, self.state.options.batch_size))
+        return applied
 
     async def _refusal(self, store: Backend, records: Sequence[Record],
                        vectors: VectorMap | None) -> tuple[RecordKey, BaseException] | None:
@@ -782,7 +794,7 @@ class MigrationEngine:
         state = self.state
         secondary = self.secondary
         keep = secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding
-        size, rate = state.options.batch_size, state.options.rate_limit
+        size, rate = min(self._page_size, state.options.batch_size), state.options.rate_limit
         if rate > 0:  # at most a second's worth of records a batch: under a low limit progress still moves evenly
             size = min(size, max(1, math.ceil(rate)))
         return await self.primary.export_page(cursor, size, vectors=keep)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from policies.comparators import CompareSettings, compare_graph, compare_page, compare_search
 from policies.loader import PolicyError, load, parse
+from policies.pacing import FLOOR, PageTiming, next_page_size
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, Policy, Rule, Verdict, evaluate, most_severe, streaks_after
 from proxy.shadow import sampled
@@ -219,3 +220,36 @@ def test_unreadable_or_invalid_yaml_files_are_clear_errors(tmp_path: Path) -> No
     bad.write_text("rules: [unclosed")
     with pytest.raises(PolicyError, match="not valid YAML"):
         load(bad)
+
+
+# --- the backfill's page size (policies.pacing) -------------------------------------------------------------------
+
+timings = st.builds(PageTiming, size=st.integers(1, 20_000), seconds=st.floats(0, 60, allow_nan=False),
+                    target_seconds=st.floats(0.001, 1), ceiling=st.integers(1, 20_000))
+
+
+@given(timings)
+def test_a_page_size_stays_between_the_floor_and_the_operators_batch_size(t: PageTiming) -> None:
+    size = next_page_size(t)
+    assert min(FLOOR, t.ceiling) <= size <= t.ceiling
+
+
+@given(timings)
+def test_a_slow_page_never_makes_the_next_one_bigger_and_a_fast_one_never_smaller(t: PageTiming) -> None:
+    """The locks a page holds are what agents wait for: a page over its time shrinks the next (down to the floor),
+    one well under it grows the next (up to the ceiling), at most doubling."""
+    size = min(max(next_page_size(t), 1), t.ceiling)
+    current = min(t.size, t.ceiling)
+    if t.seconds > t.target_seconds:
+        assert size <= max(current, min(FLOOR, t.ceiling))
+    if t.seconds * 2 < t.target_seconds:
+        assert size >= min(current, t.ceiling)
+    assert size <= max(2 * t.size, min(FLOOR, t.ceiling))
+
+
+def test_page_size_converges_on_the_target_time_for_a_store_of_fixed_speed() -> None:
+    """A store applying 4,000 records/s with a 25 ms target settles at about 100 records a page."""
+    size = FLOOR
+    for _ in range(20):
+        size = next_page_size(PageTiming(size, size / 4000, 0.025, 500))
+    assert 90 <= size <= 110
