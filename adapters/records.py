@@ -120,6 +120,19 @@ def record_digest(record: Record) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
+def same_content(a: Record, b: Record) -> bool:
+    """`record_digest(a) == record_digest(b)`, without the digests when plain equality decides: the same kind of
+    record, equal field by field, and no metadata (JSON values, where Python's equality is looser than JSON's: True,
+    1 and 1.0 are equal in Python, not in a digest). Verify compares every record of two stores this way; the digests
+    cost 20 µs a pair, the tuple comparison well under one."""
+    if type(a) is not type(b):
+        return False
+    if not getattr(a, "metadata", None) and not getattr(b, "metadata", None) and a == b \
+            and type(a.deleted) is type(b.deleted):
+        return True
+    return record_digest(a) == record_digest(b)
+
+
 def is_newer(incoming_version: int, stored_version: int | None) -> bool:
     """Apply-if-newer: a record replaces a stored one only when its version is strictly higher."""
     return stored_version is None or incoming_version > stored_version

@@ -30,7 +30,7 @@ from typing import Any, TypeVar, cast
 
 from adapters.base import Backend, ExportPage, VectorMap, WriteResult, fleet_problem
 from adapters.model import EntityNotFound, StoreUnavailable
-from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, record_digest
+from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, same_content
 from policies import pacing
 from policies.rules import Observations
 from proxy import heap
@@ -119,7 +119,7 @@ def _same(a: Record | None, b: Record | None) -> bool:
     b_live = b if b is not None and not b.deleted else None
     if a_live is None or b_live is None:
         return a_live is None and b_live is None
-    return record_digest(a_live) == record_digest(b_live)
+    return same_content(a_live, b_live)
 
 
 class MigrationEngine:

@@ -11,11 +11,13 @@ stores, and reports the ones that now agree as `in_flight`. Only the differences
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters.base import Backend
-from adapters.records import Record, RecordKey, parents_of, record_digest
+from adapters.records import Record, RecordKey, parents_of, same_content
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +45,28 @@ class VerifyReport:
 
 
 async def _walk(store: Backend, after: RecordKey | None, batch: int) -> AsyncIterator[Record]:
-    while True:
-        page = await store.list_records(after, batch)
-        for rec in page.records:
-            yield rec
-        if page.next_after is None:
-            return
-        after = page.next_after
+    """The store's live records in key order. The next page is read while this one is compared (and each store's
+    walk reads on its own), so the comparison waits for neither store: Verify ran at the sum of two stores' page
+    times plus its own, one after the other."""
+    reading = asyncio.ensure_future(store.list_records(after, batch))
+    try:
+        while True:
+            page = await reading
+            if page.next_after is not None:
+                reading = asyncio.ensure_future(store.list_records(page.next_after, batch))
+            for rec in page.records:
+                yield rec
+            if page.next_after is None:
+                return
+    finally:
+        if not reading.done():
+            reading.cancel()
+            reading.add_done_callback(_consume)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # read, so a read abandoned with the walk is not reported as never retrieved
 
 
 Settle = Callable[[Sequence[RecordKey]], Awaitable[None]]
@@ -72,7 +89,7 @@ def _agree(a: Record | None, b: Record | None) -> bool:
     """The same live record on both sides, or live on neither."""
     if a is None or b is None:
         return a is b
-    return record_digest(a) == record_digest(b)
+    return same_content(a, b)
 
 
 async def still_differing(keys: Sequence[RecordKey], primary: Backend, secondary: Backend,
@@ -113,7 +130,7 @@ async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey
         else:
             assert a is not None and b is not None
             key = a.key
-            diff = Difference(key, a, b) if record_digest(a) != record_digest(b) else None
+            diff = None if same_content(a, b) else Difference(key, a, b)
             a, b = await anext(a_iter, None), await anext(b_iter, None)
         scope = report._scope(key[1])
         if diff is None or diff.primary is not None:

@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
 from adapters.model import EmbeddingMismatch, Entity
-from adapters.records import EntityRecord, Kind, embedding_text, text_hash
+from adapters.records import (
+    EntityRecord,
+    Kind,
+    ObservationRecord,
+    RelationRecord,
+    embedding_text,
+    record_digest,
+    same_content,
+    text_hash,
+)
 from proxy.clock import MAX_NODE, HybridClock, unpack
 from proxy.config import ConfigError, load_config
 from proxy.stores import StoreSpecError, backend_for, redact
@@ -407,3 +416,78 @@ def test_the_control_state_round_trips_and_loads_fields_of_a_newer_version(
     newer["a_field_from_later"] = {"x": 1}
     newer["options"]["an_option_from_later"] = True
     assert state_load(json.dumps(newer)) == state
+
+
+# Few values per field, so that equal and nearly equal pairs are common; metadata values that Python calls equal and
+# JSON does not (True, 1, 1.0), and a `deleted` given as 0 instead of False.
+_few = st.sampled_from(["a", "b"])
+_num = st.sampled_from([1, 2])
+_flag = st.sampled_from([False, True, 0])
+_meta_values = st.dictionaries(_few, st.sampled_from([True, 1, 1.0, "1", None]), max_size=2)
+_similar_records = st.one_of(
+    st.builds(EntityRecord, _few, _few, _few, _num, _num, _num, _flag, _meta_values),
+    st.builds(ObservationRecord, _few, _few, _few, _num, _num, _flag),
+    st.builds(RelationRecord, _few, _few, _few, _few, _num, _flag, _meta_values))
+
+
+_field_values = {"scope": _few, "name": _few, "entity": _few, "entity_type": _few, "text": _few, "source": _few,
+                 "relation_type": _few, "target": _few, "version": _num, "created": _num, "purged": _num,
+                 "deleted": _flag, "metadata": _meta_values}
+
+
+@settings(max_examples=400)
+@given(_similar_records, _similar_records, st.data())
+def test_records_compare_equal_exactly_when_their_digests_do(a: Any, other: Any, data: st.DataObject) -> None:
+    """Verify and the repair compare records with `same_content` (tuple equality when it decides, digests when not);
+    it must judge every pair as the digests do: two records drawn alike, a record and a copy with a few fields
+    redrawn, and records of different kinds."""
+    changed = data.draw(st.sets(st.sampled_from(a._fields), max_size=2))
+    near = a._replace(**{f: data.draw(_field_values[f]) for f in changed})
+    for b in (other, near):
+        assert same_content(a, b) == (record_digest(a) == record_digest(b))
+
+
+@pytest.mark.parametrize("a, b", [
+    (EntityRecord("s", "n", "t", 1, 1, metadata={"k": True}), EntityRecord("s", "n", "t", 1, 1, metadata={"k": 1})),
+    (RelationRecord("s", "a", "r", "b", 1, metadata={"k": 1.0}),
+     RelationRecord("s", "a", "r", "b", 1, metadata={"k": 1})),
+    (ObservationRecord("s", "n", "x", 1, 1, False), ObservationRecord("s", "n", "x", 1, 1, 0)),  # type: ignore[arg-type]
+    (EntityRecord("s", "n", "t", 1, 1), RelationRecord("s", "n", "t", 1, 1)),  # type: ignore[arg-type]
+])
+def test_records_equal_in_python_but_not_in_json_differ(a: Any, b: Any) -> None:
+    """The traps of plain equality, each pinned: True == 1 == 1.0 in metadata, False == 0, tuples of other kinds."""
+    assert a == b or type(a) is not type(b)
+    assert not same_content(a, b)
+
+
+async def test_an_agents_write_does_not_queue_behind_a_backfill_page_read(
+        embedder: BatchingEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Race caught at a million entities: the page reads of a backfill (and StartMigration's count) ran on the
+    embedded store's only connection, so an agent's write waited for them. A page read held open here (a wrapper
+    around the real read) must not hold a write; the page then reads normally."""
+    import threading
+
+    store = EmbeddedBackend(tmp_path / "m.db", embedder)
+    await store.open()
+    await store.create_entities("s", [Entity(f"e{i}", "t", (f"fact {i}",)) for i in range(20)], 1)
+    entered, release = threading.Event(), threading.Event()
+    real = EmbeddedBackend._list_page
+
+    def held(self: EmbeddedBackend, conn: Any, after: Any, limit: int, tombstones: bool) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(self, conn, after, limit, tombstones)
+
+    monkeypatch.setattr(EmbeddedBackend, "_list_page", held)
+    try:
+        page = asyncio.ensure_future(store.export_page(None, 100, vectors=True))
+        assert await asyncio.to_thread(entered.wait, 30)
+        created = await asyncio.wait_for(store.create_entities("s", [Entity("late", "t", ("written meanwhile",))], 2),
+                                         timeout=20)
+        assert [e.name for e in created.answer] == ["late"]
+        assert not page.done()  # the write finished while the read was still held
+    finally:
+        release.set()
+    got = await page
+    assert {r.key[2][0] for r in got.records if r.key[0] == Kind.ENTITY} >= {f"e{i}" for i in range(20)}
+    await store.close()
