@@ -190,6 +190,7 @@ def parse_spec(spec: str, default_schema: str = "memshift") -> tuple[str, str]:
     if not schema.replace("_", "").isalnum():
         raise ValueError(f"schema {schema!r}: letters, digits and _ only")
     password_file = query.pop("password_file", None)
+    query.pop("index_workers", None)  # the store's own option (index_workers_of), not a server setting
     netloc = parts.netloc
     if password_file:
         with open(password_file, encoding="utf-8") as f:
@@ -201,9 +202,26 @@ def parse_spec(spec: str, default_schema: str = "memshift") -> tuple[str, str]:
     return dsn, schema
 
 
+MAX_INDEX_WORKERS = 64
+
+
+def index_workers_of(spec: str) -> int | None:
+    """`?index_workers=N`: the parallel workers PostgreSQL may use to build the vector index after a bulk load (0:
+    the building process alone). Unset: the server's own `max_parallel_maintenance_workers`. On a machine that also
+    serves the agents, the build with every core starves their writes: at a million entities on 2 cores, writes
+    waited up to 5.5 s while three processes built the index (docs/benchmarks.md)."""
+    raw = dict(parse_qsl(urlsplit(spec).query)).get("index_workers")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > MAX_INDEX_WORKERS:
+        raise ValueError(f"index_workers {raw!r}: a whole number from 0 to {MAX_INDEX_WORKERS}")
+    return int(raw)
+
+
 class PostgresBackend(PlannedWrites, ExportInParts):
     def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
         self._dsn, self._schema = parse_spec(spec)
+        self._index_workers = index_workers_of(spec)
         parts = urlsplit(self._dsn)
         self._label = f"postgresql:{parts.hostname}{parts.path}/{self._schema}"
         self._embedder = embedder
@@ -275,6 +293,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             if valid is False:  # an interrupted concurrent build leaves an invalid index behind
                 await conn.execute("DROP INDEX CONCURRENTLY IF EXISTS entities_embedding_hnsw")
             if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM entities WHERE embedding IS NOT NULL)"):
+                if self._index_workers is not None:  # for this session only: the pool resets it on release
+                    await conn.execute(f"SET max_parallel_maintenance_workers = {int(self._index_workers)}")
                 await conn.execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS entities_embedding_hnsw ON entities"
                                    " USING hnsw (embedding vector_cosine_ops)")
 

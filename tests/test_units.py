@@ -491,3 +491,29 @@ async def test_an_agents_write_does_not_queue_behind_a_backfill_page_read(
     got = await page
     assert {r.key[2][0] for r in got.records if r.key[0] == Kind.ENTITY} >= {f"e{i}" for i in range(20)}
     await store.close()
+
+
+async def test_postgres_builds_its_vector_index_with_the_workers_its_spec_allows(
+        embedder: BatchingEmbedder, servers: dict[str, str]) -> None:
+    """`?index_workers=N` bounds the parallel build of the vector index (a build on every core starved agents'
+    writes at a million entities); the setting stays with the build, not with the pool's connections."""
+    for bad in ("-1", "two", "65"):
+        with pytest.raises(StoreSpecError, match="index_workers"):
+            backend_for(f"{servers['postgres']}?schema=idx_bad&index_workers={bad}", embedder)
+    store = backend_for(f"{servers['postgres']}?schema=idx_workers&index_workers=0", embedder)
+    await store.open()
+    try:
+        await store.create_entities("s", [Entity("tea", "drink", ("green tea",)), Entity("car", "vehicle", ())], 1)
+        await store.embed_stale()
+        valid = await store._read(lambda conn: conn.fetchval(  # type: ignore[attr-defined]
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname = 'entities_embedding_hnsw' AND n.nspname = 'idx_workers'"))
+        assert valid is True
+        settings_seen = {await store._read(lambda conn: conn.fetchval(  # type: ignore[attr-defined]
+            "SHOW max_parallel_maintenance_workers")) for _ in range(12)}
+        assert settings_seen == {"2"}  # the server's default on every pooled connection afterwards
+        q = (await embedder.embed(["a cup of tea"]))[0]
+        assert (await store.semantic_search("s", q, 1, None, [])).results[0].entity.name == "tea"
+    finally:
+        await store.close()
