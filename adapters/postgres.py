@@ -705,6 +705,11 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             where = "AND (o.scope, o.entity, o.text) > ($2, $3, $4)" if pos else ""
             join = "" if tombstones else (" JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
                                           " AND NOT e.deleted")
+            if pos and not tombstones:
+                # The entities' side starts at the cursor too: PostgreSQL merge-joins the two keys' orders, and
+                # without this bound walked the entities from the first one for every page (1.3 s a page at a
+                # million entities, so a Verify of them slowed to 1,700 records/s; 5 ms with it).
+                where += " AND (e.scope, e.name) >= ($2, $3)"
             alive = "" if tombstones else "AND NOT o.deleted"
             return [ObservationRecord(r["scope"], r["entity"], r["text"], r["version"], r["created"], r["deleted"])
                     for r in await conn.fetch(

@@ -313,7 +313,8 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
     return figures
 
 
-async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, batch_size: int) -> None:
+async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, batch_size: int,
+               index_workers: int | None) -> None:
     table = Table("scale")
     work = Path(tempfile.mkdtemp(prefix="memshift-scale-"))
     server = PostgresServer().start()
@@ -334,15 +335,15 @@ async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, ba
         # The benchmark's own heap out of full collections too: its pauses would count as the proxy's latency.
         gc.collect()
         gc.freeze()
-        await migrate(work, work / "source.db", f"{dsn}?schema=memory", total, agents, agent_rate, table, baseline,
-                      batch_size)
+        target = f"{dsn}?schema=memory" + (f"&index_workers={index_workers}" if index_workers is not None else "")
+        await migrate(work, work / "source.db", target, total, agents, agent_rate, table, baseline, batch_size)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
     print()
     table.print()
     if json_out is not None:
-        write_json(json_out, {"bench": "scale", "entities": n, "rows": table.raw})
+        write_json(json_out, {"bench": "scale", "entities": n, "index_workers": index_workers, "rows": table.raw})
 
 
 def write_json(path: Path, figures: dict[str, object]) -> None:
@@ -356,7 +357,9 @@ if __name__ == "__main__":
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--agent-rate", type=float, default=4.0, help="writes per second per agent")
     parser.add_argument("--batch-size", type=int, default=500, help="the backfill's records per page")
+    parser.add_argument("--index-workers", type=int, default=None,
+                        help="the target's index_workers (parallel workers building its vector index)")
     parser.add_argument("--json", type=Path, default=None)
     ns = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    asyncio.run(main(ns.entities, ns.agents, ns.agent_rate, ns.json, ns.batch_size))
+    asyncio.run(main(ns.entities, ns.agents, ns.agent_rate, ns.json, ns.batch_size, ns.index_workers))
