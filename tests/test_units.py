@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
-from adapters.model import EmbeddingMismatch, Entity
+from adapters.model import EmbeddingMismatch, Entity, Relation
 from adapters.records import (
     EntityRecord,
     Kind,
@@ -517,3 +517,43 @@ async def test_postgres_builds_its_vector_index_with_the_workers_its_spec_allows
         assert (await store.semantic_search("s", q, 1, None, [])).results[0].entity.name == "tea"
     finally:
         await store.close()
+
+
+async def test_opening_an_entity_reads_its_own_relations_not_its_scopes(embedder: BatchingEmbedder,
+                                                                        tmp_path: Path) -> None:
+    """Stall caught at a million entities: the relations of an opened entity (OpenNodes, and the size check of
+    every AddObservations) were found by their target by walking the scope's whole key range, 129 ms a call at
+    125,000 relations a scope, on the connection agents write through. The work of opening one entity must not grow
+    with the relations of its scope; counted in SQLite's virtual machine steps, not timed."""
+    store = EmbeddedBackend(tmp_path / "m.db", embedder)
+    await store.open()
+    await store.create_entities("s", [Entity("hub", "t", ("the one opened",))], 1)
+    await store.create_relations("s", [Relation("a", "hub", "knows"), Relation("hub", "b", "knows")], 2)
+    assert store._conn is not None
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    async def opened_steps() -> int:
+        nonlocal steps
+        steps = 0
+        store._conn.set_progress_handler(count, 10)  # type: ignore[union-attr]
+        try:
+            graph = await store.open_nodes("s", ["hub"])
+        finally:
+            store._conn.set_progress_handler(None, 10)  # type: ignore[union-attr]
+        assert {(r.source, r.target) for r in graph.relations} >= {("a", "hub"), ("hub", "b")}
+        return steps
+
+    few = await opened_steps()
+    version = 3
+    for start in range(0, 20_000, 2_000):  # relations between other names of the same scope
+        await store.create_relations("s", [Relation(f"x{i:05d}", f"y{i:05d}", "knows")
+                                           for i in range(start, start + 2_000)], version)
+        version += 1
+    many = await opened_steps()
+    assert many < few * 3 + 50, f"opening one entity took {many} steps at 20,000 relations, {few} at 2"
+    await store.close()
