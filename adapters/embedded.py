@@ -391,7 +391,6 @@ CHECKPOINT_EVERY = 200  # writes between WAL checkpoints (on the worker thread)
 # statistics SQLite judged a scope's whole key range as cheap as an index lookup by target (the key covers every
 # column): 129 ms instead of 0.06 at 125,000 relations a scope. Sampled, so a refresh costs milliseconds at any size.
 ANALYZE_EVERY = 10_000
-_ANALYZE = "PRAGMA analysis_limit=400; ANALYZE"
 
 
 class EmbeddedBackend(PlannedWrites):
@@ -486,7 +485,7 @@ class EmbeddedBackend(PlannedWrites):
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0 and self._checkpoint is None:
             self._checkpoint = asyncio.ensure_future(self._call(
-                self._wal_checkpoint, self._commits % ANALYZE_EVERY < CHECKPOINT_EVERY))
+                self._wal_checkpoint, self._commits % ANALYZE_EVERY == 0))
             self._checkpoint.add_done_callback(self._checkpointed)
         await self._embeddings.after_write(written[1], vectors)
         return written[0]
@@ -494,7 +493,7 @@ class EmbeddedBackend(PlannedWrites):
     def _wal_checkpoint(self, analyze: bool = False) -> None:
         assert self._conn is not None
         if analyze:
-            self._conn.executescript(_ANALYZE)
+            self._conn.execute("ANALYZE")
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _checkpointed(self, task: asyncio.Future[None]) -> None:
@@ -538,6 +537,7 @@ class EmbeddedBackend(PlannedWrites):
             # commits on the event loop: under a backfill's reads that checkpoint stalled every call in flight for up
             # to half a second. Checkpoints run on the worker thread instead, every CHECKPOINT_EVERY writes.
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("PRAGMA analysis_limit=400")  # ANALYZE samples: milliseconds at any size
             conn.executescript(_SCHEMA)
             _upgrade(conn)
             conn.create_function("contains_ci", 2, lambda hay, needle: needle in semantics.lowered(hay),
@@ -546,7 +546,7 @@ class EmbeddedBackend(PlannedWrites):
                 name, etype, json.loads(obs)), deterministic=True)
             self._check_embedding(conn)
             _build_search_index(conn)
-            conn.executescript(_ANALYZE)
+            conn.execute("ANALYZE")
         except Exception:
             conn.close()
             raise

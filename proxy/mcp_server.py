@@ -126,7 +126,7 @@ def _graph(g: Graph) -> GraphOut:
 
 
 def _answer(out: Mapping[str, Any]) -> CallToolResult:
-    """A read's answer built once, its JSON text and its structured content from the same dict. Handed a
+    """Every read tool's answer built once, its JSON text and its structured content from the same dict. Handed a
     `CallToolResult`, the MCP server checks it against the tool's output schema but does not convert it again by
     alias and dump it a second time (60 of the stdio bridge's milliseconds in a 5,000-entity `read_graph`)."""
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(out, indent=2, ensure_ascii=False))],
@@ -258,14 +258,14 @@ class MemoryTools:
                   "(embedding similarity), with scores and the relations touching them", annotations=READ)
         async def semantic_search(query: str, ctx: Context[Any, Any], limit: int = 10,
                                   minScore: float | None = None,
-                                  entityType: str | None = None) -> SearchOut:
+                                  entityType: str | None = None) -> Annotated[CallToolResult, SearchOut]:
             found = await self._call(ctx, lambda s: router.semantic_search(
                 s, query, limit, minScore, [entityType] if entityType else []))
             out: SearchOut = {"entities": [{**entity_dict(h.entity), "score": float(h.score)} for h in found.results],
                               "relations": [relation_dict(r) for r in found.relations]}
             if found.truncated:
                 out["truncated"] = found.truncated
-            return out
+            return _answer(out)
 
         # The reference server's resource. A template, so that a read gets the request (its scope header) and may
         # name a scope itself: `memory://knowledge-graph` reads the caller's scope, `...?scope=x` scope x.

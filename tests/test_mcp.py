@@ -55,6 +55,8 @@ async def test_the_reference_tools_with_their_schemas_and_annotations(cluster: C
         assert tools["delete_entities"].input_schema["required"] == ["entityNames"]
         for name in ("read_graph", "search_nodes", "open_nodes", "semantic_search"):
             assert tools[name].annotations.read_only_hint is True
+            # Built as finished results, the reads still publish what their structured content holds.
+            assert {"entities", "relations"} <= set((tools[name].output_schema or {}).get("properties", {}))
         for name in ("delete_entities", "delete_observations", "delete_relations"):
             a = tools[name].annotations
             assert a.destructive_hint is True and a.idempotent_hint is True
