@@ -54,6 +54,9 @@ class GraphPage:
     relations: tuple[Relation, ...]
     next_cursor: str | None
     truncated: str = ""  # set only when one entity alone exceeded the message limit
+    # An upper bound of its encoded bytes, once measured against the message limit (0: not measured). Not part of
+    # what the page holds, so pages compare by their items alone.
+    size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

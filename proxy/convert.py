@@ -34,7 +34,8 @@ def check_counts(request: Message, limits: Limits) -> None:
 
 
 def entity_in(msg: pb.Entity) -> Entity:
-    return Entity(msg.name, msg.entity_type, tuple(msg.observations), dict(msg.metadata))
+    # `dict()` of an empty protobuf map still walks its keys view in Python: a third of converting a page.
+    return Entity(msg.name, msg.entity_type, tuple(msg.observations), dict(msg.metadata) if msg.metadata else {})
 
 
 def entity_out(ent: Entity) -> pb.Entity:
@@ -44,7 +45,7 @@ def entity_out(ent: Entity) -> pb.Entity:
 
 def relation_in(msg: pb.Relation) -> Relation:
     # `from` is a Python keyword, so the generated field is reached through getattr.
-    return Relation(getattr(msg, "from"), msg.to, msg.relation_type, dict(msg.metadata))
+    return Relation(getattr(msg, "from"), msg.to, msg.relation_type, dict(msg.metadata) if msg.metadata else {})
 
 
 def relation_out(rel: Relation) -> pb.Relation:

@@ -64,6 +64,8 @@ def _oversized(ent: Entity, room: int) -> str:
 
 
 def fit_page(page: GraphPage, max_message_bytes: int) -> GraphPage:
+    """The page cut where the next item would not fit, with its measured `size` (a caller gathering pages into one
+    answer adds these up instead of measuring every item again)."""
     room = budget(max_message_bytes)
     used = 0
     for i, ent in enumerate(page.entities):
@@ -71,18 +73,21 @@ def fit_page(page: GraphPage, max_message_bytes: int) -> GraphPage:
         if used + size > room:
             if i == 0:  # alone too large: send what fits of it and resume after it
                 cut = _shrink(ent, room)
-                return GraphPage((cut,), (), encode_cursor(Kind.ENTITY, (ent.name,)), _oversized(ent, room))
-            return GraphPage(page.entities[:i], (), encode_cursor(Kind.ENTITY, (page.entities[i - 1].name,)))
+                return GraphPage((cut,), (), encode_cursor(Kind.ENTITY, (ent.name,)), _oversized(ent, room),
+                                 entity_size(cut))
+            return GraphPage(page.entities[:i], (), encode_cursor(Kind.ENTITY, (page.entities[i - 1].name,)),
+                             size=used)
         used += size
     for j, rel in enumerate(page.relations):
-        used += relation_size(rel)
-        if used > room:
+        size = relation_size(rel)
+        if used + size > room:
             if j == 0 and not page.entities:
-                return page  # cannot happen within the metadata limits; never stall the walk
+                return replace(page, size=used + size)  # cannot happen within the metadata limits; never stall
             resume = encode_cursor(Kind.RELATION, page.relations[j - 1].key) if j else \
                 encode_cursor(Kind.ENTITY, (page.entities[-1].name,))
-            return GraphPage(page.entities, page.relations[:j], resume)
-    return page
+            return GraphPage(page.entities, page.relations[:j], resume, size=used)
+        used += size
+    return replace(page, size=used)
 
 
 def _fit_entities(entities: tuple[Entity, ...], room: int) -> tuple[tuple[Entity, ...], int, str]:

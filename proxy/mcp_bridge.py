@@ -31,6 +31,7 @@ class RemoteMemory:
         self._stub = stub
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
+        self._page_size_refused = False
 
     async def create_entities(self, scope: str, entities: Sequence[Entity]) -> tuple[Entity, ...]:
         res = await self._stub.CreateEntities(pb.CreateEntitiesRequest(
@@ -66,12 +67,23 @@ class RemoteMemory:
             timeout=self._timeout)
 
     async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage:
-        res = await self._stub.ReadGraph(pb.ReadGraphRequest(scope=scope, page_size=page_size,
-                                                             page_token=page_token),
-                                         metadata=self._metadata, timeout=self._timeout)
+        if self._page_size_refused:
+            page_size = 0
+        try:
+            res = await self._stub.ReadGraph(pb.ReadGraphRequest(scope=scope, page_size=page_size,
+                                                                 page_token=page_token),
+                                             metadata=self._metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            # The bridge asks for the largest page of its own default limits; a proxy configured with a smaller
+            # `limits.max_page_size` refuses it, naming the field. Its own default page size then does.
+            if page_size == 0 or exc.code() != grpc.StatusCode.INVALID_ARGUMENT or "page_size" not in (
+                    exc.details() or ""):
+                raise
+            self._page_size_refused = True
+            return await self.read_graph(scope, 0, page_token)
         return GraphPage(tuple(convert.entity_in(e) for e in res.entities),
                          tuple(convert.relation_in(r) for r in res.relations), res.next_page_token or None,
-                         res.truncated)
+                         res.truncated, res.ByteSize())
 
     async def search_nodes(self, scope: str, query: str) -> Graph:
         return convert.graph_in(await self._stub.SearchNodes(pb.SearchNodesRequest(scope=scope, query=query),

@@ -4,6 +4,7 @@ by header, query and token, and writes that a migration carries to the new store
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
+from proxy.config import Limits
 from tests.cluster import AUTH, Cluster, boot, run_verify, shutdown, wait_for
 from tests.test_migration_e2e import graph_of
 
@@ -55,8 +57,14 @@ async def test_the_reference_tools_with_their_schemas_and_annotations(cluster: C
         assert tools["delete_entities"].input_schema["required"] == ["entityNames"]
         for name in ("read_graph", "search_nodes", "open_nodes", "semantic_search"):
             assert tools[name].annotations.read_only_hint is True
-            # Built as finished results, the reads still publish what their structured content holds.
-            assert {"entities", "relations"} <= set((tools[name].output_schema or {}).get("properties", {}))
+            # Built as finished results, the reads still publish what their structured content holds, each item's
+            # shape written out in place: a client checking a large answer resolves no reference per item.
+            schema = tools[name].output_schema or {}
+            assert {"entities", "relations"} <= set(schema.get("properties", {}))
+            assert "$ref" not in json.dumps(schema) and "$defs" not in schema
+            item = schema["properties"]["entities"]["items"]
+            assert {"name", "entityType", "observations"} <= set(item["properties"]) <= set(item["required"]) | {
+                "score"}
         for name in ("delete_entities", "delete_observations", "delete_relations"):
             a = tools[name].annotations
             assert a.destructive_hint is True and a.idempotent_hint is True
@@ -195,3 +203,33 @@ async def test_a_whole_graph_larger_than_the_clients_event_limit_reads_over_http
                                                        for i, n in enumerate(notes) if start <= i < start + 40])
         graph = await call(s, "read_graph")
     assert sorted(o for e in graph["entities"] for o in e["observations"]) == sorted(notes)
+
+
+async def test_the_stdio_bridge_reads_a_whole_graph_from_a_proxy_with_smaller_pages(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """`memshift mcp` asks for the largest page its own default limits allow; a proxy configured with a smaller
+    `max_page_size` refuses that (naming the field), and the bridge pages with the proxy's default instead: the
+    whole graph still arrives, in the store's order, matching the reference server's answer shape."""
+    c = await boot(embedder, tmp_path, limits=Limits(max_page_size=50, default_page_size=20))
+    try:
+        names = [f"n{i:03d}" for i in range(130)]
+        for start in range(0, len(names), 50):
+            await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="small-pages", entities=[
+                pb.Entity(name=n, entity_type="t", observations=[f"about {n}"]) for n in names[start:start + 50]]))
+        await c.memory.CreateRelations(pb.CreateRelationsRequest(scope="small-pages", relations=[
+            pb.Relation(**{"from": a}, to=b, relation_type="next") for a, b in itertools.pairwise(names)]))
+        params = StdioServerParameters(command=sys.executable, args=[
+            "-m", "proxy.cli", "mcp", "--target", f"127.0.0.1:{c.server.port}", "--scope", "small-pages"],
+            env={**os.environ})
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            result = await s.call_tool("read_graph", {})
+        assert not result.is_error, result.content
+        graph = result.structured_content
+        assert graph is not None and "truncated" not in graph
+        assert [e["name"] for e in graph["entities"]] == names
+        assert [e["observations"] for e in graph["entities"]] == [[f"about {n}"] for n in names]
+        assert len(graph["relations"]) == len(names) - 1
+        assert json.loads(result.content[0].text) == graph  # the text and the structured content agree
+    finally:
+        await shutdown(c)
