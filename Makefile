@@ -37,14 +37,14 @@ test: lint typecheck pytest
 # lands in bench/results/<name>.json. `make bench-full`: the sizes docs/benchmarks.md reports (an hour and more).
 bench: install
 	$(PY) -m bench --entities 5000 --calls 1000
-	$(PY) -m bench.migration --entities 5000 --memory-entities 50000 --writes 1000 --rounds 3
+	$(PY) -m bench.migration --entities 5000 --memory-entities 30000 --writes 1000 --rounds 3
 	$(PY) -m bench.stores --entities 2000 --qdrant-sizes 2000
 	$(PY) -m bench.fleet --changes 20
 	$(PY) -m bench.flood
 	$(PY) -m bench.transfer --entities 2000 --calls 200
 	$(PY) -m bench.reference --sizes 1000,5000 --calls 100
 	$(PY) -m bench.search --entities 100000
-	$(PY) -m bench.scale --entities 100000 --json bench/results/scale-100k.json
+	$(PY) -m bench.scale --entities 100000 --window 10 --json bench/results/scale-100k.json
 
 bench-full: install
 	$(PY) -m bench $(ARGS)

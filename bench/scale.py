@@ -216,7 +216,7 @@ async def status(admin: admin_pb2_grpc.MigrationAdminStub) -> apb.MigrationStatu
 
 
 async def migrate(work: Path, source: Path, target: str, total: int, agents: int, agent_rate: float,
-                  table: Table, baseline: float, batch_size: int) -> dict[str, float]:
+                  table: Table, baseline: float, batch_size: int, window: float) -> dict[str, float]:
     port, admin_port = free_port(), free_port()
     proc = start_process(["-m", "proxy.cli", "serve"], {
         "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
@@ -232,7 +232,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
             admin = admin_pb2_grpc.MigrationAdminStub(ach)
             crew = Agents(memory_pb2_grpc.MemoryStub(mch), agents, agent_rate)
             writing = asyncio.ensure_future(crew.run())
-            await asyncio.sleep(20)  # agents' latency with no migration
+            await asyncio.sleep(window)  # agents' latency with no migration
             rss_before = peak = rss_mb(proc.pid)
 
             started = time.perf_counter()
@@ -267,7 +267,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
             wall = time.perf_counter() - started
             crew.stage = "after cutover"
             peak = max(peak, rss_mb(proc.pid))
-            await asyncio.sleep(20)
+            await asyncio.sleep(window)
             crew.stop()
             await writing
 
@@ -314,7 +314,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
 
 
 async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, batch_size: int,
-               index_workers: int | None) -> None:
+               index_workers: int | None, window: float = 20.0) -> None:
     table = Table("scale")
     work = Path(tempfile.mkdtemp(prefix="memshift-scale-"))
     server = PostgresServer().start()
@@ -336,7 +336,8 @@ async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, ba
         gc.collect()
         gc.freeze()
         target = f"{dsn}?schema=memory" + (f"&index_workers={index_workers}" if index_workers is not None else "")
-        await migrate(work, work / "source.db", target, total, agents, agent_rate, table, baseline, batch_size)
+        await migrate(work, work / "source.db", target, total, agents, agent_rate, table, baseline, batch_size,
+                      window)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -359,7 +360,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=500, help="the backfill's records per page")
     parser.add_argument("--index-workers", type=int, default=None,
                         help="the target's index_workers (parallel workers building its vector index)")
+    parser.add_argument("--window", type=float, default=20.0,
+                        help="seconds the agents' latency is measured before the migration and after cutover")
     parser.add_argument("--json", type=Path, default=None)
     ns = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    asyncio.run(main(ns.entities, ns.agents, ns.agent_rate, ns.json, ns.batch_size, ns.index_workers))
+    asyncio.run(main(ns.entities, ns.agents, ns.agent_rate, ns.json, ns.batch_size, ns.index_workers,
+                     ns.window))
