@@ -204,3 +204,18 @@ async def test_sigterm_while_the_new_store_is_down_ends_within_the_grace_period(
         proxy.kill()
         pg.resume_if_halted()
         pg.stop()
+
+
+async def test_the_models_idle_workers_sleep_instead_of_spinning(proxy: ProxyProcess,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's OpenMP workers must wait passively in the serving process: spinning between a forward pass's parallel
+    regions, they take the cores the event loop needs. The OpenMP runtime itself reports what it read: by default
+    it spins 300,000 times before sleeping, asked to wait passively not once."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_DISPLAY_ENV", "VERBOSE")
+    proxy.start()
+    await proxy.ready()
+    proxy.kill()
+    log = (proxy.dir / "proxy.log").read_text(errors="replace")
+    assert "GOMP_SPINCOUNT = '0'" in log and "GOMP_SPINCOUNT = '300000'" not in log, log[-2000:]
