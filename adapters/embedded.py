@@ -12,7 +12,7 @@ Embeddings are computed after the write commits (the model must not run inside a
 a write is acknowledged once committed, so the model is never idle waiting for clients to come back, and concurrent
 writers fill whole batches. Three rules keep that safe:
 - a semantic search in a scope first waits for that scope's pending embeddings (read-your-writes);
-- when more than `max_pending_texts` wait for the model, writers wait until fewer do (backpressure, bounded memory);
+- when more than `max_pending_texts` wait for the model, writers wait for their own (backpressure, bounded memory);
 - a vector is stored only if the entity's text has not changed since (`embed_hash` guard), and a crash before it is
   stored is healed at start-up, where every entity whose vector is stale is embedded again.
 

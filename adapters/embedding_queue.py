@@ -3,8 +3,7 @@
 A write hands the texts of the entities it touched to `after_write`; they are embedded (in the embedder's micro-
 batches) and stored by the store's own `store_vectors`, which keeps a vector only if the entity's text is still the
 one it was computed from. A semantic search first waits for its scope's pending texts (`settled`), so an agent
-always finds what it just wrote; beyond `max_pending` texts in flight, writers wait until the backlog is back under
-that bound (backpressure).
+always finds what it just wrote; beyond `max_pending` texts in flight, writers wait for their own (backpressure).
 A vector handed in with the texts (a backfill copying vectors) is used when the hash of the text it was computed from
 matches, instead of the model.
 """
@@ -32,8 +31,6 @@ class PendingEmbeddings:
         self._store = store_vectors
         self._max_pending = max_pending
         self._pending: dict[asyncio.Task[None], tuple[frozenset[str], int]] = {}  # task -> (scopes, texts)
-        self._texts = 0  # texts in `_pending`
-        self._room: list[asyncio.Future[None]] = []  # writers waiting for the backlog to shrink
 
     async def after_write(self, texts: dict[Key, str],
                           vectors: Mapping[Key, tuple[str, Vector]] | None = None) -> None:
@@ -41,24 +38,12 @@ class PendingEmbeddings:
             return
         task = asyncio.ensure_future(self.embed(texts, vectors))
         self._pending[task] = (frozenset(scope for scope, _ in texts), len(texts))
-        self._texts += len(texts)
         task.add_done_callback(self._done)
-        # Backpressure: past the bound a writer waits until the backlog is back under it, not for its own texts.
-        # Writers waiting for their own stopped writing all at once, and the model, done with the batch before,
-        # found one or two texts for the next: batches of 64, 64, 16, 1 instead of 64s.
-        while self._texts > self._max_pending:
-            room = asyncio.get_running_loop().create_future()
-            self._room.append(room)
-            await room
+        if sum(n for _, n in self._pending.values()) > self._max_pending:
+            await asyncio.shield(task)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        _, n = self._pending.pop(task, (frozenset(), 0))
-        self._texts -= n
-        if self._texts <= self._max_pending:
-            for room in self._room:
-                if not room.done():
-                    room.set_result(None)
-            self._room.clear()
+        self._pending.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             # The committed rows keep a stale vector mark and are embedded again by the next embed_stale/start.
             log.error("embedding failed; vectors will be recomputed", exc_info=task.exception())

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
-from adapters.embedding_queue import PendingEmbeddings
 from adapters.model import EmbeddingMismatch, Entity, Relation
 from adapters.records import (
     EntityRecord,
@@ -164,39 +163,6 @@ async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy(
     await bulk
     assert during >= 2, f"{during} model passes began while the loop was blocked"
     assert sum(passes) >= len(backlog)
-
-
-async def test_writers_wait_for_the_backlog_to_shrink_not_for_their_own_texts(embedder: BatchingEmbedder) -> None:
-    """Backpressure bounds the texts waiting for the model; a writer past the bound goes on as soon as the backlog is
-    back under it, even while its own texts still wait (writers waiting for their own all stopped at once, and the
-    model ran batches of one)."""
-    gates: list[asyncio.Event] = []
-
-    class Gated:  # the real embedder, each call held until the test opens its gate
-        info = embedder.info
-
-        async def embed(self, texts: Any, urgent: bool = False) -> Any:
-            gate = asyncio.Event()
-            gates.append(gate)
-            await gate.wait()
-            return await embedder.embed(texts, urgent)
-
-    stored: list[tuple[str, str]] = []
-
-    async def store(ready: Any) -> None:
-        stored.extend(ready)
-
-    queue = PendingEmbeddings(Gated(), store, max_pending=4)
-    await asyncio.wait_for(queue.after_write({("s", f"a{i}"): f"first text {i}" for i in range(3)}), 5)
-    second = asyncio.ensure_future(queue.after_write({("s", f"b{i}"): f"second text {i}" for i in range(3)}))
-    await asyncio.sleep(0.05)
-    assert not second.done()  # six texts wait, more than four: the writer waits
-    gates[0].set()  # the first write's texts are embedded; three remain, under the bound
-    await asyncio.wait_for(second, 5)
-    assert not gates[1].is_set() and sorted(stored) == [("s", "a0"), ("s", "a1"), ("s", "a2")]
-    gates[1].set()
-    await asyncio.wait_for(queue.settled("s"), 5)
-    assert len(stored) == 6
 
 
 class _OtherModel:
