@@ -27,6 +27,7 @@ from proxy.errors import InvalidInput
 from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
+from proxy.phases import Stage, stage
 from proxy.read_routing import ReadRouting
 from proxy.redaction import scrub
 from proxy.servicer import abort_for, rpc
@@ -126,7 +127,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
     async def status(self) -> pb.MigrationStatus:
         e = self._engine
         s, p, c = e.state, e.progress(), e.counters
-        window = max(0.0, s.mirror_until - time.time()) if s.phase == Phase.COMPLETED and s.secondary else 0.0
+        window = max(0.0, s.mirror_until - time.time()) if stage(s.phase, s.secondary) == Stage.WINDOW else 0.0
         fleet = self._watchers.fleet
         members = await fleet.members() if fleet is not None else []
         out = e.outage.current

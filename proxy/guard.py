@@ -23,7 +23,6 @@ from proxy.migration import MigrationEngine
 
 log = logging.getLogger("memshift.policy")
 ACTOR = "memshift-policy"
-WATCHED = (Phase.DATA_MIGRATION, Phase.DUAL_WRITE, Phase.COMPLETED)
 
 
 def describe(r: RuleResult) -> str:
@@ -82,7 +81,7 @@ class PolicyGuard:
             self._streaks.clear()
             self._episode.clear()
             self._observations.clear()
-        if state.phase not in WATCHED or engine.secondary is None or engine.outage.current is not None:
+        if engine.secondary is None or engine.outage.current is not None:
             # Nothing to judge, or an outage of the new store: that holds the migration (proxy.outage); it is not
             # evidence against the store, and the ramp does not move while nothing reaches it.
             self.last, self.last_at = (), now

@@ -48,6 +48,7 @@ from proxy.eager import start_eagerly
 from proxy.errors import FleetUnsafe, IllegalTransition, LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
+from proxy.phases import Stage, Step, check, stage, writes_secondary
 from proxy.redaction import redact, scrub
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
@@ -64,16 +65,6 @@ RESYNC_MARGIN_MS = 10 * 60 * 1000
 MAX_RATE_LIMIT = 1e9  # records per second: far above any store, yet finite
 MAX_MIRROR_SECONDS = 366 * 86_400.0  # a rollback window of at most a year
 StoreOpener = Callable[[str], Awaitable[Backend]]
-
-# What each phase may move to, for error messages and checks.
-NEXT: dict[Phase, tuple[Phase, ...]] = {
-    Phase.NOT_STARTED: (Phase.DATA_MIGRATION,),
-    Phase.DATA_MIGRATION: (Phase.DUAL_WRITE, Phase.ROLLED_BACK),
-    Phase.DUAL_WRITE: (Phase.COMPLETED, Phase.ROLLED_BACK),
-    Phase.COMPLETED: (Phase.DATA_MIGRATION, Phase.ROLLED_BACK),
-    Phase.ROLLED_BACK: (Phase.DATA_MIGRATION,),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class BackfillProgress:
@@ -292,8 +283,7 @@ class MigrationEngine:
     @property
     def secondary(self) -> Backend | None:
         """The store being written alongside the primary, or None."""
-        if not self.state.secondary or self.state.phase not in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE,
-                                                                 Phase.COMPLETED):
+        if not writes_secondary(self.state.phase, self.state.secondary):
             return None
         return self._stores.get(self.state.secondary)
 
@@ -923,10 +913,9 @@ class MigrationEngine:
         log.info("phase change", extra={"from": before.value, "to": to.phase.value, "actor": entry.actor,
                                         "reason": entry.reason, **entry.figures})
 
-    def _illegal(self, wanted: str) -> IllegalTransition:
-        allowed = ", ".join(p.value for p in NEXT[self.state.phase])
-        return IllegalTransition(f"cannot {wanted}: the migration is in {self._phase_shown()}; "
-                                 f"from {self.state.phase.value} it can move to: {allowed}")
+    def _check(self, step: Step) -> Stage:
+        """Where `step` leads from the current state (`proxy.phases.TABLE`), or IllegalTransition."""
+        return check(self.state.phase, self.state.secondary, step, self._phase_shown())
 
     def _phase_shown(self) -> str:
         """The phase for an error message; after a rollback, with when, by whom and why it happened."""
@@ -936,12 +925,7 @@ class MigrationEngine:
     async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
         async with self._lock:
             await self._fresh()
-            phase = self.state.phase
-            if phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK, Phase.COMPLETED):
-                raise self._illegal("start a migration")
-            if phase == Phase.COMPLETED and self.state.secondary:
-                raise IllegalTransition("cannot start a migration while the rollback window of the last one is "
-                                        "open; Advance from Completed to close it, or Rollback")
+            self._check(Step.START)
             if target == self.state.primary:
                 raise IllegalTransition(f"the target {target!r} is the current primary")
             # Up to workers + 1 batches are held at once, each record with its vector: the bounds keep that in
@@ -979,7 +963,8 @@ class MigrationEngine:
             if s.phase != expected:
                 raise IllegalTransition(f"expected phase {expected.value}, but the migration is in "
                                         f"{self._phase_shown()}")
-            if s.phase == Phase.DATA_MIGRATION:
+            to = self._check(Step.ADVANCE)
+            if to == Stage.DUAL_WRITE:
                 if not s.backfill_complete:
                     p = self.progress()
                     raise IllegalTransition(f"cannot advance to DualWrite: the backfill is at {p.done}/{p.total}")
@@ -988,7 +973,7 @@ class MigrationEngine:
                                             f"zero differences (last: {s.last_verify_differences}; -1 = none run)")
                 await self._change(replace(s, phase=Phase.DUAL_WRITE), actor, reason or "backfill complete",
                                    {"records_copied": s.backfill_done})
-            elif s.phase == Phase.DUAL_WRITE:
+            elif to == Stage.WINDOW:
                 left = await self.drain_repairs(within=10.0)
                 if left:
                     raise IllegalTransition(f"cannot complete: {left} repairs are still pending on the new store")
@@ -997,11 +982,9 @@ class MigrationEngine:
                                            mirror_until=time.time() + s.options.mirror_seconds),
                                    actor, reason or "cutover", {"new_primary": redact(s.secondary),
                                                                 "mirror_seconds": s.options.mirror_seconds})
-            elif s.phase == Phase.COMPLETED and s.secondary:
+            else:  # Stage.COMPLETED: the window closes
                 await self._change(replace(s, secondary="", mirror_until=0.0), actor,
                                    reason or "rollback window closed", {})
-            else:
-                raise self._illegal("advance")
 
     async def rollback(self, reason: str, actor: str, figures: dict[str, Any] | None = None) -> None:
         async with self._lock:
@@ -1010,10 +993,11 @@ class MigrationEngine:
             # The store left behind keeps what it had: a migration back to it later copies only what changed since
             # (a margin of wall time covers writes stamped by other proxies whose clocks run behind).
             since = earlier(self._clock.now(), self._resync_margin_ms)
-            if s.phase in (Phase.DATA_MIGRATION, Phase.DUAL_WRITE):
+            self._check(Step.ROLLBACK)
+            if stage(s.phase, s.secondary) != Stage.WINDOW:
                 new = replace(s, phase=Phase.ROLLED_BACK, read_fraction=0.0, ramp_step=-1,
                               resync_target=s.secondary if s.backfill_complete else "", resync_version=since)
-            elif s.phase == Phase.COMPLETED and s.secondary:
+            else:
                 # Every write since cutover must be on the old store before it serves again.
                 left = await self.drain_repairs(within=10.0)
                 if left:
@@ -1022,8 +1006,6 @@ class MigrationEngine:
                 new = replace(s, phase=Phase.ROLLED_BACK, primary=s.secondary, secondary=s.primary,
                               read_fraction=0.0, ramp_step=-1, mirror_until=0.0, resync_target=s.primary,
                               resync_version=since)
-            else:
-                raise self._illegal("roll back")
             if self._backfill_task is not None:
                 self._backfill_task.cancel()
             self.outage.reset()
@@ -1034,8 +1016,7 @@ class MigrationEngine:
     async def pause_backfill(self, actor: str, reason: str = "") -> None:
         async with self._lock:
             await self._fresh()
-            if self.state.phase != Phase.DATA_MIGRATION:
-                raise self._illegal("pause the backfill (only in DataMigration)")
+            self._check(Step.PAUSE)
             self._resume.clear()
             await self._save(replace(self.state, paused=True))
             log.info("backfill paused", extra={"actor": actor, "reason": reason})
@@ -1043,8 +1024,7 @@ class MigrationEngine:
     async def resume_backfill(self, actor: str) -> None:
         async with self._lock:
             await self._fresh()
-            if self.state.phase != Phase.DATA_MIGRATION:
-                raise self._illegal("resume the backfill (only in DataMigration)")
+            self._check(Step.RESUME)
             blocked = self.state.blocked
             await self._save(replace(self.state, paused=False, blocked_key="", blocked=""))
             if blocked:
@@ -1058,8 +1038,8 @@ class MigrationEngine:
         within("shadow_sample_rate", shadow_rate, 0, 1)
         async with self._lock:
             await self._fresh()
-            if read_fraction > 0 and self.state.phase != Phase.DUAL_WRITE:
-                raise self._illegal("serve reads from the secondary (only in DualWrite)")
+            if read_fraction > 0:
+                self._check(Step.ROUTE_READS)
             # Routing by hand overrides a running ramp.
             note = "stopped: read fraction set by hand" if self.state.ramp_step >= 0 else self.state.ramp_note
             await self._save(replace(self.state, read_fraction=read_fraction, shadow_rate=shadow_rate,
@@ -1069,8 +1049,7 @@ class MigrationEngine:
     async def start_ramp(self, steps: tuple[float, ...], interval: float, shadow_rate: float, actor: str) -> None:
         async with self._lock:
             await self._fresh()
-            if self.state.phase != Phase.DUAL_WRITE:
-                raise self._illegal("ramp reads onto the secondary (only in DualWrite)")
+            self._check(Step.RAMP)
             within("shadow_sample_rate", shadow_rate, 0, 1)
             plan = ", ".join(f"{f:.0%}" for f in steps)
             await self._save(replace(self.state, ramp_steps=steps, ramp_interval=interval, ramp_step=0,
@@ -1124,7 +1103,7 @@ class MigrationEngine:
 
     def _expire_mirror_if_due(self) -> None:
         s = self.state
-        due = s.phase == Phase.COMPLETED and bool(s.secondary) and 0 < s.mirror_until < time.time()
+        due = stage(s.phase, s.secondary) == Stage.WINDOW and 0 < s.mirror_until < time.time()
         if due and (self._window_task is None or self._window_task.done()):
             self._window_task = asyncio.ensure_future(self._close_window())
 
