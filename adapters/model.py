@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from adapters.errors import MemshiftError
+
 Metadata: TypeAlias = Mapping[str, str]
 
 
@@ -72,19 +74,35 @@ class SearchResult:
     truncated: str = ""  # what was cut to fit the message limit ("" when whole)
 
 
-class StoreError(Exception):
-    """Base of the errors a store reports; the servicer maps each to a gRPC status."""
+class StoreError(MemshiftError):
+    """Base of the errors a store reports."""
 
 
 class EntityNotFound(StoreError):
+    code = "NOT_FOUND"
+
     def __init__(self, names: list[str]) -> None:
         self.names = names
         super().__init__(f"entity not found: {', '.join(names)}")
+
+    def detail(self) -> str:
+        return f"{self}; nothing of this call was stored"
 
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached or refused to work; nothing of the call was applied."""
 
+    code = "UNAVAILABLE"
+
+    def detail(self) -> str:
+        return f"store unavailable: {self}"
+
 
 class EmbeddingMismatch(StoreError):
-    """The store's data was embedded with another model or dimension than the one configured."""
+    """The store's data was embedded with another model or dimension than the one configured: the store cannot
+    serve this proxy (UNAVAILABLE), though it is reachable, so it is not an outage."""
+
+    code = "UNAVAILABLE"
+
+    def detail(self) -> str:
+        return f"store unavailable: {self}"

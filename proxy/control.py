@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from adapters.errors import MemshiftError
 from adapters.records import Kind, RecordKey
 
 
@@ -114,8 +115,13 @@ class Member:
     live: bool  # heartbeat within the lease
 
 
-class Conflict(Exception):
-    """The state changed since it was read (compare-and-set lost)."""
+class Conflict(MemshiftError):
+    """The state changed since it was read (compare-and-set lost): ABORTED, worth a retry."""
+
+    code = "ABORTED"
+
+    def detail(self) -> str:
+        return f"the migration state changed meanwhile (another proxy acted): {self}; retry"
 
 
 class UnreadableState(Exception):

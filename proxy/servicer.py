@@ -14,18 +14,15 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from adapters.model import EmbeddingMismatch, EntityNotFound, StoreUnavailable
+from adapters.errors import MemshiftError
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
 from proxy.auth import ScopeTokens
 from proxy.config import Limits
-from proxy.control import Conflict
-from proxy.errors import IllegalTransition, InvalidInput, LeaseLapsed, PermissionDenied, TooLarge, Unauthenticated
 from proxy.redaction import scrub
 from proxy.router import Router
 from proxy.shadow import collect_after_reply, reset_after_reply
-from proxy.stores import StoreSpecError
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.rpc")
@@ -37,25 +34,10 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status a domain error maps to; None for an unexpected error."""
-    if isinstance(exc, TooLarge):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, PermissionDenied):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, InvalidInput | StoreSpecError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, IllegalTransition):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, EntityNotFound):
-        return grpc.StatusCode.NOT_FOUND, f"{exc}; nothing of this call was stored"
-    if isinstance(exc, StoreUnavailable | EmbeddingMismatch):
-        return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}"
-    if isinstance(exc, LeaseLapsed):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, Conflict):
-        return grpc.StatusCode.ABORTED, f"the migration state changed meanwhile (another proxy acted): {exc}; retry"
+    """The status and details a deliberate error means (`adapters.errors`: each class names its code); None for
+    anything else, which is a bug."""
+    if isinstance(exc, MemshiftError) and exc.code != "INTERNAL":
+        return grpc.StatusCode[exc.code], exc.detail()
     return None
 
 

@@ -21,6 +21,7 @@ from adapters.base import Backend
 from adapters.chroma import ChromaBackend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.errors import MemshiftError
 from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
@@ -31,8 +32,10 @@ from proxy.redaction import redact, scrub_secrets
 __all__ = ["StoreSpecError", "backend_for", "redact", "sqlite_path", "system_of"]
 
 
-class StoreSpecError(ValueError):
-    pass
+class StoreSpecError(MemshiftError, ValueError):
+    """A store spec that cannot be used (unknown scheme, bad option): INVALID_ARGUMENT, naming the part to fix."""
+
+    code = "INVALID_ARGUMENT"
 
 
 def sqlite_path(spec: str) -> str:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
+from adapters.errors import MemshiftError
 from adapters.model import EmbeddingMismatch, Entity, Relation
 from adapters.records import (
     EntityRecord,
@@ -31,6 +33,8 @@ from adapters.records import (
 )
 from proxy.clock import MAX_NODE, HybridClock, unpack
 from proxy.config import ConfigError, load_config
+from proxy.errors import InvalidInput
+from proxy.servicer import status_for  # imports every module that defines an error class
 from proxy.stores import StoreSpecError, backend_for, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -582,3 +586,27 @@ async def test_opening_an_entity_reads_its_own_relations_not_its_scopes(embedder
     many = await opened_steps()
     assert many < few * 3 + 50, f"opening one entity took {many} steps at 20,000 relations, {few} at 2"
     await store.close()
+
+
+def _every_error_class(root: type[MemshiftError]) -> list[type[MemshiftError]]:
+    found = []
+    for cls in root.__subclasses__():
+        found += [cls, *_every_error_class(cls)]
+    return found
+
+
+def test_every_deliberate_error_means_one_status_named_once() -> None:
+    """Each error class names its status in its own definition; the servicer (and the MCP door through it) turns that
+    name into the gRPC status, with the class's own wording. A class that names none is a bug's INTERNAL."""
+    classes = _every_error_class(MemshiftError)
+    assert len(classes) >= 12
+    for cls in classes:
+        exc = cls(["ghost"]) if cls.__name__ == "EntityNotFound" else \
+            cls("names[0]", "must not be empty") if issubclass(cls, InvalidInput) else cls("what happened")
+        mapped = status_for(exc)
+        if cls.code == "INTERNAL":
+            assert mapped is None, cls
+            continue
+        assert mapped == (grpc.StatusCode[cls.code], exc.detail()), cls
+        assert str(exc) in mapped[1], cls  # the class's wording may add to the message, never drop it
+    assert status_for(KeyError("not ours")) is None
