@@ -956,7 +956,23 @@ class MigrationEngine:
             self._resume.set()
             self._start_backfill()
 
+    async def _again_on_conflict(self, step: Callable[[], Awaitable[None]]) -> None:
+        """An operator's step, taken again (twice at most) when another proxy's save came between this proxy reading
+        the state and writing it, provided that save left the same migration in the same stage (a backfill
+        checkpoint, a ramp step): the operator's intent still holds. One that moved it on stays a Conflict."""
+        for attempt in range(3):
+            where = (self.state.migration_id, stage(self.state.phase, self.state.secondary))
+            try:
+                await step()
+                return
+            except Conflict:  # `_save` has loaded the state that won
+                if attempt == 2 or (self.state.migration_id, stage(self.state.phase, self.state.secondary)) != where:
+                    raise
+
     async def advance(self, expected: Phase, actor: str, reason: str = "") -> None:
+        await self._again_on_conflict(lambda: self._advance(expected, actor, reason))
+
+    async def _advance(self, expected: Phase, actor: str, reason: str) -> None:
         async with self._lock:
             await self._fresh()
             s = self.state
@@ -987,6 +1003,9 @@ class MigrationEngine:
                                    reason or "rollback window closed", {})
 
     async def rollback(self, reason: str, actor: str, figures: dict[str, Any] | None = None) -> None:
+        await self._again_on_conflict(lambda: self._rollback(reason, actor, figures))
+
+    async def _rollback(self, reason: str, actor: str, figures: dict[str, Any] | None) -> None:
         async with self._lock:
             await self._fresh()
             s = self.state

@@ -5,6 +5,8 @@ step it allows leads where the table says."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,10 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adapters.base import Backend
+from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
-from proxy.control import Phase
+from proxy.clock import HybridClock
+from proxy.control import Conflict, MigrationOptions, MigrationState, Phase, SqliteControlStore
 from proxy.errors import IllegalTransition
+from proxy.migration import MigrationEngine
 from proxy.phases import TABLE, Stage, Step, allowed, check, stage, writes_secondary
+from proxy.stores import backend_for
 from tests.cluster import AUTH, Cluster, seed, status, wait_for
 
 
@@ -97,3 +104,49 @@ async def test_the_engine_refuses_every_step_the_table_refuses(cluster: Cluster)
     assert await _refuses_what_the_table_refuses(c) == Stage.WINDOW
     await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.COMPLETED), metadata=AUTH)
     assert await _refuses_what_the_table_refuses(c) == Stage.COMPLETED
+
+
+class RacingControl:
+    """The real control store; when armed, "another proxy" saves `race(state)` just before this proxy's next save,
+    as a backfill checkpoint or a phase change of another proxy would land between a read and a write."""
+
+    def __init__(self, inner: SqliteControlStore) -> None:
+        self.inner = inner
+        self.race: Callable[[MigrationState], MigrationState] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def save(self, state: MigrationState, expected_revision: int, durable: bool = True) -> MigrationState:
+        if self.race is not None:
+            race, self.race = self.race, None
+            current = await self.inner.load()
+            await self.inner.save(race(current), current.revision)
+        return await self.inner.save(state, expected_revision, durable)
+
+
+async def test_an_operators_step_survives_a_checkpoint_landing_first_but_not_a_phase_change(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """A rollback asked while another proxy's backfill checkpoint lands first is still taken (the migration is where
+    the operator saw it); one overtaken by another proxy's phase change is a Conflict (ABORTED), not a guess."""
+    async def open_store(spec: str) -> Backend:
+        store = backend_for(spec, embedder)
+        await store.open()
+        return store
+
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    control = RacingControl(SqliteControlStore(tmp_path / "control.db", initial_primary=a))
+    engine = MigrationEngine(control, open_store, HybridClock(1), background=False)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        await engine.start_migration(b, MigrationOptions(), "test")
+        control.race = lambda s: replace(s, backfill_done=s.backfill_done + 1)  # a checkpoint
+        await engine.rollback("operator's call", "test")
+        assert engine.state.phase == Phase.ROLLED_BACK and (await control.load()).phase == Phase.ROLLED_BACK
+
+        await engine.start_migration(b, MigrationOptions(), "test")
+        control.race = lambda s: replace(s, phase=Phase.ROLLED_BACK)  # another proxy's rollback
+        with pytest.raises(Conflict):
+            await engine.rollback("operator's call", "test")
+    finally:
+        await engine.stop()
