@@ -50,6 +50,7 @@ from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.phases import Stage, Step, check, stage, writes_secondary
 from proxy.redaction import redact, scrub
+from proxy.refusals import find_refusal, refused_twice, transient
 from proxy.stores import system_of
 from proxy.telemetry import Telemetry
 from proxy.validation import within
@@ -566,7 +567,7 @@ class MigrationEngine:
         moved: set[RecordKey] = set()
         done: list[RepairItem] = []
         for item in items:
-            raced, refused = await _refused_twice(
+            raced, refused = await refused_twice(
                 lambda key=item.key: self.reconcile([key], self.primary, secondary))  # type: ignore[misc]
             if refused is None:
                 moved |= set(raced or ())
@@ -687,7 +688,7 @@ class MigrationEngine:
                         self.outage.report(exc)
                     if transient(exc):
                         raise
-                    refusal = await self._refusal(secondary, batch.records, batch.vectors)
+                    refusal = await find_refusal(secondary, batch.records, batch.vectors)
                     if refusal is not None:
                         await self.block(*refusal, during="backfill")
                         raise _Blocked from exc
@@ -722,26 +723,6 @@ class MigrationEngine:
             self._page_size = pacing.next_page_size(pacing.PageTiming(
                 len(page.records), time.monotonic() - started, self._grace / 2, self.state.options.batch_size))
         return applied
-
-    async def _refusal(self, store: Backend, records: Sequence[Record],
-                       vectors: VectorMap | None) -> tuple[RecordKey, BaseException] | None:
-        """The first record `store` refuses on its own, found by halving a batch it refused (apply-if-newer makes
-        applying any part again harmless); None when every part went in. A single record is tried twice before it
-        counts as refused. An outage on the way is raised, not mistaken for a refusal."""
-        if len(records) == 1:
-            _, refused = await _refused_twice(lambda: store.apply(records, vectors))
-            return None if refused is None else (records[0].key, refused)
-        mid = len(records) // 2
-        for half in (records[:mid], records[mid:]):
-            try:
-                await store.apply(half, vectors)
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                found = await self._refusal(store, half, vectors)
-                if found is not None:
-                    return found
-        return None
 
     async def block(self, key: RecordKey, exc: BaseException, during: str) -> None:
         """A record the new store refuses for good: pause instead of retrying forever. The backfill stops at its
@@ -1163,26 +1144,6 @@ def _history(before: Phase, after: Phase, actor: str, reason: str, figures: dict
 
 def _purged(record: Record | None) -> int:
     return record.purged if isinstance(record, EntityRecord) else 0
-
-
-async def _refused_twice(attempt: Callable[[], Awaitable[T]]) -> tuple[T | None, BaseException | None]:
-    """Run `attempt`, once more if it fails: (its result, None) when either try went through, else (None, the store's
-    refusal). An outage (`transient`) is raised at once: it is not the store refusing the record."""
-    refused: BaseException | None = None
-    for _ in range(2):
-        try:
-            return await attempt(), None
-        except Exception as exc:
-            if transient(exc):
-                raise
-            refused = exc
-    return None, refused
-
-
-def transient(exc: BaseException) -> bool:
-    """A failure that can pass by itself (the store unreachable, a timeout, a lost compare-and-set): retried. Any
-    other failure of a store, repeated on one record alone, means the store refuses that record for good."""
-    return isinstance(exc, StoreUnavailable | TimeoutError | ConnectionError | OSError | Conflict)
 
 
 _PROBE_KEY: RecordKey = (Kind.ENTITY, "memshift-probe", ("reachable?",))
