@@ -148,7 +148,7 @@ async def test_a_query_does_not_wait_behind_a_backlog_of_written_texts(embedder:
 async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy(
         embedder: BatchingEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's thread takes each next batch itself: an event loop busy with calls (here: blocked outright for
-    half a second) must not leave the model idle between passes."""
+    a second) must not leave the model idle between passes."""
     model = embedder._model
     passes: list[int] = []
     encode = model.encode
@@ -162,7 +162,7 @@ async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy(
     bulk = asyncio.ensure_future(embedder.embed(backlog))
     await asyncio.sleep(0.05)  # the first pass is running
     before = len(passes)
-    time.sleep(0.5)  # noqa: ASYNC251 - blocking is the point: the loop can do nothing meanwhile
+    time.sleep(1.0)  # noqa: ASYNC251 - blocking is the point: the loop can do nothing meanwhile
     during = len(passes) - before
     await bulk
     assert during >= 2, f"{during} model passes began while the loop was blocked"
