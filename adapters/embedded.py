@@ -657,8 +657,9 @@ class EmbeddedBackend(PlannedWrites):
                 names = [r[0] for r in self._conn.execute(
                     "SELECT name FROM entities WHERE scope=? AND deleted=0 AND name>? ORDER BY name LIMIT ?",
                     (scope, after[0], limit + 1))]
-                if names[:limit]:  # the page's names are a range of the live ones: walked, not looked up
-                    entities = self._entities_where(scope, "BETWEEN ? AND ?", (names[0], names[:limit][-1]))
+                page = names[:limit]
+                if page:  # the page's names are a range of the live ones: walked, not looked up
+                    entities = self._entities_where(scope, "BETWEEN ? AND ?", (page[0], page[-1]))
                 if len(names) > limit:
                     return GraphPage(tuple(entities), (), encode_cursor(Kind.ENTITY, [names[limit - 1]]))
             room = limit - len(entities)

@@ -208,24 +208,22 @@ class BatchingEmbedder:
                                          self._max_wait_s)
                 batch = self._next_batch()
                 loop = self._loop
-            if not batch or loop is None:
-                continue
-            vectors: Vector | None = None
-            error: Exception | None = None
+            assert loop is not None  # a text is queued only after `embed` set the loop it answers on
+            outcome: Vector | Exception
             try:
-                vectors = self._model.encode(batch, self._max_batch)
+                outcome = self._model.encode(batch, self._max_batch)
             except Exception as exc:  # every waiter of this batch gets the model's error
-                error = exc
+                outcome = exc
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for these any more
-                loop.call_soon_threadsafe(self._answer, batch, vectors, error)
+                loop.call_soon_threadsafe(self._answer, batch, outcome)
 
-    def _answer(self, batch: list[str], vectors: Vector | None, error: Exception | None) -> None:
-        """On the event loop: the batch's vectors to the cache and to everyone waiting for them."""
-        if vectors is None:
+    def _answer(self, batch: list[str], vectors: Vector | Exception) -> None:
+        """On the event loop: the batch's vectors (or the model's error) to the cache and everyone waiting."""
+        if isinstance(vectors, Exception):
             for text in batch:
                 fut = self._inflight.pop(text, None)
                 if fut is not None and not fut.done():
-                    fut.set_exception(error or RuntimeError("the model returned nothing"))
+                    fut.set_exception(vectors)
             return
         self.batches += 1
         self.texts_encoded += len(batch)

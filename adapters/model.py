@@ -85,24 +85,18 @@ class EntityNotFound(StoreError):
         self.names = names
         super().__init__(f"entity not found: {', '.join(names)}")
 
-    def detail(self) -> str:
-        return f"{self}; nothing of this call was stored"
+    told = "{}; nothing of this call was stored"
 
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached or refused to work; nothing of the call was applied."""
 
     code = "UNAVAILABLE"
-
-    def detail(self) -> str:
-        return f"store unavailable: {self}"
+    told = "store unavailable: {}"
 
 
 class EmbeddingMismatch(StoreError):
     """The store's data was embedded with another model or dimension than the one configured: the store cannot
     serve this proxy (UNAVAILABLE), though it is reachable, so it is not an outage."""
 
-    code = "UNAVAILABLE"
-
-    def detail(self) -> str:
-        return f"store unavailable: {self}"
+    code, told = StoreUnavailable.code, StoreUnavailable.told

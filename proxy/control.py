@@ -119,9 +119,7 @@ class Conflict(MemshiftError):
     """The state changed since it was read (compare-and-set lost): ABORTED, worth a retry."""
 
     code = "ABORTED"
-
-    def detail(self) -> str:
-        return f"the migration state changed meanwhile (another proxy acted): {self}; retry"
+    told = "the migration state changed meanwhile (another proxy acted): {}; retry"
 
 
 class UnreadableState(Exception):

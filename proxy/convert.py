@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf.message import Message
 
 from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
@@ -33,9 +35,13 @@ def check_counts(request: Message, limits: Limits) -> None:
                 check.metadata_entries(f"{name}[{i}].metadata", item.metadata, limits)
 
 
-def entity_in(msg: pb.Entity) -> Entity:
+def _metadata(entries: Mapping[str, str]) -> dict[str, str]:
     # `dict()` of an empty protobuf map still walks its keys view in Python: a third of converting a page.
-    return Entity(msg.name, msg.entity_type, tuple(msg.observations), dict(msg.metadata) if msg.metadata else {})
+    return dict(entries) if entries else {}
+
+
+def entity_in(msg: pb.Entity) -> Entity:
+    return Entity(msg.name, msg.entity_type, tuple(msg.observations), _metadata(msg.metadata))
 
 
 def entity_out(ent: Entity) -> pb.Entity:
@@ -45,7 +51,7 @@ def entity_out(ent: Entity) -> pb.Entity:
 
 def relation_in(msg: pb.Relation) -> Relation:
     # `from` is a Python keyword, so the generated field is reached through getattr.
-    return Relation(getattr(msg, "from"), msg.to, msg.relation_type, dict(msg.metadata) if msg.metadata else {})
+    return Relation(getattr(msg, "from"), msg.to, msg.relation_type, _metadata(msg.metadata))
 
 
 def relation_out(rel: Relation) -> pb.Relation:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
 from adapters.errors import MemshiftError
-from adapters.model import EmbeddingMismatch, Entity, Relation
+from adapters.model import EmbeddingMismatch, Entity, EntityNotFound, Relation
 from adapters.records import (
     EntityRecord,
     Kind,
@@ -610,3 +610,13 @@ def test_every_deliberate_error_means_one_status_named_once() -> None:
         assert mapped == (grpc.StatusCode[cls.code], exc.detail()), cls
         assert str(exc) in mapped[1], cls  # the class's wording may add to the message, never drop it
     assert status_for(KeyError("not ours")) is None
+    # What callers rely on, written out: a class moved in the tree or given another code shows up here.
+    expected = {"InvalidInput": "INVALID_ARGUMENT", "TooLarge": "RESOURCE_EXHAUSTED",
+                "StoreSpecError": "INVALID_ARGUMENT", "IllegalTransition": "FAILED_PRECONDITION",
+                "FleetUnsafe": "FAILED_PRECONDITION",
+                "EntityNotFound": "NOT_FOUND", "StoreUnavailable": "UNAVAILABLE", "EmbeddingMismatch": "UNAVAILABLE",
+                "LeaseLapsed": "UNAVAILABLE", "Unauthenticated": "UNAUTHENTICATED",
+                "PermissionDenied": "PERMISSION_DENIED", "Conflict": "ABORTED", "StoreError": "INTERNAL"}
+    assert {cls.__name__: cls.code for cls in classes if cls.__name__ in expected} == expected
+    assert status_for(EntityNotFound(["ghost"])) == (grpc.StatusCode.NOT_FOUND,
+                                                      "entity not found: ghost; nothing of this call was stored")
