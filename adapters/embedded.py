@@ -877,6 +877,20 @@ class EmbeddedBackend(PlannedWrites):
 
         return await self._bulk_read(run)
 
+    async def scope_counts(self) -> dict[str, int]:
+        """Live records per scope, as `count` counts them."""
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for sql in ("SELECT scope, count(*) FROM entities WHERE deleted=0 GROUP BY scope",
+                        "SELECT o.scope, count(*) FROM observations o JOIN entities e ON e.scope=o.scope"
+                        " AND e.name=o.entity AND e.deleted=0 WHERE o.deleted=0 GROUP BY o.scope",
+                        "SELECT scope, count(*) FROM relations WHERE deleted=0 GROUP BY scope"):
+                for scope, n in conn.execute(sql):
+                    out[scope] = out.get(scope, 0) + n
+            return out
+
+        return await self._bulk_read(run)
+
     async def purge_tombstones(self, before_version: int) -> int:
         def run() -> int:
             assert self._conn is not None

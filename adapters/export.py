@@ -33,6 +33,24 @@ class ExportInParts:
         return ExportPage(page.records, page.next_after, found)
 
 
+async def scope_counts(store: Backend, page: int = 5000) -> dict[str, int]:
+    """Live records per scope. A store that can count by scope in its own query says so with a `scope_counts`
+    method; any other is walked page by page (memory: one page and one counter per scope)."""
+    own = getattr(store, "scope_counts", None)
+    if callable(own):
+        counted: dict[str, int] = await own()
+        return counted
+    counts: dict[str, int] = {}
+    after: RecordKey | None = None
+    while True:
+        listed = await store.list_records(after, page)
+        for r in listed.records:
+            counts[r.scope] = counts.get(r.scope, 0) + 1
+        if listed.next_after is None:
+            return counts
+        after = listed.next_after
+
+
 async def export_pages(store: Backend, size: int, vectors: bool,
                        after: RecordKey | None = None) -> AsyncIterator[ExportPage]:
     """Every page of `store` from after `after` on, as a backfill reads them."""

@@ -775,6 +775,20 @@ class PostgresBackend(PlannedWrites, ExportInParts):
 
         return await self._read(run)
 
+    async def scope_counts(self) -> dict[str, int]:
+        """Live records per scope, as `count` counts them."""
+        async def run(conn: asyncpg.Connection) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for sql in ("SELECT scope, count(*) FROM entities WHERE NOT deleted GROUP BY scope",
+                        "SELECT o.scope, count(*) FROM observations o JOIN entities e ON e.scope = o.scope"
+                        " AND e.name = o.entity AND NOT e.deleted WHERE NOT o.deleted GROUP BY o.scope",
+                        "SELECT scope, count(*) FROM relations WHERE NOT deleted GROUP BY scope"):
+                for scope, n in await conn.fetch(sql):
+                    out[scope] = out.get(scope, 0) + int(n)
+            return out
+
+        return await self._read(run)
+
     async def purge_tombstones(self, before_version: int) -> int:
         async def run(conn: asyncpg.Connection) -> int:
             n = 0

@@ -28,11 +28,13 @@ from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.migration import MigrationEngine
 from proxy.phases import Stage, stage
+from proxy.placement import Placement, selection
 from proxy.read_routing import ReadRouting
 from proxy.redaction import scrub
 from proxy.servicer import abort_for, rpc
 from proxy.shadow import ShadowReader
 from proxy.shedding import Budget
+from proxy.store_counts import count_placement
 from proxy.stores import redact
 from proxy.validation import within
 from proxy.verify import VerifyReport, verify
@@ -68,6 +70,19 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         log.warning("admin call refused: bad or missing token", extra={"method": details.method})
         streaming = details.method.endswith(("/WatchStatus", "/Verify", "/ExportRecords"))
         return self._deny_stream if streaming else self._deny_unary
+
+
+def _placement_pb(p: Placement) -> pb.Placement:
+    placed = [pb.PlacedScopes(scope=prefix, prefix=True, store=redact(spec))
+              for prefix, spec in sorted(p.prefixes.items())]
+    placed += [pb.PlacedScopes(scope=scope, store=redact(spec)) for scope, spec in sorted(p.scopes.items())]
+    return pb.Placement(default_store=redact(p.default), placed=placed)
+
+
+async def _counts_pb(engine: MigrationEngine) -> dict[str, Any]:
+    stores, selected = await count_placement(engine)
+    return {"stores": [pb.StoreCount(**asdict(c)) for c in stores],
+            "selected": [pb.ScopeCount(**asdict(c)) for c in selected]}
 
 
 def _rule_pb(r: RuleResult) -> pb.RuleStatus:
@@ -124,7 +139,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         self._limits = limits or Limits()
         self.telemetry = engine.telemetry
 
-    async def status(self) -> pb.MigrationStatus:
+    async def status(self, count_stores: bool = False) -> pb.MigrationStatus:
         e = self._engine
         s, p, c = e.state, e.progress(), e.counters
         window = max(0.0, s.mirror_until - time.time()) if stage(s.phase, s.secondary) == Stage.WINDOW else 0.0
@@ -160,11 +175,15 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             secondary_unreachable_since_unix=out.since if out else 0.0,
             primary_unreachable=not e.primary_up.is_set(),
             rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "",
-            memory_calls_shed=self._watchers.budget.shed if self._watchers.budget else 0)
+            memory_calls_shed=self._watchers.budget.shed if self._watchers.budget else 0,
+            placement=_placement_pb(s.placement),
+            selection=pb.Selection(scopes=s.selection.names, scope_prefixes=s.selection.prefixes,
+                                   shown=s.selection.shown()),
+            **(await _counts_pb(e) if count_stores else {}))
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.MigrationStatus:
-        return await self.status()
+        return await self.status(count_stores=request.count_stores)
 
     async def WatchStatus(self, request: pb.WatchStatusRequest, context: Any) -> AsyncIterator[pb.MigrationStatus]:
         interval = max(0.1, request.interval_seconds or 1.0)
@@ -180,7 +199,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             batch_size=request.batch_size or 500, rate_limit=request.rate_limit, workers=request.workers or 1,
             reembed=request.reembed, mirror_seconds=request.mirror_seconds or 3600.0,
             require_verify=request.require_verify, full_copy=request.full_copy)
-        await self._engine.start_migration(request.target, options, _actor(context), request.reason)
+        chosen = selection(request.scopes, request.scope_prefixes)
+        await self._engine.start_migration(request.target, options, _actor(context), request.reason, chosen)
         return await self.status()
 
     @rpc
@@ -247,7 +267,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         start = engine.state.verify_cursor if request.resume else None
         async for report in verify(engine.primary, secondary, start_after=start,
                                    max_samples=request.max_samples or 20, settle=engine.settle,
-                                   repair=engine.enqueue_repairs if request.repair else None):
+                                   repair=engine.enqueue_repairs if request.repair else None,
+                                   only=engine.moved()):
             if report.done:
                 if start is None:  # a partial (resumed) run does not speak for the whole store
                     await engine.record_verify(report.differences)
@@ -260,26 +281,36 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         return pb.GetHistoryResponse(changes=[_change_pb(h) for h in await self._engine.history(request.limit or 100)])
 
     async def ExportRecords(self, request: pb.ExportRecordsRequest, context: Any) -> AsyncIterator[pb.RecordChunk]:
-        """A backup of the primary, page by page as a backfill reads it (so its cost per chunk is bounded). One
-        scope is filtered from the walk over every scope: stores list records in (kind, scope, key) order."""
+        """A backup, page by page as a backfill reads it (so its cost per chunk is bounded): each scope from the store
+        the placement routes it to (a copy another store still holds is left out). One scope is filtered from the
+        walk over every scope: stores list records in (kind, scope, key) order."""
         scope = request.scope or None
         size = request.page_size or 1000
         try:
             if scope is not None:
                 check.scope(scope)
             within("page_size", size, 1, self._limits.max_page_size)
-            store = self._engine.primary
-            total = (await store.count(scope)).total
-            header = backup.header_line(backup.Header(store.embedding.model, store.embedding.dimension, scope))
+            placement = self._engine.state.placement
+            specs = [placement.store_of(scope)] if scope is not None else placement.stores()
+            stores = [(spec, self._engine.opened(spec)) for spec in specs]
+            # An estimate where a store still holds copies of scopes placed elsewhere (those are not exported).
+            total = sum([(await store.count(scope)).total for _, store in stores])
+            info = stores[0][1].embedding
+            header = backup.header_line(backup.Header(info.model, info.dimension, scope))
             done, first = 0, True
-            async for page in export_pages(store, size, vectors=not request.no_vectors):
-                records = [r for r in page.records if scope is None or r.scope == scope]
-                vectors = {k: v for k, v in (page.vectors or {}).items() if scope is None or k[0] == scope}
-                lines = backup.page_lines(records, vectors)
-                done += len(records)
-                if lines or first or page.next_after is None:
-                    yield pb.RecordChunk(lines=([header] if first else []) + lines, done=done, total=total)
-                    first = False
+
+            def wanted(s: str, spec: str) -> bool:
+                return (scope is None or s == scope) and placement.store_of(s) == spec
+
+            for spec, store in stores:
+                async for page in export_pages(store, size, vectors=not request.no_vectors):
+                    records = [r for r in page.records if wanted(r.scope, spec)]
+                    vectors = {k: v for k, v in (page.vectors or {}).items() if wanted(k[0], spec)}
+                    lines = backup.page_lines(records, vectors)
+                    done += len(records)
+                    if lines or first or page.next_after is None:
+                        yield pb.RecordChunk(lines=([header] if first else []) + lines, done=done, total=total)
+                        first = False
         except Exception as exc:
             await abort_for(context, exc, "ExportRecords")
             raise

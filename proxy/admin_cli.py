@@ -1,7 +1,9 @@
 """`memshift admin ...`: the operator's side of a migration, over the MigrationAdmin API.
 
-    memshift admin start --to SPEC [--batch-size N] [--rate-limit R] [--reembed] [--mirror-seconds S]
+    memshift admin start --to SPEC [--scopes a,b | --scope-prefix P | --scopes-from FILE] [--batch-size N]
+                         [--rate-limit R] [--reembed] [--mirror-seconds S]
     memshift admin status [--watch]
+    memshift admin placement
     memshift admin advance [--from PHASE]
     memshift admin route --read-fraction F [--shadow-rate R]
     memshift admin route --ramp [STEPS] [--interval S] [--shadow-rate R]
@@ -52,7 +54,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--require-verify", action="store_true")
     p.add_argument("--full-copy", action="store_true", help="copy everything even to a target rolled back from "
                    "(by default only what changed since is copied)")
+    p.add_argument("--scopes", default="", help="move only these scopes, separated by commas (default: every scope "
+                   "of the default store)")
+    p.add_argument("--scope-prefix", action="append", default=[], help="move the scopes starting with this "
+                   "(repeatable)")
+    p.add_argument("--scopes-from", metavar="FILE", help="move the scopes listed in FILE, one a line ('#' comments)")
     p.add_argument("--reason", default="")
+    cmds.add_parser("placement", help="which store serves which scopes, with scopes and records per store")
     p = cmds.add_parser("status", help="phase, backfill progress, repair queue")
     p.add_argument("--watch", action="store_true", help="keep showing it (Ctrl-C to stop)")
     p.add_argument("--interval", type=float, default=1.0)
@@ -117,6 +125,11 @@ def render(st: pb.MigrationStatus) -> str:
     lines.append(f"primary    {st.primary}{down}")
     if st.secondary:
         lines.append(f"secondary  {st.secondary}")
+        if st.selection.scopes or st.selection.scope_prefixes:
+            lines.append(f"moving     {st.selection.shown} (every other scope stays where it is)")
+    if st.placement.placed:
+        lines.append(f"placement  default {st.placement.default_store}, {len(st.placement.placed)} placed elsewhere "
+                     "(memshift admin placement)")
     if st.phase == pb.DATA_MIGRATION or b.total:
         state = "complete" if b.complete else "paused" if b.paused else f"ETA {_eta(b.eta_seconds)}"
         lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
@@ -163,6 +176,33 @@ def render(st: pb.MigrationStatus) -> str:
     return "\n".join(lines)
 
 
+def scopes_chosen(listed: str, from_file: str | None) -> list[str]:
+    """The scopes of `--scopes` and `--scopes-from`, in order (the proxy checks each and names the one to fix)."""
+    chosen = [s.strip() for s in listed.split(",") if s.strip()]
+    if from_file:
+        try:
+            text = Path(from_file).read_text()
+        except OSError as exc:
+            raise SystemExit(f"memshift: --scopes-from: cannot read {from_file}: {exc.strerror}") from None
+        chosen += [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+    return chosen
+
+
+def render_placement(st: pb.MigrationStatus) -> str:
+    p = st.placement
+    lines = [f"default    {p.default_store}"]
+    lines += [f"{'prefix' if e.prefix else 'scope':10} {e.scope}{'*' if e.prefix else ''} -> {e.store}"
+              for e in p.placed]
+    for c in st.stores:
+        counted = f"ERROR {c.error}" if c.error else f"{c.scopes} scopes, {c.records} records"
+        lines.append(f"store      {c.store}: {counted}")
+    if st.secondary:
+        lines.append(f"moving     {st.selection.shown} ({PHASE_NAMES.get(st.phase, '?')})")
+        lines += [f"  {c.scope}: {c.source_records} records on the source, {c.target_records} on the target"
+                  for c in st.selected]
+    return "\n".join(lines)
+
+
 def _routing(args: argparse.Namespace) -> pb.SetReadRoutingRequest:
     if args.ramp is None:
         return pb.SetReadRoutingRequest(read_fraction=args.read_fraction, shadow_sample_rate=args.shadow_rate)
@@ -195,12 +235,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if cmd == "status":
             print(render(stub.GetStatus(pb.GetStatusRequest(), metadata=metadata)))
+        elif cmd == "placement":
+            print(render_placement(stub.GetStatus(pb.GetStatusRequest(count_stores=True), metadata=metadata)))
         elif cmd == "start":
             st = stub.StartMigration(pb.StartMigrationRequest(
                 target=args.target, batch_size=args.batch_size, rate_limit=args.rate_limit, workers=args.workers,
                 reembed=args.reembed, mirror_seconds=args.mirror_seconds, require_verify=args.require_verify,
-                full_copy=args.full_copy,
-                reason=args.reason), metadata=metadata)
+                full_copy=args.full_copy, scopes=scopes_chosen(args.scopes, args.scopes_from),
+                scope_prefixes=args.scope_prefix, reason=args.reason), metadata=metadata)
             print(render(st))
         elif cmd == "advance":
             expected = PHASES[args.expected] if args.expected else stub.GetStatus(

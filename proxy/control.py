@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from adapters.errors import MemshiftError
 from adapters.records import Kind, RecordKey
+from proxy.placement import Placement, Selection
 
 
 class Phase(StrEnum):
@@ -80,7 +81,25 @@ class MigrationState:
     resync_version: int = 0
     copy_since: int = 0  # this migration's backfill copies only records newer than this (0: every record)
     backfill_copied: int = 0  # records the backfill wrote (`backfill_done` counts records read)
+    # Which store serves each scope (proxy.placement). Changed only with the phase: at cutover, and back on a
+    # rollback from the rollback window, so a placement change is a compare-and-set broadcast like any phase change.
+    placement: Placement = field(default_factory=Placement)
+    # The migration's selection, the store it moves those scopes from, and the placement it started from: together
+    # they fix which scopes it moves (`proxy.placement.moves`) for its whole life, cutover included.
+    selection: Selection = field(default_factory=Selection)
+    source: str = ""
+    start_placement: Placement = field(default_factory=Placement)
     revision: int = 0  # bumped on every change; the compare-and-set token
+
+    def __post_init__(self) -> None:
+        # A state written before placement existed (or a fresh one): one store served everything, and a migration
+        # moved everything from the store it started on (the primary, or after cutover the secondary).
+        if not self.placement.default and self.primary:
+            object.__setattr__(self, "placement", Placement(self.primary))
+        if not self.source and self.secondary:
+            object.__setattr__(self, "source", self.secondary if self.phase == Phase.COMPLETED else self.primary)
+        if not self.start_placement.default and self.source:
+            object.__setattr__(self, "start_placement", Placement(self.source))
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +257,9 @@ def state_load(raw: str, where: str = "the control store") -> MigrationState:
         data["backfill_cursor"] = key_load(data["backfill_cursor"])
         data["verify_cursor"] = key_load(data["verify_cursor"])
         data["ramp_steps"] = tuple(data.get("ramp_steps", ()))
+        for name in ("placement", "start_placement"):
+            data[name] = Placement.from_json(data.get(name) or {})
+        data["selection"] = Selection.from_json(data.get("selection") or {})
         state = MigrationState(**data)
         if bad := _non_finite(asdict(state)):
             raise ValueError(f"{bad} is not a finite number")

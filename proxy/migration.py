@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from proxy.errors import FleetUnsafe, IllegalTransition, LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.phases import Stage, Step, check, stage, writes_secondary
+from proxy.placement import EVERYTHING, Selection, after_cutover, moves, source_of
 from proxy.redaction import redact, scrub
 from proxy.refusals import find_refusal, refused_twice, transient
 from proxy.stores import system_of
@@ -177,6 +179,10 @@ class MigrationEngine:
         self.state = await self._control.load()
         log.info("opening the primary", extra={"store": redact(self.state.primary), "phase": self.state.phase.value})
         await self._store(self.state.primary, tolerate=True)
+        for spec in self.state.placement.stores():
+            if spec != self.state.primary:
+                log.info("opening a store scopes are placed on", extra={"store": redact(spec)})
+                await self._store(spec, tolerate=True)
         if self.state.secondary:
             log.info("opening the secondary", extra={"store": redact(self.state.secondary)})
             second = await self._store(self.state.secondary, tolerate=True)
@@ -279,7 +285,32 @@ class MigrationEngine:
 
     @property
     def primary(self) -> Backend:
+        """The store a migration moves scopes from (after cutover: to), which decides the answers for those scopes.
+        Every other scope is served by its own store (`store_for`)."""
         return self._stores[self.state.primary]
+
+    def opened(self, spec: str) -> Backend:
+        """The open store of `spec` (every store the state names is opened at start and when adopted)."""
+        return self._stores[spec]
+
+    def store_for(self, scope: str) -> Backend:
+        """The store that serves `scope` (proxy.placement): the one its writes are answered by."""
+        return self._stores[self.state.placement.store_of(scope)]
+
+    def moves(self, scope: str) -> bool:
+        """Whether the current migration writes `scope` to both stores: it selected the scope, and the other store
+        is still being written (docs/placement.md). Every other scope pays nothing for the migration."""
+        s = self.state
+        return writes_secondary(s.phase, s.secondary) and moves(s.start_placement, s.selection, s.source, scope)
+
+    def moved(self) -> Callable[[str], bool]:
+        """Which scopes the current migration moves, fixed now (for a Verify that may outlive the rollback window)."""
+        s = self.state
+        return functools.partial(moves, s.start_placement, s.selection, s.source)
+
+    def stores(self) -> list[Backend]:
+        """Every open store the placement names."""
+        return [self._stores[spec] for spec in self.state.placement.stores() if spec in self._stores]
 
     @property
     def secondary(self) -> Backend | None:
@@ -336,17 +367,17 @@ class MigrationEngine:
                               "may not know the current phase; writes are refused until it has caught up")
         self._expire_mirror_if_due()
         version = self._clock.now()
-        primary, secondary = self.primary, self.secondary
+        secondary = self.secondary if self.moves(op.scope) else None
         if secondary is None:
             self._solo_inflight += 1
             self._solo_idle.clear()
             try:
-                return await self._run(op, primary, "primary", version)
+                return await self._run(op, self.store_for(op.scope), "primary", version)
             finally:
                 self._solo_inflight -= 1
                 if self._solo_inflight == 0:
                     self._solo_idle.set()
-        return await self._dual_write(op, version, primary, secondary)
+        return await self._dual_write(op, version, self.primary, secondary)
 
     async def restore(self, records: Sequence[Record], vectors: VectorMap | None) -> int:
         """Records from a backup, each applied if newer with its own version, through `write`: during a migration
@@ -355,13 +386,19 @@ class MigrationEngine:
         if not records:
             return 0
         self._clock.observe(max(max(r.version, getattr(r, "purged", 0)) for r in records))
-        return (await self.write(ApplyRecords(records, vectors))).answer
+        routes: dict[tuple[str, bool], list[Record]] = {}  # one write per store a scope is placed on
+        for r in records:
+            routes.setdefault((self.state.placement.store_of(r.scope), self.moves(r.scope)), []).append(r)
+        return sum([(await self.write(ApplyRecords(part, vectors))).answer for part in routes.values()])
 
     async def newer_than_stored(self, records: Sequence[Record]) -> int:
         """How many of these records a restore would apply: those the primary lacks or holds at an older version,
         leaving out children older than a deletion of their entity (a purge hides them; see adapters.records)."""
         parents = {p for r in records for p in parents_of(r.key)}
-        held = {r.key: r for r in await self.primary.get_records(list({r.key for r in records} | parents))}
+        wanted: dict[str, set[RecordKey]] = {}
+        for key in {r.key for r in records} | parents:
+            wanted.setdefault(self.state.placement.store_of(key[1]), set()).add(key)
+        held = {r.key: r for spec, keys in wanted.items() for r in await self._stores[spec].get_records(list(keys))}
         purged = {k: _purged(held.get(k)) for k in parents}
         for r in records:
             if isinstance(r, EntityRecord) and r.key in purged:
@@ -376,9 +413,10 @@ class MigrationEngine:
 
     async def embed_stale(self) -> int:
         """After a restore whose vectors were left out or made by another model: embed what still lacks one."""
-        done = await self.primary.embed_stale()
+        placed = self.stores()
+        done = sum([await store.embed_stale() for store in placed])
         secondary = self.secondary
-        if secondary is not None and self.outage.current is None:
+        if secondary is not None and secondary not in placed and self.outage.current is None:
             with contextlib.suppress(StoreUnavailable):  # the backfill or a repair embeds there later
                 await secondary.embed_stale()
         return done
@@ -512,8 +550,13 @@ class MigrationEngine:
         if secondary is None or self.outage.current is not None:
             return 0  # an outage: the queue waits for the store instead of counting a failure per key per try
         items = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
+        if strays := [i for i in items if not self.moves(i.key[1])]:
+            # Carried over from a migration that moved other scopes: this one's target may be where those scopes
+            # live now, so nothing may be copied onto it; a later migration of those scopes copies them afresh.
+            await self._control.repaired([i.id for i in strays])
+            items = [i for i in items if self.moves(i.key[1])]
         if not items:
-            return 0
+            return len(strays)
         scopes = {i.key[1] for i in items}
         registered = False  # undo only what was done: counting out scopes never counted in would free others'
         try:
@@ -758,8 +801,11 @@ class MigrationEngine:
         """The part of `page` this migration writes: all of it, or (going back to a target that had the whole copy
         at a rollback) the records changed since then. Every record still counts as read."""
         since = self.state.copy_since
-        records = page.records if not since else tuple(r for r in page.records if r.version > since)
-        return _Page(records, page.next_after, page.vectors, len(page.records))
+        records = tuple(r for r in page.records if (not since or r.version > since) and self.moves(r.scope))
+        vectors = page.vectors
+        if vectors and len(records) < len(page.records):
+            vectors = {k: v for k, v in vectors.items() if self.moves(k[0])}
+        return _Page(records, page.next_after, vectors, len(page.records))
 
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
@@ -818,9 +864,9 @@ class MigrationEngine:
     async def _adopt(self, state: MigrationState) -> bool:
         if state.revision <= self.state.revision:
             return False
-        await self._store(state.primary)
-        if state.secondary:
-            await self._store(state.secondary)
+        for spec in dict.fromkeys([state.primary, state.secondary, *state.placement.stores()]):
+            if spec:
+                await self._store(spec)
         before, self.state = self.state, state
         if state.paused:
             self._resume.clear()
@@ -903,12 +949,16 @@ class MigrationEngine:
         s = self.state
         return s.phase.value + (f" (rolled back {s.rolled_back})" if s.phase == Phase.ROLLED_BACK else "")
 
-    async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "") -> None:
+    async def start_migration(self, target: str, options: MigrationOptions, actor: str, reason: str = "",
+                              chosen: Selection = EVERYTHING) -> None:
+        """Move the scopes `chosen` selects (every scope of the default store when it selects none) to `target`."""
         async with self._lock:
             await self._fresh()
             self._check(Step.START)
-            if target == self.state.primary:
-                raise IllegalTransition(f"the target {target!r} is the current primary")
+            source = source_of(self.state.placement, chosen)
+            if target == source:
+                raise IllegalTransition(f"the target {redact(target)!r} is the store the selected scopes are on "
+                                        "already")
             # Up to workers + 1 batches are held at once, each record with its vector: the bounds keep that in
             # hundreds of megabytes at worst, whatever an operator types.
             within("batch_size", options.batch_size, 1, MAX_BATCH)
@@ -916,10 +966,12 @@ class MigrationEngine:
             within("rate_limit", options.rate_limit, 0, MAX_RATE_LIMIT)  # 0: unlimited
             within("mirror_seconds", options.mirror_seconds, 0, MAX_MIRROR_SECONDS)
             await self._store(target)
-            total = (await self.primary.count()).total
+            total = (await (await self._store(source)).count()).total  # every record is read, selected or not
             s = self.state
-            copy_since = s.resync_version if target == s.resync_target and not options.full_copy else 0
-            new = replace(self.state, phase=Phase.DATA_MIGRATION, secondary=target, copy_since=copy_since,
+            resync = target == s.resync_target and chosen == s.selection and source == s.source
+            copy_since = s.resync_version if resync and not options.full_copy else 0
+            new = replace(self.state, phase=Phase.DATA_MIGRATION, primary=source, secondary=target,
+                          selection=chosen, source=source, start_placement=s.placement, copy_since=copy_since,
                           backfill_copied=0, resync_target="", resync_version=0,
                           migration_id=self.state.migration_id + 1, options=options, paused=False,
                           backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
@@ -931,9 +983,10 @@ class MigrationEngine:
             # Dual-writing starts with this save, before the first backfill batch.
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_seconds(copy_since)))
             since = f", copying only what changed since {when}" if copy_since else ""
-            await self._change(new, actor, reason or f"start migration to {redact(target)}{since}",
+            moving = "" if chosen.everything else f" of {chosen.shown()}"
+            await self._change(new, actor, reason or f"start migration{moving} to {redact(target)}{since}",
                                {"records_to_copy": total, "batch_size": options.batch_size,
-                                "copy_changed_only": bool(copy_since)})
+                                "copy_changed_only": bool(copy_since), "scopes": chosen.shown()})
             self._resume.set()
             self._start_backfill()
 
@@ -974,11 +1027,13 @@ class MigrationEngine:
                 left = await self.drain_repairs(within=10.0)
                 if left:
                     raise IllegalTransition(f"cannot complete: {left} repairs are still pending on the new store")
+                placement = after_cutover(s.start_placement, s.selection, s.source, s.secondary)
                 await self._change(replace(s, phase=Phase.COMPLETED, primary=s.secondary, secondary=s.primary,
-                                           read_fraction=0.0, ramp_step=-1,
+                                           placement=placement, read_fraction=0.0, ramp_step=-1,
                                            mirror_until=time.time() + s.options.mirror_seconds),
                                    actor, reason or "cutover", {"new_primary": redact(s.secondary),
-                                                                "mirror_seconds": s.options.mirror_seconds})
+                                                                "mirror_seconds": s.options.mirror_seconds,
+                                                                "scopes": s.selection.shown()})
             else:  # Stage.COMPLETED: the window closes
                 await self._change(replace(s, secondary="", mirror_until=0.0), actor,
                                    reason or "rollback window closed", {})
@@ -1002,16 +1057,17 @@ class MigrationEngine:
                 left = await self.drain_repairs(within=10.0)
                 if left:
                     raise IllegalTransition(f"cannot roll back yet: {left} writes are still being copied back to "
-                                            f"{s.secondary}; retry when the repair queue is empty")
+                                            f"{redact(s.secondary)}; retry when the repair queue is empty")
                 new = replace(s, phase=Phase.ROLLED_BACK, primary=s.secondary, secondary=s.primary,
-                              read_fraction=0.0, ramp_step=-1, mirror_until=0.0, resync_target=s.primary,
+                              placement=s.start_placement, read_fraction=0.0, ramp_step=-1, mirror_until=0.0,
+                              resync_target=s.primary,
                               resync_version=since)
             if self._backfill_task is not None:
                 self._backfill_task.cancel()
             self.outage.reset()
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             new = replace(new, rolled_back=scrub(f"{when} by {actor}: {reason}"))
-            await self._change(new, actor, reason, figures or {})
+            await self._change(new, actor, reason, {**(figures or {}), "scopes": s.selection.shown()})
 
     async def pause_backfill(self, actor: str, reason: str = "") -> None:
         async with self._lock:

@@ -1,6 +1,7 @@
 """Where each read goes (docs/design.md, Phases and Shadow reads).
 
-Without a migration, or before DualWrite, reads go to the primary. In DualWrite a fraction of reads (chosen by a
+A scope's reads go to the store it is placed on (proxy.placement). For the scopes a migration moves: before DualWrite
+they go to the primary (the store that decides their answers); in DualWrite a fraction of reads (chosen by a
 hash of scope and request) is served by the secondary, except in scopes with a pending repair, where the secondary
 may still lack one of the caller's acknowledged writes. A secondary that fails a read is counted and the primary
 answers instead. Any read may also be shadowed on the other store (`ShadowReader`), after the caller has its answer.
@@ -45,7 +46,9 @@ class ReadRouting:
 
     async def read(self, op: ReadOp[T]) -> T:
         engine, state = self._engine, self._engine.state
-        primary, other = engine.primary, engine.secondary_reachable  # an unreachable new store gets no reads
+        # Scopes the migration does not move are read from their own store alone; an unreachable new store gets none.
+        primary = engine.store_for(op.scope)
+        other = engine.secondary_reachable if engine.moves(op.scope) else None
         if other is None:
             return (await self._call(op, primary, "primary"))[0]
         identity = op.identity()

@@ -67,7 +67,7 @@ class Router:
         adding: dict[str, dict[str, None]] = {}
         for add in additions:
             adding.setdefault(add.entity_name, {}).update(dict.fromkeys(add.contents))
-        current = {e.name: e for e in (await self._engine.primary.open_nodes(scope, list(adding))).entities}
+        current = {e.name: e for e in (await self._engine.store_for(scope).open_nodes(scope, list(adding))).entities}
         for i, add in enumerate(additions):
             ent = current.get(add.entity_name)
             if ent is None:

@@ -44,7 +44,8 @@ class VerifyReport:
         return self.per_scope.setdefault(scope, [0, 0, 0])
 
 
-async def _walk(store: Backend, after: RecordKey | None, batch: int) -> AsyncIterator[Record]:
+async def _walk(store: Backend, after: RecordKey | None, batch: int,
+                only: Callable[[str], bool] | None = None) -> AsyncIterator[Record]:
     """The store's live records in key order. The next page is read while this one is compared (and each store's
     walk reads on its own), so the comparison waits for neither store: Verify ran at the sum of two stores' page
     times plus its own, one after the other."""
@@ -55,7 +56,8 @@ async def _walk(store: Backend, after: RecordKey | None, batch: int) -> AsyncIte
             if page.next_after is not None:
                 reading = asyncio.ensure_future(store.list_records(page.next_after, batch))
             for rec in page.records:
-                yield rec
+                if only is None or only(rec.scope):
+                    yield rec
             if page.next_after is None:
                 return
     finally:
@@ -110,13 +112,16 @@ async def still_differing(keys: Sequence[RecordKey], primary: Backend, secondary
 
 async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey | None = None,
                  batch: int = 1000, max_samples: int = 20, settle: Settle | None = None,
-                 repair: Callable[[list[RecordKey]], Awaitable[None]] | None = None) -> AsyncIterator[VerifyReport]:
-    """Yields the running report every `batch` comparisons (differences so far are suspects) and once at the end
-    (`done=True`), where `differences` counts only what persisted after `settle`. With `repair`, the persistent keys
-    are handed to it (queued for repair), settled again and re-checked: `repaired` says how many it fixed."""
+                 repair: Callable[[list[RecordKey]], Awaitable[None]] | None = None,
+                 only: Callable[[str], bool] | None = None) -> AsyncIterator[VerifyReport]:
+    """Compares the records of the scopes `only` accepts (every scope without it): a migration of a selection
+    verifies the scopes it moves, and what else either store holds is not its business. Yields the running report
+    every `batch` comparisons (differences so far are suspects) and once at the end (`done=True`), where
+    `differences` counts only what persisted after `settle`. With `repair`, the persistent keys are handed to it
+    (queued for repair), settled again and re-checked: `repaired` says how many it fixed."""
     report = VerifyReport(cursor=start_after)
     suspects: list[Difference] = []
-    a_iter, b_iter = _walk(primary, start_after, batch), _walk(secondary, start_after, batch)
+    a_iter, b_iter = _walk(primary, start_after, batch, only), _walk(secondary, start_after, batch, only)
     a = await anext(a_iter, None)
     b = await anext(b_iter, None)
     while a is not None or b is not None:

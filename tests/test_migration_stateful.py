@@ -1,9 +1,11 @@
 """The invariant of docs/design.md, under random interleavings (hypothesis RuleBasedStateMachine).
 
 Client writes and deletes, backfill batches, a secondary that fails or stalls (a wrapper around the real store),
-proxy restarts from the control store, phase changes and rollbacks, in any order. At every quiescent point (writes
-stopped, faults cleared, backfill finished, repair queue drained) `verify(primary, secondary)` must find zero
-differences, and the primary must hold exactly what a plain model of MCP semantics says was acknowledged.
+proxy restarts from the control store, phase changes and rollbacks, and migrations of a random selection of scopes
+(every scope, one, or a prefix; moved back and forth between the two stores), in any order. At every quiescent point
+(writes stopped, faults cleared, backfill finished, repair queue drained) `verify(primary, secondary)` over the
+scopes the migration moves must find zero differences, and every scope's store (its placement) must hold exactly
+what a plain model of MCP semantics says was acknowledged in it.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from adapters.records import Kind
 from proxy import ops
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.errors import InvalidInput
 from proxy.migration import IllegalTransition, MigrationEngine
+from proxy.placement import EVERYTHING, Selection, source_of
 from proxy.stores import backend_for
 from proxy.verify import verify
 
 SCOPES = ["s1", "s2"]
 NAMES = ["a", "b", "c"]
 TEXTS = ["likes tea", "plays chess", "owns a cat"]
+SELECTIONS = [EVERYTHING, Selection(("s1",)), Selection(("s2",)), Selection(("s1", "s2")), Selection((), ("s",))]
 API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
               "delete_observations", "delete_relations"}
 WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
@@ -45,7 +50,8 @@ WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
 class Faults:
     mode: str = "ok"  # ok | fail | stall
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
-    is_secondary: Any = lambda: True  # a stall only makes sense where the engine does not wait
+    # A stall only makes sense where the engine does not wait: the scope's write goes to the new store alongside.
+    is_secondary: Any = lambda scope: True
     held: frozenset[str] = frozenset()  # methods (reads too) that wait for the gate whatever the mode
 
 
@@ -66,7 +72,7 @@ class FaultyStore:
             if self._faults.mode == "fail":
                 raise StoreUnavailable("injected failure")
             # Held past the engine's grace, landing whenever the test says.
-            if self._faults.mode == "stall" and name in API_WRITES and self._faults.is_secondary():
+            if self._faults.mode == "stall" and name in API_WRITES and self._faults.is_secondary(args[0]):
                 await self._faults.gate.wait()
             return await attr(*args, **kwargs)
 
@@ -98,7 +104,8 @@ class MigrationMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="memshift-sm-"))
         self.a, self.b = f"sqlite:///{self.dir}/a.db", f"sqlite:///{self.dir}/b.db"
         self.faults = Faults()
-        self.faults.is_secondary = lambda: self.engine is not None and self.engine.state.primary != self.b
+        self.faults.is_secondary = lambda scope: (self.engine is not None and self.engine.state.primary != self.b
+                                                  and self.engine.moves(scope))
         self.model = Model()
         self.engine: MigrationEngine | None = None
         self.control: SqliteControlStore | None = None
@@ -131,7 +138,8 @@ class MigrationMachine(RuleBasedStateMachine):
             return
         self.run(self.eng.start_migration(self.b, MigrationOptions(batch_size=data.draw(st.sampled_from([1, 4, 50])),
                                                                    workers=data.draw(st.integers(1, 3)),
-                                                                   mirror_seconds=600), "test"))
+                                                                   mirror_seconds=600), "test",
+                                          data.draw(st.sampled_from(SELECTIONS))))
         if start_in == "DataMigration":
             return
         self.backfill_all()
@@ -287,14 +295,23 @@ class MigrationMachine(RuleBasedStateMachine):
         self.run(self.control.close())
         self.run(self._boot())
 
-    @rule(batch=st.sampled_from([1, 3, 50]), workers=st.integers(1, 3))
-    def start_migration(self, batch: int, workers: int) -> None:
-        target = self.a if self.eng.state.primary == self.b else self.b
+    @rule(batch=st.sampled_from([1, 3, 50]), workers=st.integers(1, 3), chosen=st.sampled_from(SELECTIONS))
+    def start_migration(self, batch: int, workers: int, chosen: Selection) -> None:
+        try:
+            source = source_of(self.eng.state.placement, chosen)
+        except InvalidInput:  # the selected scopes live on both stores: refused, whatever the phase
+            source = ""
+        target = self.a if source == self.b else self.b
         try:
             self.run(self.eng.start_migration(target, MigrationOptions(batch_size=batch, workers=workers,
-                                                                       mirror_seconds=600), "test"))
+                                                                       mirror_seconds=600), "test", chosen))
         except IllegalTransition:
-            assert self.eng.state.phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK)
+            assert self.eng.state.phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK) or not source
+        except InvalidInput:
+            assert not source
+        else:
+            assert source
+            event(f"migrated {chosen.shown()}")
 
     @rule()
     def advance(self) -> None:
@@ -322,7 +339,7 @@ class MigrationMachine(RuleBasedStateMachine):
                 async def diff() -> list[object]:
                     samples: list[object] = []
                     assert eng.secondary is not None
-                    async for report in verify(eng.primary, eng.secondary):
+                    async for report in verify(eng.primary, eng.secondary, only=eng.moved()):
                         samples = list(report.samples)
                     return samples
 
@@ -330,15 +347,18 @@ class MigrationMachine(RuleBasedStateMachine):
                 assert differences == [], f"in {eng.state.phase.value}: {differences}"
 
     @invariant()
-    def primary_holds_what_was_acknowledged(self) -> None:
+    def every_scope_has_one_store_and_it_holds_what_was_acknowledged(self) -> None:
         if self.engine is None:
             return
+        for scope in SCOPES:  # a scope being moved is decided by the migration's primary, in every stage
+            if self.eng.secondary is not None and self.eng.moves(scope):
+                assert self.eng.store_for(scope) is self.eng.primary
 
         async def graph() -> tuple[dict[tuple[str, str], tuple[str, set[str]]], set[tuple[str, str, str, str]]]:
             ents: dict[tuple[str, str], tuple[str, set[str]]] = {}
             rels: set[tuple[str, str, str, str]] = set()
             for scope in SCOPES:
-                page = await self.eng.primary.read_graph(scope, None, 1000)
+                page = await self.eng.store_for(scope).read_graph(scope, None, 1000)
                 ents.update({(scope, e.name): (e.entity_type, set(e.observations)) for e in page.entities})
                 rels.update((scope, r.source, r.relation_type, r.target) for r in page.relations)
             return ents, rels

@@ -224,6 +224,10 @@ class MigrationStatus(_message.Message):
     PRIMARY_UNREACHABLE_FIELD_NUMBER: _builtins.int
     ROLLED_BACK_FIELD_NUMBER: _builtins.int
     MEMORY_CALLS_SHED_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
+    SELECTED_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     primary: _builtins.str
     """Store specs, credentials redacted."""
@@ -277,6 +281,16 @@ class MigrationStatus(_message.Message):
     def backfill_waiting_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The backfill leader waits for these live proxies to acknowledge DataMigration before it copies anything."""
 
+    @_builtins.property
+    def placement(self) -> Global___Placement: ...
+    @_builtins.property
+    def selection(self) -> Global___Selection: ...
+    @_builtins.property
+    def stores(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreCount]:
+        """With GetStatusRequest.count_stores only: per store of the placement, and per scope the migration moves."""
+
+    @_builtins.property
+    def selected(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     def __init__(
         self,
         *,
@@ -305,10 +319,14 @@ class MigrationStatus(_message.Message):
         primary_unreachable: _builtins.bool = ...,
         rolled_back: _builtins.str = ...,
         memory_calls_shed: _builtins.int = ...,
+        placement: Global___Placement | None = ...,
+        selection: Global___Selection | None = ...,
+        stores: _abc.Iterable[Global___StoreCount] | None = ...,
+        selected: _abc.Iterable[Global___ScopeCount] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "ramp", b"ramp", "reads", b"reads", "shadow", b"shadow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "counters", b"counters", "placement", b"placement", "ramp", b"ramp", "reads", b"reads", "selection", b"selection", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "memory_calls_shed", b"memory_calls_shed", "migration_id", b"migration_id", "phase", b"phase", "policy", b"policy", "primary", b"primary", "primary_unreachable", b"primary_unreachable", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "rolled_back", b"rolled_back", "secondary", b"secondary", "secondary_unreachable", b"secondary_unreachable", "secondary_unreachable_since_unix", b"secondary_unreachable_since_unix", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "backfill_waiting_for", b"backfill_waiting_for", "blocked", b"blocked", "blocked_key", b"blocked_key", "counters", b"counters", "last_verify_differences", b"last_verify_differences", "memory_calls_shed", b"memory_calls_shed", "migration_id", b"migration_id", "phase", b"phase", "placement", b"placement", "policy", b"policy", "primary", b"primary", "primary_unreachable", b"primary_unreachable", "proxies", b"proxies", "ramp", b"ramp", "read_fraction", b"read_fraction", "reads", b"reads", "recent_history", b"recent_history", "repair_queue_depth", b"repair_queue_depth", "rollback_window_seconds_left", b"rollback_window_seconds_left", "rolled_back", b"rolled_back", "secondary", b"secondary", "secondary_unreachable", b"secondary_unreachable", "secondary_unreachable_since_unix", b"secondary_unreachable_since_unix", "selected", b"selected", "selection", b"selection", "shadow", b"shadow", "shadow_sample_rate", b"shadow_sample_rate", "stores", b"stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,16 +528,160 @@ Global___ReadCounters: _TypeAlias = ReadCounters  # noqa: Y015
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    COUNT_STORES_FIELD_NUMBER: _builtins.int
+    count_stores: _builtins.bool
+    """Also count scopes and records per store (`stores`) and per selected scope (`selected`): reads every store's
+    per-scope counts, so not for a status polled every second.
+    """
     def __init__(
         self,
+        *,
+        count_stores: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_stores", b"count_stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """Which store serves each scope: its own entry, else its longest matching prefix, else the default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_STORE_FIELD_NUMBER: _builtins.int
+    PLACED_FIELD_NUMBER: _builtins.int
+    default_store: _builtins.str
+    @_builtins.property
+    def placed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacedScopes]: ...
+    def __init__(
+        self,
+        *,
+        default_store: _builtins.str = ...,
+        placed: _abc.Iterable[Global___PlacedScopes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_store", b"default_store", "placed", b"placed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class PlacedScopes(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """A scope, or with `prefix` every scope starting with it."""
+    prefix: _builtins.bool
+    store: _builtins.str
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        prefix: _builtins.bool = ...,
+        store: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "scope", b"scope", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacedScopes: _TypeAlias = PlacedScopes  # noqa: Y015
+
+@_typing.final
+class Selection(_message.Message):
+    """What the current (or last) migration moves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPES_FIELD_NUMBER: _builtins.int
+    SCOPE_PREFIXES_FIELD_NUMBER: _builtins.int
+    SHOWN_FIELD_NUMBER: _builtins.int
+    shown: _builtins.str
+    """In words, e.g. "agent-1, team-*"; "every scope of the default store" when nothing was selected."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def scope_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        scope_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        shown: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope_prefixes", b"scope_prefixes", "scopes", b"scopes", "shown", b"shown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Selection: _TypeAlias = Selection  # noqa: Y015
+
+@_typing.final
+class StoreCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    store: _builtins.str
+    scopes: _builtins.int
+    """Scopes with at least one live record that the placement routes to this store, and their live records."""
+    records: _builtins.int
+    error: _builtins.str
+    """Counting failed (the store is unreachable); the reason."""
+    def __init__(
+        self,
+        *,
+        store: _builtins.str = ...,
+        scopes: _builtins.int = ...,
+        records: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "records", b"records", "scopes", b"scopes", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreCount: _TypeAlias = StoreCount  # noqa: Y015
+
+@_typing.final
+class ScopeCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SOURCE_RECORDS_FIELD_NUMBER: _builtins.int
+    TARGET_RECORDS_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    source_records: _builtins.int
+    """Live records on the store the migration moves the scope from, and on the one it moves it to."""
+    target_records: _builtins.int
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        source_records: _builtins.int = ...,
+        target_records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "source_records", b"source_records", "target_records", b"target_records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScopeCount: _TypeAlias = ScopeCount  # noqa: Y015
 
 @_typing.final
 class WatchStatusRequest(_message.Message):
@@ -554,6 +716,8 @@ class StartMigrationRequest(_message.Message):
     REQUIRE_VERIFY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FULL_COPY_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    SCOPE_PREFIXES_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     """Store spec of the new store, e.g. sqlite:///./data/new.db."""
     batch_size: _builtins.int
@@ -573,6 +737,14 @@ class StartMigrationRequest(_message.Message):
     """Copy every record even when the target is the one the last migration rolled back from (by default only what
     changed since then is copied). For a target that was altered, emptied or restored from a backup meanwhile.
     """
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Move only these scopes, and the scopes starting with these prefixes (a migration of a chosen set); both empty:
+        every scope the default store serves. Every other scope stays where it is and pays nothing for the migration.
+        """
+
+    @_builtins.property
+    def scope_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -585,10 +757,12 @@ class StartMigrationRequest(_message.Message):
         require_verify: _builtins.bool = ...,
         reason: _builtins.str = ...,
         full_copy: _builtins.bool = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        scope_prefixes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "full_copy", b"full_copy", "mirror_seconds", b"mirror_seconds", "rate_limit", b"rate_limit", "reason", b"reason", "reembed", b"reembed", "require_verify", b"require_verify", "target", b"target", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "full_copy", b"full_copy", "mirror_seconds", b"mirror_seconds", "rate_limit", b"rate_limit", "reason", b"reason", "reembed", b"reembed", "require_verify", b"require_verify", "scope_prefixes", b"scope_prefixes", "scopes", b"scopes", "target", b"target", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,101 @@
+"""The placement's rules (proxy.placement), over random placements and selections: a cutover moves exactly the
+scopes the migration selected from its source store, and every other scope keeps its store."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import InvalidInput
+from proxy.placement import MAX_SELECTED, Placement, Selection, after_cutover, moves, selection, source_of
+
+STORES = ["sqlite:///a.db", "sqlite:///b.db", "postgresql://c"]
+# Every scope of up to three letters over a small alphabet: prefixes of one another, so longest-prefix rules and
+# exact entries overlap in every way.
+UNIVERSE = ["".join(p) for n in (1, 2, 3) for p in itertools.product("ab-", repeat=n) if p[0] != "-"]
+names = st.sampled_from(UNIVERSE)
+stores = st.sampled_from(STORES)
+placements = st.builds(Placement, stores, st.dictionaries(names, stores, max_size=5),
+                       st.dictionaries(names, stores, max_size=5))
+selections = st.builds(lambda n, p: Selection(tuple(dict.fromkeys(n)), tuple(dict.fromkeys(p))),
+                       st.lists(names, max_size=3), st.lists(names, max_size=2))
+
+
+@given(placements, selections, stores)
+def test_a_cutover_moves_exactly_the_selected_scopes_of_the_source_and_no_other(
+        start: Placement, chosen: Selection, target: str) -> None:
+    try:
+        source = source_of(start, chosen)
+    except InvalidInput as exc:
+        assert exc.field == "scopes"
+        shown = {start.store_of(n) for n in chosen.names} | {start.prefix_store(p) for p in chosen.prefixes}
+        assert len(shown) > 1  # refused only when the selection spans stores
+        return
+    if target == source:
+        return
+    after = after_cutover(start, chosen, source, target)
+    moved = [s for s in UNIVERSE if moves(start, chosen, source, s)]
+    for scope in UNIVERSE:
+        if scope in moved:
+            assert after.store_of(scope) == target, scope
+        else:
+            assert after.store_of(scope) == start.store_of(scope), scope
+    for name in chosen.names:  # a named scope is always moved: it was on the source, or the start was refused
+        assert name in moved
+    if chosen.everything:
+        assert after.default == target
+
+
+@given(placements, selections, stores)
+def test_moving_the_same_scopes_back_restores_where_every_scope_lives(
+        start: Placement, chosen: Selection, target: str) -> None:
+    try:
+        source = source_of(start, chosen)
+    except InvalidInput:
+        return
+    if target == source:
+        return
+    there = after_cutover(start, chosen, source, target)
+    moved = [s for s in UNIVERSE if moves(start, chosen, source, s)]
+    try:
+        back_from = source_of(there, chosen)
+    except InvalidInput:  # a prefix whose scopes now straddle both stores: moved back by name instead
+        return
+    assert back_from == target or not moved or not chosen.names
+    if back_from != target:
+        return
+    back = after_cutover(there, chosen, target, source)
+    for scope in moved:  # every scope that went is back; the rest is the first property again
+        assert moves(there, chosen, target, scope)
+        assert back.store_of(scope) == source
+
+
+def test_a_selection_names_the_scope_or_prefix_to_fix() -> None:
+    with pytest.raises(InvalidInput) as bad:
+        selection(["agent-1", "bad scope"], [])
+    assert bad.value.field == "scopes[1]"
+    with pytest.raises(InvalidInput) as bad:
+        selection([], ["team-", ""])
+    assert bad.value.field == "scope_prefixes[1]"
+    with pytest.raises(InvalidInput) as bad:
+        selection([f"s{i}" for i in range(MAX_SELECTED + 1)], [])
+    assert bad.value.field == "scopes" and "at most" in bad.value.problem
+    assert selection(["a", "a", "b"], ["t-"]) == Selection(("a", "b"), ("t-",))
+
+
+def test_a_selection_on_two_stores_is_refused_naming_both() -> None:
+    p = Placement("sqlite:///a.db", {"x": "postgresql://c"})
+    with pytest.raises(InvalidInput) as bad:
+        source_of(p, Selection(("y", "x")))
+    assert "scope 'y'" in bad.value.problem and "scope 'x'" in bad.value.problem
+    assert source_of(p, Selection(("x",))) == "postgresql://c"
+    assert source_of(p, Selection((), ("t",))) == "sqlite:///a.db"
+
+
+def test_a_longer_prefix_and_an_own_entry_win_over_a_shorter_prefix_and_the_default() -> None:
+    p = Placement("d", {"team-a1": "own"}, {"team-": "short", "team-a": "long"})
+    assert [p.store_of(s) for s in ("x", "team-b", "team-a2", "team-a1")] == ["d", "short", "long", "own"]
+    assert p.stores() == ["d", "short", "long", "own"]
