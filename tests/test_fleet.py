@@ -2,7 +2,8 @@
 
 Agents write through all three; the migration is driven through one admin endpoint; the backfill leader is killed
 mid-way and another proxy continues from the checkpoint; the run ends with Verify at zero differences and the new
-store holding exactly what every agent was told.
+store holding exactly what every agent was told. The same with a chosen set of scopes: the placement change at cutover
+reaches every proxy, and the scope left out is never copied.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from adapters.embedder import BatchingEmbedder
 from adapters.postgres import PostgresBackend
@@ -28,8 +30,9 @@ _runs = itertools.count()
 LEASE = 2.0
 
 
+@pytest.mark.parametrize("selected", [(), ("seed", "agent-1", "agent-2")], ids=["every-scope", "chosen-scopes"])
 async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
-        embedder: BatchingEmbedder, servers: dict[str, str], tmp_path: Path) -> None:
+        embedder: BatchingEmbedder, servers: dict[str, str], tmp_path: Path, selected: tuple[str, ...]) -> None:
     run = next(_runs)
     pg = servers["postgres"]
     old, new = f"{pg}?schema=fleet{run}_old", f"{pg}?schema=fleet{run}_new"
@@ -60,8 +63,8 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
 
         admin = proxies[0].admin
         delays = []  # from the admin call's reply (the change is committed) to every proxy's acknowledgement
-        await admin.StartMigration(apb.StartMigrationRequest(target=new, batch_size=100, rate_limit=300),
-                                   metadata=AUTH)
+        await admin.StartMigration(apb.StartMigrationRequest(target=new, batch_size=100, rate_limit=300,
+                                                             scopes=selected), metadata=AUTH)
         state = await control.load()
         delays.append(await acknowledged(control, state.revision, proxies))
 
@@ -128,8 +131,10 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
         assert result is not None and result.done and result.differences == 0, list(result.samples)
         await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
         delays.append(await acknowledged(control, (await control.load()).revision, survivors))
-        for p in survivors:
-            assert (await status(p)).phase == apb.COMPLETED
+        for p in survivors:  # every proxy routes the moved scopes to the new store now
+            st = await status(p)
+            assert st.phase == apb.COMPLETED
+            assert sorted(e.scope for e in st.placement.placed) == sorted(selected)
         print(f"\nphase change acknowledged by every proxy in {', '.join(f'{d * 1000:.0f} ms' for d in delays)};"
               f" backfill takeover {takeover:.2f} s after the leader died")
     finally:
@@ -141,15 +146,20 @@ async def test_fleet_migrates_with_the_backfill_leader_killed_midway(
         await control.close()
     assert (await control_state_after(control_spec, old)).phase == Phase.COMPLETED
 
-    direct = PostgresBackend(new, embedder)
+    direct, stayed = PostgresBackend(new, embedder), PostgresBackend(old, embedder)
     await direct.open()
+    await stayed.open()
     try:
         for agent in agents:
-            ents, rels = await graph_of(direct, agent.scope)
+            moved = not selected or agent.scope in selected
+            ents, rels = await graph_of(direct if moved else stayed, agent.scope)
             assert ents == agent.entities and rels == agent.relations
+            if not moved:
+                assert (await direct.count(agent.scope)).total == 0  # left out: never copied
         assert len((await graph_of(direct, "seed"))[0]) == 1200
     finally:
         await direct.close()
+        await stayed.close()
 
 
 async def control_state_after(spec: str, primary: str) -> MigrationState:
