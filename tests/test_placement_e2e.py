@@ -20,7 +20,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from adapters.postgres import PostgresBackend
 from memshift.v1 import admin_pb2 as apb
-from tests.cluster import AUTH, Cluster, boot, run_verify, shutdown, status, wait_for
+from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
 from tests.test_migration_e2e import Agent, graph_of
 
 _schemas = itertools.count()
@@ -149,4 +149,42 @@ async def test_two_sets_moved_to_postgres_one_rolled_back_while_agents_write_eve
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await direct_pg.close()
+        await shutdown(c)
+
+
+async def test_the_operator_moves_scopes_from_a_file_and_a_prefix_with_the_cli(
+        embedder: BatchingEmbedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+    c = await boot(embedder, tmp_path)
+    base = ["admin", "--admin-target", f"127.0.0.1:{c.server.admin_port}", "--token", c.server.admin_token]
+
+    async def cli(*args: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, [*base, *args])
+        return code, capsys.readouterr().out
+
+    try:
+        for scope in ("a1", "team-1", "team-2", "other"):
+            await seed(c, 20, scope)
+        listed = tmp_path / "scopes.txt"
+        listed.write_text("# the pilot agent\na1\n\n")
+        with pytest.raises(SystemExit, match="--scopes-from: cannot read"):
+            await cli("start", "--to", c.target, "--scopes-from", str(tmp_path / "missing.txt"))
+        code, out = await cli("start", "--to", c.target, "--scopes-from", str(listed), "--scope-prefix", "team-")
+        assert code == 0 and "moving     a1, team-* (every other scope stays where it is)" in out
+        await wait_for(c, lambda s: s.backfill.complete)
+        assert (await cli("advance"))[0] == 0
+        code, out = await cli("placement")
+        assert "moving     a1, team-* (DualWrite)" in out
+        assert "  team-1: 40 records on the source, 40 on the target" in out
+        assert (await cli("advance"))[0] == 0
+        code, out = await cli("placement")
+        lines = out.splitlines()
+        assert lines[0].startswith("default    sqlite:///") and lines[0].endswith("old.db")
+        assert lines[1].startswith("prefix     team-* -> ") and lines[1].endswith("new.db")
+        assert lines[2].startswith("scope      a1 -> ") and lines[2].endswith("new.db")
+        assert lines[3].endswith("old.db: 1 scopes, 40 records")
+        assert lines[4].endswith("new.db: 3 scopes, 120 records")
+        code, out = await cli("status")
+        assert "placement  default " in out and "2 placed elsewhere" in out
+    finally:
         await shutdown(c)
