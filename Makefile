@@ -40,6 +40,7 @@ bench: install
 	$(PY) -m bench.migration --entities 5000 --memory-entities 30000 --writes 1000 --rounds 3
 	$(PY) -m bench.stores --entities 2000 --qdrant-sizes 2000
 	$(PY) -m bench.fleet --changes 20
+	$(PY) -m bench.placement --entities 4000 --window 4
 	$(PY) -m bench.flood
 	$(PY) -m bench.transfer --entities 2000 --calls 200
 	$(PY) -m bench.reference --sizes 1000,5000 --calls 100
@@ -51,6 +52,7 @@ bench-full: install
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
 	$(PY) -m bench.stores $(STORES_ARGS)
 	$(PY) -m bench.fleet $(FLEET_ARGS)
+	$(PY) -m bench.placement $(PLACEMENT_ARGS)
 	$(PY) -m bench.flood $(FLOOD_ARGS)
 	$(PY) -m bench.transfer $(TRANSFER_ARGS)
 	$(PY) -m bench.reference --sizes 1000,5000,50000

@@ -1,13 +1,13 @@
 """What scopes left out of a migration pay while a chosen set moves (docs/placement.md).
 
-One proxy in its own process on the embedded store holds `--moved` entities in four `moved-*` scopes and a little in
-four `stay-*` scopes. Agents write relations (no embedding: the write path alone) to the `stay-*` scopes in three
-windows: with no migration (the baseline), while the `moved-*` scopes migrate to a second store (start, backfill,
-DualWrite, cutover; their own agents writing too), and while the `stay-*` scopes themselves migrate (a migration of
-every scope of the default store), which is what they would pay if they were selected. Prints a table and writes
-bench/results/placement.json.
+One proxy in its own process on the embedded store holds `--entities` entities in four `moved-*` scopes and as many
+in four `stay-*` scopes. One agent per scope writes relations (no embedding: the write path alone), all eight at
+once, and the `stay-*` agents' latency is taken in four windows: with no migration (the baseline), while the
+`moved-*` scopes migrate to a second store (start, backfill, DualWrite, cutover), with no migration again, and while
+the `stay-*` scopes themselves migrate the same way — what they would pay if they were selected. Prints a table and
+writes bench/results/placement.json.
 
-    python -m bench.placement [--moved 4000] [--window 6]
+    python -m bench.placement [--entities 4000] [--window 6]
 """
 
 from __future__ import annotations
@@ -58,10 +58,12 @@ async def agents(memory: memory_pb2_grpc.MemoryStub, scopes: list[str], stop: as
 
 async def window(memory: memory_pb2_grpc.MemoryStub, seconds: float) -> list[float]:
     stop = asyncio.Event()
-    task = asyncio.ensure_future(agents(memory, STAY, stop))
+    stay = asyncio.ensure_future(agents(memory, STAY, stop))
+    other = asyncio.ensure_future(agents(memory, MOVED, stop))
     await asyncio.sleep(seconds)
     stop.set()
-    return await task
+    await other
+    return await stay
 
 
 async def migrate(admin: admin_pb2_grpc.MigrationAdminStub, request: apb.StartMigrationRequest) -> float:
@@ -78,11 +80,11 @@ async def migrate(admin: admin_pb2_grpc.MigrationAdminStub, request: apb.StartMi
 
 
 async def during(memory: memory_pb2_grpc.MemoryStub, admin: admin_pb2_grpc.MigrationAdminStub,
-                 request: apb.StartMigrationRequest, also: list[str]) -> tuple[list[float], float]:
-    """The `stay-*` agents' latencies while `request` migrates (agents of `also` writing too), and its duration."""
+                 request: apb.StartMigrationRequest) -> tuple[list[float], float]:
+    """The `stay-*` agents' latencies while `request` migrates (the `moved-*` agents writing too), and its duration."""
     stop = asyncio.Event()
     stay = asyncio.ensure_future(agents(memory, STAY, stop))
-    other = asyncio.ensure_future(agents(memory, also, stop))
+    other = asyncio.ensure_future(agents(memory, MOVED, stop))
     took = await migrate(admin, request)
     stop.set()
     await other
@@ -103,18 +105,16 @@ async def main(moved: int, seconds: float) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as ach:
             memory, admin = memory_pb2_grpc.MemoryStub(mch), admin_pb2_grpc.MigrationAdminStub(ach)
-            for scope in MOVED:
-                await seed(memory, scope, moved // len(MOVED))
-            for scope in STAY:
-                await seed(memory, scope, 50)
+            for scope in MOVED + STAY:
+                await seed(memory, scope, max(50, moved // len(MOVED)))
             await memory.SemanticSearch(pb.SemanticSearchRequest(scope=STAY[0], query="settle"))  # embeddings stored
             await window(memory, 1.0)  # warm up
             base = await window(memory, seconds)
             chosen, took_chosen = await during(memory, admin, apb.StartMigrationRequest(
-                target=f"sqlite:///{work}/b.db", scope_prefixes=["moved-"]), MOVED)
+                target=f"sqlite:///{work}/b.db", scope_prefixes=["moved-"]))
             after = await window(memory, seconds)
-            whole, took_whole = await during(memory, admin, apb.StartMigrationRequest(
-                target=f"sqlite:///{work}/c.db"), [])
+            selected, took_selected = await during(memory, admin, apb.StartMigrationRequest(
+                target=f"sqlite:///{work}/c.db", scope_prefixes=["stay-"]))
     finally:
         proc.terminate()
         proc.wait(15)
@@ -125,14 +125,14 @@ async def main(moved: int, seconds: float) -> None:
               note=f"{statistics.median(chosen) / p50:.2f} x baseline p50", migration_seconds=took_chosen)
     table.add("stay-* writes, no migration (after)", after, len(after) / seconds,
               note=f"{statistics.median(after) / p50:.2f} x baseline p50")
-    table.add("stay-* writes while they migrate themselves", whole, len(whole) / took_whole,
-              note=f"{statistics.median(whole) / p50:.2f} x baseline p50", migration_seconds=took_whole)
+    table.add("stay-* writes while they migrate themselves", selected, len(selected) / took_selected,
+              note=f"{statistics.median(selected) / p50:.2f} x baseline p50", migration_seconds=took_selected)
     table.print()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--moved", type=int, default=4000, help="entities in the moved scopes")
+    parser.add_argument("--entities", type=int, default=4000, help="entities in each set of four scopes")
     parser.add_argument("--window", type=float, default=6.0, help="seconds of each window without a migration")
     ns = parser.parse_args()
-    asyncio.run(main(ns.moved, ns.window))
+    asyncio.run(main(ns.entities, ns.window))
