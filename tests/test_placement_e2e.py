@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import statistics
 import time
@@ -20,6 +21,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from adapters.postgres import PostgresBackend
 from memshift.v1 import admin_pb2 as apb
+from memshift.v1 import memory_pb2 as pb
 from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
 from tests.test_migration_e2e import Agent, graph_of
 
@@ -186,5 +188,20 @@ async def test_the_operator_moves_scopes_from_a_file_and_a_prefix_with_the_cli(
         assert lines[4].endswith("new.db: 3 scopes, 120 records")
         code, out = await cli("status")
         assert "placement  default " in out and "2 placed elsewhere" in out
+
+        # A backup takes each scope from the store that serves it: the old store's stale copies of the moved scopes
+        # are left out, and what was written since the move (on the new store only) is in.
+        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="a1", entities=[
+            pb.Entity(name="after-the-move", entity_type="seed", observations=["written on the new store"])]))
+        per_scope: dict[str, int] = {}
+        names: set[str] = set()
+        async for chunk in c.admin.ExportRecords(apb.ExportRecordsRequest(), metadata=AUTH):
+            for line in chunk.lines:
+                body = json.loads(line)
+                if body.get("kind") in ("entity", "observation", "relation"):
+                    per_scope[body["scope"]] = per_scope.get(body["scope"], 0) + 1
+                    names.add(body.get("name", ""))
+        assert per_scope == {"a1": 42, "team-1": 40, "team-2": 40, "other": 40}
+        assert "after-the-move" in names
     finally:
         await shutdown(c)
