@@ -24,6 +24,7 @@ from proxy.control import (
     Phase,
 )
 from proxy.engine_core import consume
+from proxy.placement import walk_from
 from proxy.refusals import find_refusal, transient
 from proxy.repair import RepairQueue
 
@@ -106,7 +107,7 @@ class Backfill(RepairQueue):
                     writing = self._changed(page)
                     in_flight.append((next_cursor, writing,
                                       asyncio.ensure_future(self._apply_page(secondary, writing))))
-                    next_cursor, exhausted = page.next_after, page.next_after is None
+                    next_cursor, exhausted = writing.next_after, writing.next_after is None
                 if ahead is None and not exhausted:
                     ahead = (next_cursor, asyncio.ensure_future(self._read_page(next_cursor)))
                 cursor, batch, applying = in_flight.popleft()
@@ -154,14 +155,18 @@ class Backfill(RepairQueue):
         return applied
 
     def _changed(self, page: ExportPage) -> _Page:
-        """The part of `page` this migration writes: all of it, or (going back to a target that had the whole copy
-        at a rollback) the records changed since then. Every record still counts as read."""
+        """The part of `page` this migration writes: the records of the scopes it moves, all of them or (going back
+        to a target that had the whole copy at a rollback) those changed since then; every record of a moved scope
+        counts as read. The next page starts at the next selected scope (`walk_from`): a run of scopes the migration
+        does not move is jumped over, not read."""
         since = self.state.copy_since
-        records = tuple(r for r in page.records if (not since or r.version > since) and self.moves(r.scope))
+        moved = [r for r in page.records if self.moves(r.scope)]
+        records = tuple(r for r in moved if not since or r.version > since)
         vectors = page.vectors
         if vectors and len(records) < len(page.records):
             vectors = {k: v for k, v in vectors.items() if self.moves(k[0])}
-        return _Page(records, page.next_after, vectors, len(page.records))
+        resume = walk_from(self.state.selection, page.next_after) if page.next_after is not None else None
+        return _Page(records, resume, vectors, len(moved))
 
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
         state = self.state
@@ -170,7 +175,10 @@ class Backfill(RepairQueue):
         size, rate = min(self._page_size, state.options.batch_size), state.options.rate_limit
         if rate > 0:  # at most a second's worth of records a batch: under a low limit progress still moves evenly
             size = min(size, max(1, math.ceil(rate)))
-        return await self.primary.export_page(cursor, size, vectors=keep)
+        start = walk_from(state.selection, cursor)  # from the first selected scope, when the copy begins
+        if cursor is not None and start is None:  # no selected scope after the checkpoint
+            return ExportPage((), None, None)
+        return await self.primary.export_page(start, size, vectors=keep)
 
     async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> None:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the

@@ -11,12 +11,15 @@ of legal steps (proxy.phases) and saves the state by compare-and-set.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from adapters.base import Backend
+from adapters.export import scope_counts
 from adapters.model import StoreUnavailable
 from adapters.records import RecordKey
 from proxy.adoption import FleetMember
@@ -30,7 +33,7 @@ from proxy.control import (
 from proxy.errors import IllegalTransition
 from proxy.outage import Unreachable
 from proxy.phases import Stage, Step, stage
-from proxy.placement import EVERYTHING, Selection, after_cutover, source_of
+from proxy.placement import EVERYTHING, Selection, after_cutover, moves, source_of
 from proxy.redaction import redact, scrub
 from proxy.validation import within
 
@@ -109,7 +112,8 @@ class MigrationEngine(FleetMember):
             within("rate_limit", options.rate_limit, 0, MAX_RATE_LIMIT)  # 0: unlimited
             within("mirror_seconds", options.mirror_seconds, 0, MAX_MIRROR_SECONDS)
             await self._store(target)
-            total = (await (await self._store(source)).count()).total  # every record is read, selected or not
+            total = await _records_to_copy(await self._store(source), chosen,
+                                           functools.partial(moves, self.state.placement, chosen, source))
             s = self.state
             resync = target == s.resync_target and chosen == s.selection and source == s.source
             copy_since = s.resync_version if resync and not options.full_copy else 0
@@ -292,3 +296,13 @@ class MigrationEngine(FleetMember):
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         return await self._control.history(limit)
+
+
+async def _records_to_copy(source: Backend, chosen: Selection, moved: Callable[[str], bool]) -> int:
+    """The live records the backfill will copy, for its progress: the whole store's count, a count per named scope,
+    or (prefixes) the store's per-scope counts — one query on the SQL stores, a walk of the records on the others."""
+    if chosen.everything:
+        return (await source.count()).total
+    if not chosen.prefixes:
+        return sum([(await source.count(name)).total for name in chosen.names if moved(name)])
+    return sum(n for scope, n in (await scope_counts(source)).items() if moved(scope))

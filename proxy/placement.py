@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.records import Kind, RecordKey
 from proxy.errors import InvalidInput
 from proxy.validation import SCOPE_RE
 
@@ -125,6 +126,37 @@ def source_of(placement: Placement, chosen: Selection) -> str:
 def moves(start: Placement, chosen: Selection, source: str, scope: str) -> bool:
     """Whether a migration that started at placement `start` from `source` moves `scope`."""
     return chosen.matches(scope) and start.store_of(scope) == source
+
+
+_ARITY = {Kind.ENTITY: 1, Kind.OBSERVATION: 2, Kind.RELATION: 3}  # parts of a key: name; entity, text; from, type, to
+
+
+def _before(kind: Kind, scope: str) -> RecordKey:
+    """A position just before every record of `scope` in `kind` (names are never empty, so ("",) sorts first)."""
+    return (kind, scope, ("",) * _ARITY[kind])
+
+
+def walk_from(chosen: Selection, after: RecordKey | None) -> RecordKey | None:
+    """Where a walk in record order (kind, then scope, then key) that only needs the scopes `chosen` matches should
+    resume reading after `after`: `after` itself while its scope is selected (or everything is), else just before
+    the next scope that can match, in this kind or the next; None once no selected scope can follow. Every scope
+    strictly between `after` and that point is unselected: a scope matching a name or a prefix greater than `after`'s
+    scope sorts at or after it, and one matching a smaller prefix that `after`'s scope does not start with sorts
+    before `after`'s scope. Stores list records after any key, real or not, so the walk may jump there."""
+    if chosen.everything:
+        return after
+    starts = (*chosen.names, *chosen.prefixes)
+    if after is None:
+        return _before(Kind.ENTITY, min(starts))
+    kind, scope, _ = after
+    if chosen.matches(scope):
+        return after
+    later = [s for s in starts if s > scope]
+    if later:
+        return _before(kind, min(later))
+    if kind == max(Kind):
+        return None
+    return _before(Kind(kind + 1), min(starts))
 
 
 def after_cutover(start: Placement, chosen: Selection, source: str, target: str) -> Placement:

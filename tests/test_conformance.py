@@ -247,6 +247,23 @@ async def test_list_records_walks_everything_in_stable_order(backend: Backend, v
         assert [record_digest(r) for r in walked] == [record_digest(r) for r in full.records]
 
 
+async def test_a_walk_resumes_just_before_any_scope_as_a_backfill_of_chosen_scopes_jumps(
+        backend: Backend, v: itertools.count[int]) -> None:
+    """A backfill of chosen scopes jumps over the others by resuming after a key no record has: the scope it wants,
+    with empty parts (proxy.placement.walk_from). Every store must list from exactly there, and export too."""
+    await seed(backend, v)
+    await backend.create_entities("agent-0", [Entity("z", "t", ("o",))], next(v))
+    await backend.create_relations("agent-0", [Relation("z", "z", "self")], next(v))
+    full = [r.key for r in (await backend.list_records(None, 10_000)).records]
+    for kind, parts in ((Kind.ENTITY, ("",)), (Kind.OBSERVATION, ("", "")), (Kind.RELATION, ("", "", ""))):
+        for scope in ("agent-0", S):
+            point = (kind, scope, parts)
+            listed = [r.key for r in (await backend.list_records(point, 10_000)).records]
+            assert listed == [k for k in full if k > point], point
+            exported = await backend.export_page(point, 10_000, vectors=False)
+            assert [r.key for r in exported.records if not r.deleted] == listed, point
+
+
 async def test_get_records_returns_tombstones(backend: Backend, v: itertools.count[int]) -> None:
     await seed(backend, v)
     ver = next(v)

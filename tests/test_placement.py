@@ -9,8 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adapters.records import Kind, RecordKey
 from proxy.errors import InvalidInput
-from proxy.placement import MAX_SELECTED, Placement, Selection, after_cutover, moves, selection, source_of
+from proxy.placement import (
+    MAX_SELECTED,
+    Placement,
+    Selection,
+    after_cutover,
+    moves,
+    selection,
+    source_of,
+    walk_from,
+)
 
 STORES = ["sqlite:///a.db", "sqlite:///b.db", "postgresql://c"]
 # Every scope of up to three letters over a small alphabet: prefixes of one another, so longest-prefix rules and
@@ -71,6 +81,37 @@ def test_moving_the_same_scopes_back_restores_where_every_scope_lives(
     for scope in moved:  # every scope that went is back; the rest is the first property again
         assert moves(there, chosen, target, scope)
         assert back.store_of(scope) == source
+
+
+PARTS = {Kind.ENTITY: [("x",), ("y",)], Kind.OBSERVATION: [("x", "t")], Kind.RELATION: [("x", "r", "y")]}
+KEYS: list[RecordKey] = sorted((k, s, p) for k in Kind for s in UNIVERSE for p in PARTS[k])
+
+
+@given(selections, st.integers(1, 7))
+def test_a_backfill_jumping_over_unselected_scopes_still_reads_every_selected_record_in_order(
+        chosen: Selection, size: int) -> None:
+    """The backfill's walk as `proxy.backfill` runs it: read a page after the resume point, keep the selected
+    records, resume at `walk_from` of the page's last key. It must see every selected record, in order, once."""
+    selected = [k for k in KEYS if chosen.matches(k[1])]
+    seen: list[RecordKey] = []
+    cursor: RecordKey | None = None
+    pages = 0
+    while True:
+        start = walk_from(chosen, cursor)
+        if cursor is not None and start is None:
+            break
+        page = [k for k in KEYS if start is None or k > start][:size]
+        seen += [k for k in page if chosen.matches(k[1])]
+        pages += 1
+        if len(page) < size:
+            break
+        cursor = walk_from(chosen, page[-1])
+        if cursor is None:
+            break
+        assert cursor >= page[-1]  # never backwards
+    assert seen == selected
+    if not chosen.everything:  # what it reads beyond the selection is bounded by one page per jump
+        assert pages <= len(selected) // size + 2 * (len(chosen.names) + len(chosen.prefixes)) * len(Kind) + 2
 
 
 def test_a_selection_names_the_scope_or_prefix_to_fix() -> None:
