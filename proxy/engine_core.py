@@ -120,7 +120,9 @@ class EngineCore(ABC):
         self._notices: set[asyncio.Task[None]] = set()  # pauses and un-pauses decided by a repair, see _notice
         # Stores that could not be opened are stood in for (proxy.outage.Unreachable) and opened again here.
         self._reconnects: dict[str, asyncio.Task[None]] = {}
-        self.primary_up = asyncio.Event()  # the primary is open: the proxy can serve (health SERVING)
+        # The default store is open: the proxy can serve (health SERVING). A store only some scopes are placed on
+        # does not hold up the others: while it is out, calls in those scopes answer UNAVAILABLE.
+        self.primary_up = asyncio.Event()
         self.outage = OutageWatch(self._probe_secondary, self._outage_changed)
         self.counters = Counters()
         self.state = MigrationState()
@@ -155,7 +157,7 @@ class EngineCore(ABC):
                     self._reconnects[spec] = asyncio.ensure_future(
                         self._reconnect(spec, None if failed else opening))
             self._adopt_store(spec, store)
-        elif spec == self.state.primary and not isinstance(store, Unreachable):
+        elif spec == self.state.placement.default and not isinstance(store, Unreachable):
             self.primary_up.set()
         return store
 
@@ -173,7 +175,7 @@ class EngineCore(ABC):
         self._systems[id(store)] = system_of(spec)
         if not isinstance(store, Unreachable):
             heap.freeze_new_modules()  # its client library's objects are as long-lived as the ones frozen at start
-        if spec == self.state.primary and not isinstance(store, Unreachable):
+        if spec == self.state.placement.default and not isinstance(store, Unreachable):
             self.primary_up.set()
 
     async def _reconnect(self, spec: str, opening: asyncio.Future[Backend] | None) -> None:

@@ -183,3 +183,40 @@ async def test_an_outage_during_the_backfill_holds_the_copy_and_resumes_it(
         assert result.differences == 0, [d.key for d in result.samples]
     finally:
         await shutdown(c)
+
+
+async def test_a_store_holding_only_some_scopes_that_is_down_at_start_holds_up_only_those_scopes(
+        embedder: BatchingEmbedder, tmp_path: Path, pg: PostgresServer) -> None:
+    """A pilot scope moved to PostgreSQL; the proxy restarts while PostgreSQL is down: it is SERVING (the default
+    store is up), every other scope is served, the pilot's calls answer UNAVAILABLE until PostgreSQL is back."""
+    target = f"{pg.dsn}?schema=placed_down"
+    c = await boot(embedder, tmp_path)
+    for scope in ("pilot", "other"):
+        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope=scope, entities=[
+            pb.Entity(name="a", entity_type="t", observations=[f"in {scope}"])]))
+    await c.admin.StartMigration(apb.StartMigrationRequest(target=target, scopes=["pilot"]), metadata=AUTH)
+    await wait_for(c, lambda s: s.backfill.complete)
+    for phase in (apb.DATA_MIGRATION, apb.DUAL_WRITE, apb.COMPLETED):
+        await c.admin.Advance(apb.AdvanceRequest(expected_phase=phase), metadata=AUTH)
+    await shutdown(c)
+    pg.halt()
+    c = await boot(embedder, tmp_path)
+    try:
+        assert await _health(c) == health_pb2.HealthCheckResponse.SERVING
+        assert not (await status(c)).primary_unreachable
+        other = await c.memory.OpenNodes(pb.OpenNodesRequest(scope="other", names=["a"]))
+        assert [e.name for e in other.entities] == ["a"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.memory.OpenNodes(pb.OpenNodesRequest(scope="pilot", names=["a"]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        pg.resume()
+        for _ in range(100):
+            try:
+                pilot = await c.memory.OpenNodes(pb.OpenNodesRequest(scope="pilot", names=["a"]))
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        assert [o for e in pilot.entities for o in e.observations] == ["in pilot"]
+    finally:
+        pg.resume_if_halted()
+        await shutdown(c)

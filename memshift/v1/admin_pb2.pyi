@@ -252,7 +252,9 @@ class MigrationStatus(_message.Message):
     """
     secondary_unreachable_since_unix: _builtins.float
     primary_unreachable: _builtins.bool
-    """The primary could not be opened yet: the Memory API answers UNAVAILABLE and health is NOT_SERVING meanwhile."""
+    """The default store (placement.default_store) could not be opened yet: the Memory API answers UNAVAILABLE for
+    its scopes and health is NOT_SERVING meanwhile. A store only placed scopes live on holds up only those.
+    """
     rolled_back: _builtins.str
     """When the migration was rolled back: when, by whom, why (a policy rule with its figures), else empty."""
     memory_calls_shed: _builtins.int
