@@ -113,6 +113,18 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[b
                             stderr=stderr)
 
 
+def serve(work: Path, store: str, token: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`memshift serve` on `store` in its own process, with its control store in `work` and `token` for the admin
+    API: the process, its Memory port and its admin port."""
+    port, admin_port = free_port(), free_port()
+    proc = start(["-m", "proxy.cli", "serve"], {
+        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_STORE": store,
+        "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db", "MEMSHIFT_ADMIN_TOKEN": token,
+        "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
+    return proc, port, admin_port
+
+
 async def main(n_entities: int, calls: int) -> None:
     table = Table()
     work = Path(tempfile.mkdtemp(prefix="memshift-bench-"))

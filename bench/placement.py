@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.__main__ import Table, free_port, start, wait_ready
+from bench.__main__ import Table, serve, wait_ready
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
@@ -95,12 +95,7 @@ async def during(memory: memory_pb2_grpc.MemoryStub, admin: admin_pb2_grpc.Migra
 async def main(moved: int, seconds: float) -> None:
     table = Table("placement")
     work = Path(tempfile.mkdtemp(prefix="memshift-placement-"))
-    port, admin_port = free_port(), free_port()
-    proc = start(["-m", "proxy.cli", "serve"], {
-        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_STORE": f"sqlite:///{work}/a.db",
-        "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db", "MEMSHIFT_ADMIN_TOKEN": "bench",
-        "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
+    proc, port, admin_port = serve(work, f"sqlite:///{work}/a.db", "bench")
     try:
         await wait_ready(f"127.0.0.1:{port}", proc)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as mch, \

@@ -41,8 +41,7 @@ from adapters import semantics
 from adapters.embedded import EmbeddedBackend
 from adapters.postgres import PostgresBackend
 from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord, embedding_text, text_hash
-from bench.__main__ import Table, free_port, wait_ready
-from bench.__main__ import start as start_process
+from bench.__main__ import Table, serve, wait_ready
 from bench.generated import GeneratedVectorsOnly, unit_vectors
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
@@ -217,12 +216,7 @@ async def status(admin: admin_pb2_grpc.MigrationAdminStub) -> apb.MigrationStatu
 
 async def migrate(work: Path, source: Path, target: str, total: int, agents: int, agent_rate: float,
                   table: Table, baseline: float, batch_size: int, window: float) -> dict[str, float]:
-    port, admin_port = free_port(), free_port()
-    proc = start_process(["-m", "proxy.cli", "serve"], {
-        "MEMSHIFT_LISTEN": f"127.0.0.1:{port}", "MEMSHIFT_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
-        "MEMSHIFT_MCP_LISTEN": "127.0.0.1:0", "MEMSHIFT_STORE": f"sqlite:///{source}",
-        "MEMSHIFT_CONTROL": f"sqlite:///{work}/control.db", "MEMSHIFT_ADMIN_TOKEN": "scale",
-        "MEMSHIFT_LOG_LEVEL": "WARNING"}, work)
+    proc, port, admin_port = serve(work, f"sqlite:///{source}", "scale")
     figures: dict[str, float] = {}
     try:
         await wait_ready(f"127.0.0.1:{port}", proc)
