@@ -16,6 +16,8 @@ from proxy.dual_write import DualWrites
 
 
 class FleetMember(DualWrites, Backfill):
+    """This proxy's side of a fleet: the state another proxy saved, the lease, the backfill election."""
+
     async def adopt(self, state: MigrationState) -> bool:
         """Apply a state another proxy saved (a broadcast or the periodic re-read); True if it was news."""
         async with self._lock:

@@ -58,6 +58,8 @@ class _Blocked(Exception):
 
 
 class Backfill(RepairQueue):
+    """The copy of the moved scopes' records onto the new store, read ahead, applied in parallel, checkpointed."""
+
     def _start_backfill(self) -> None:
         if self._background and self._may_backfill and (self._backfill_task is None or self._backfill_task.done()):
             self._backfill_task = asyncio.create_task(self.run_backfill(), name="backfill")

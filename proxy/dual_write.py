@@ -32,6 +32,8 @@ def _key_of(r: Record) -> RecordKey:
 
 
 class DualWrites(RepairQueue):
+    """Every write: versioned, then to its scope's store alone or, for a moved scope, to both stores."""
+
     async def write(self, op: WriteOp[T]) -> WriteResult[T]:
         if self._write_deadline is not None and time.monotonic() > self._write_deadline:
             raise LeaseLapsed("this proxy has lost touch with the fleet's control store (its lease lapsed), so it "

@@ -74,6 +74,8 @@ class Counters:
 
 
 class EngineCore(ABC):
+    """The state, the stores and the one way the state changes; every part of the engine builds on it."""
+
     _REPAIR_WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
     _OPEN_TIMEOUT = 10.0  # seconds opening a store may take before it counts as unreachable
     _START_TIMEOUT = 3.0  # the same at start, where the admin API and a healthy primary wait on it

@@ -53,6 +53,8 @@ MAX_MIRROR_SECONDS = 366 * 86_400.0  # a rollback window of at most a year
 
 
 class MigrationEngine(FleetMember):
+    """The whole engine: its parts, plus the lifecycle and the steps an operator or the policy takes."""
+
     async def start(self) -> None:
         log.info("reading the migration state", extra={"control": type(self._control).__name__})
         self.state = await self._control.load()

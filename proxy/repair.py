@@ -44,6 +44,8 @@ def _same(a: Record | None, b: Record | None) -> bool:
 
 
 class RepairQueue(EngineCore):
+    """Keys the new store may disagree on, queued durably and reconciled from the decisive store."""
+
     async def _enqueue(self, migration_id: int, keys: list[RecordKey]) -> None:
         await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
         scopes = {k[1] for k in keys}  # after the insert, so a concurrent refresh cannot drop them
