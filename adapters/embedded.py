@@ -393,6 +393,14 @@ CHECKPOINT_EVERY = 200  # writes between WAL checkpoints (on the worker thread)
 ANALYZE_EVERY = 10_000
 
 
+# The live records of each kind, as `count` and `scope_counts` count them (`x` the counted row): an observation counts
+# only while its entity is live, as `list_records` shows it.
+_LIVE_RECORDS = ("entities x WHERE x.deleted=0",
+                 "observations x JOIN entities e ON e.scope=x.scope AND e.name=x.entity AND e.deleted=0"
+                 " WHERE x.deleted=0",
+                 "relations x WHERE x.deleted=0")
+
+
 class EmbeddedBackend(PlannedWrites):
     """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
 
@@ -866,14 +874,9 @@ class EmbeddedBackend(PlannedWrites):
 
     async def count(self, scope: str | None = None) -> Counts:
         def run(conn: sqlite3.Connection) -> Counts:
-            cond, args = ("AND scope=?", (scope,)) if scope is not None else ("", ())
-            ocond = "AND o.scope=?" if scope is not None else ""
-            e = conn.execute(f"SELECT count(*) FROM entities WHERE deleted=0 {cond}", args).fetchone()[0]
-            o = conn.execute(
-                "SELECT count(*) FROM observations o JOIN entities e ON e.scope=o.scope AND e.name=o.entity"
-                f" AND e.deleted=0 WHERE o.deleted=0 {ocond}", args).fetchone()[0]
-            r = conn.execute(f"SELECT count(*) FROM relations WHERE deleted=0 {cond}", args).fetchone()[0]
-            return Counts(e, o, r)
+            cond, args = ("AND x.scope=?", (scope,)) if scope is not None else ("", ())
+            return Counts(*(conn.execute(f"SELECT count(*) FROM {live} {cond}", args).fetchone()[0]
+                            for live in _LIVE_RECORDS))
 
         return await self._bulk_read(run)
 
@@ -881,11 +884,8 @@ class EmbeddedBackend(PlannedWrites):
         """Live records per scope, as `count` counts them."""
         def run(conn: sqlite3.Connection) -> dict[str, int]:
             out: dict[str, int] = {}
-            for sql in ("SELECT scope, count(*) FROM entities WHERE deleted=0 GROUP BY scope",
-                        "SELECT o.scope, count(*) FROM observations o JOIN entities e ON e.scope=o.scope"
-                        " AND e.name=o.entity AND e.deleted=0 WHERE o.deleted=0 GROUP BY o.scope",
-                        "SELECT scope, count(*) FROM relations WHERE deleted=0 GROUP BY scope"):
-                for scope, n in conn.execute(sql):
+            for live in _LIVE_RECORDS:
+                for scope, n in conn.execute(f"SELECT x.scope, count(*) FROM {live} GROUP BY x.scope"):
                     out[scope] = out.get(scope, 0) + n
             return out
 

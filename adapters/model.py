@@ -80,12 +80,11 @@ class StoreError(MemshiftError):
 
 class EntityNotFound(StoreError):
     code = "NOT_FOUND"
+    told = "{}; nothing of this call was stored"
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
         super().__init__(f"entity not found: {', '.join(names)}")
-
-    told = "{}; nothing of this call was stored"
 
 
 class StoreUnavailable(StoreError):

@@ -234,6 +234,14 @@ def index_workers_of(spec: str) -> int | None:
     return int(raw)
 
 
+# The live records of each kind, as `count` and `scope_counts` count them (`x` the counted row): an observation counts
+# only while its entity is live, as `list_records` shows it.
+_LIVE_RECORDS = ("entities x WHERE NOT x.deleted",
+                 "observations x JOIN entities e ON e.scope = x.scope AND e.name = x.entity AND NOT e.deleted"
+                 " WHERE NOT x.deleted",
+                 "relations x WHERE NOT x.deleted")
+
+
 class PostgresBackend(PlannedWrites, ExportInParts):
     def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
         self._dsn, self._schema = parse_spec(spec)
@@ -764,14 +772,9 @@ class PostgresBackend(PlannedWrites, ExportInParts):
 
     async def count(self, scope: str | None = None) -> Counts:
         async def run(conn: asyncpg.Connection) -> Counts:
-            cond = "AND scope = $1" if scope is not None else ""
-            args = (scope,) if scope is not None else ()
-            e = await conn.fetchval(f"SELECT count(*) FROM entities WHERE NOT deleted {cond}", *args)
-            o = await conn.fetchval(
-                "SELECT count(*) FROM observations o JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
-                f" AND NOT e.deleted WHERE NOT o.deleted {cond.replace('scope', 'o.scope')}", *args)
-            r = await conn.fetchval(f"SELECT count(*) FROM relations WHERE NOT deleted {cond}", *args)
-            return Counts(int(e), int(o), int(r))
+            cond, args = ("AND x.scope = $1", (scope,)) if scope is not None else ("", ())
+            return Counts(*[int(await conn.fetchval(f"SELECT count(*) FROM {live} {cond}", *args))
+                            for live in _LIVE_RECORDS])
 
         return await self._read(run)
 
@@ -779,11 +782,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         """Live records per scope, as `count` counts them."""
         async def run(conn: asyncpg.Connection) -> dict[str, int]:
             out: dict[str, int] = {}
-            for sql in ("SELECT scope, count(*) FROM entities WHERE NOT deleted GROUP BY scope",
-                        "SELECT o.scope, count(*) FROM observations o JOIN entities e ON e.scope = o.scope"
-                        " AND e.name = o.entity AND NOT e.deleted WHERE NOT o.deleted GROUP BY o.scope",
-                        "SELECT scope, count(*) FROM relations WHERE NOT deleted GROUP BY scope"):
-                for scope, n in await conn.fetch(sql):
+            for live in _LIVE_RECORDS:
+                for scope, n in await conn.fetch(f"SELECT x.scope, count(*) FROM {live} GROUP BY x.scope"):
                     out[scope] = out.get(scope, 0) + int(n)
             return out
 

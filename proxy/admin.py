@@ -173,7 +173,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             backfill_waiting_for=fleet.waiting_for if fleet else [], blocked_key=s.blocked_key, blocked=s.blocked,
             secondary_unreachable=scrub(out.reason) if out else "",
             secondary_unreachable_since_unix=out.since if out else 0.0,
-            primary_unreachable=not e.primary_up.is_set(),
+            primary_unreachable=not e.default_up.is_set(),
             rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "",
             memory_calls_shed=self._watchers.budget.shed if self._watchers.budget else 0,
             placement=_placement_pb(s.placement),

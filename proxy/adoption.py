@@ -8,10 +8,7 @@ once this proxy's lease lapses, and the backfill runs only where the fleet elect
 from __future__ import annotations
 
 from proxy.backfill import Backfill
-from proxy.control import (
-    MigrationState,
-    Phase,
-)
+from proxy.control import MigrationState, Phase
 from proxy.dual_write import DualWrites
 
 
@@ -35,9 +32,8 @@ class FleetMember(DualWrites, Backfill):
     async def _adopt(self, state: MigrationState) -> bool:
         if state.revision <= self.state.revision:
             return False
-        for spec in dict.fromkeys([state.primary, state.secondary, *state.placement.stores()]):
-            if spec:
-                await self._store(spec)
+        for spec in state.named_stores():
+            await self._store(spec)
         before, self.state = self.state, state
         if state.paused:
             self._resume.clear()

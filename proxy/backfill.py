@@ -20,10 +20,8 @@ from adapters.model import StoreUnavailable
 from adapters.records import Record, RecordKey
 from policies import pacing
 from proxy.clock import unix_seconds
-from proxy.control import (
-    Phase,
-)
-from proxy.engine_core import consume
+from proxy.control import Phase
+from proxy.eager import consume
 from proxy.placement import walk_from
 from proxy.refusals import find_refusal, transient
 from proxy.repair import RepairQueue

@@ -101,6 +101,11 @@ class MigrationState:
         if not self.start_placement.default and self.source:
             object.__setattr__(self, "start_placement", Placement(self.source))
 
+    def named_stores(self) -> list[str]:
+        """Every store this state names, each once: every store scopes are placed on (the default first), then the
+        migration's two (the source is one of them)."""
+        return [s for s in dict.fromkeys([*self.placement.stores(), self.primary, self.secondary]) if s]
+
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from adapters.base import Backend, VectorMap, WriteResult
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Record, RecordKey, parents_of
-from proxy.eager import start_eagerly
-from proxy.engine_core import T, consume, release_scopes
+from proxy.eager import consume, start_eagerly
+from proxy.engine_core import T, release_scopes
 from proxy.errors import LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
 from proxy.repair import RepairQueue, purge_point

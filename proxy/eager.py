@@ -5,6 +5,8 @@ without ever waiting (it runs inline on the loop), so a plain task only adds its
 it, and a waiter, a timer and another turn for the engine to learn it is done. Started eagerly, it is simply done;
 a half that does wait (a network store, a stall) becomes an ordinary task from that wait on, so the primary's half
 is never held up by it.
+
+`consume` is for the other end of such work: the outcome of a future nobody waits for any more.
 """
 
 from __future__ import annotations
@@ -75,3 +77,10 @@ def _relay(coro: Coroutine[Any, Any, T], waiting_on: Any) -> Generator[Any, Any,
                 waiting_on = coro.send(answer)
             except StopIteration as finished:
                 return finished.value  # type: ignore[no-any-return]
+
+
+def consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of work nobody waits for any more (a late secondary write, whose keys are already
+    queued; a backfill read or apply dropped for a retry) so asyncio does not warn."""
+    if not task.cancelled():
+        task.exception()

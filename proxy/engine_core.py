@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -27,18 +26,13 @@ from policies import pacing
 from policies.rules import Observations
 from proxy import heap
 from proxy.clock import HybridClock
-from proxy.control import (
-    Conflict,
-    ControlStore,
-    HistoryEntry,
-    MigrationState,
-    Phase,
-)
+from proxy.control import Conflict, ControlStore, HistoryEntry, MigrationState, Phase
+from proxy.eager import consume
 from proxy.errors import FleetUnsafe, IllegalTransition
 from proxy.ops import WriteOp
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.phases import Stage, Step, check, stage, writes_secondary
-from proxy.placement import moves
+from proxy.placement import Moved, moves
 from proxy.redaction import redact, scrub
 from proxy.refusals import transient
 from proxy.stores import system_of
@@ -124,7 +118,7 @@ class EngineCore(ABC):
         self._reconnects: dict[str, asyncio.Task[None]] = {}
         # The default store is open: the proxy can serve (health SERVING). A store only some scopes are placed on
         # does not hold up the others: while it is out, calls in those scopes answer UNAVAILABLE.
-        self.primary_up = asyncio.Event()
+        self.default_up = asyncio.Event()
         self.outage = OutageWatch(self._probe_secondary, self._outage_changed)
         self.counters = Counters()
         self.state = MigrationState()
@@ -160,7 +154,7 @@ class EngineCore(ABC):
                         self._reconnect(spec, None if failed else opening))
             self._adopt_store(spec, store)
         elif spec == self.state.placement.default and not isinstance(store, Unreachable):
-            self.primary_up.set()
+            self.default_up.set()
         return store
 
     async def _open_shareable(self, spec: str) -> Backend:
@@ -178,7 +172,7 @@ class EngineCore(ABC):
         if not isinstance(store, Unreachable):
             heap.freeze_new_modules()  # its client library's objects are as long-lived as the ones frozen at start
         if spec == self.state.placement.default and not isinstance(store, Unreachable):
-            self.primary_up.set()
+            self.default_up.set()
 
     async def _reconnect(self, spec: str, opening: asyncio.Future[Backend] | None) -> None:
         """Open `spec` until it answers (`opening`: an attempt already under way, awaited first)."""
@@ -221,10 +215,10 @@ class EngineCore(ABC):
         s = self.state
         return writes_secondary(s.phase, s.secondary) and moves(s.start_placement, s.selection, s.source, scope)
 
-    def moved(self) -> Callable[[str], bool]:
+    def moved(self) -> Moved:
         """Which scopes the current migration moves, fixed now (for a Verify that may outlive the rollback window)."""
         s = self.state
-        return functools.partial(moves, s.start_placement, s.selection, s.source)
+        return Moved(s.start_placement, s.selection, s.source)
 
     def stores(self) -> list[Backend]:
         """Every open store the placement names."""
@@ -408,10 +402,3 @@ def release_scopes(held: Counter[str], scopes: set[str]) -> None:
             held[scope] -= 1
         else:
             held.pop(scope, None)
-
-
-def consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve the outcome of work nobody waits for any more (a late secondary write, whose keys are already
-    queued; a backfill read or apply dropped for a retry) so asyncio does not warn."""
-    if not task.cancelled():
-        task.exception()

@@ -11,7 +11,6 @@ of legal steps (proxy.phases) and saves the state by compare-and-set.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,16 +23,11 @@ from adapters.model import StoreUnavailable
 from adapters.records import RecordKey
 from proxy.adoption import FleetMember
 from proxy.clock import earlier, unix_seconds
-from proxy.control import (
-    Conflict,
-    HistoryEntry,
-    MigrationOptions,
-    Phase,
-)
+from proxy.control import Conflict, HistoryEntry, MigrationOptions, Phase
 from proxy.errors import IllegalTransition
 from proxy.outage import Unreachable
 from proxy.phases import Stage, Step, stage
-from proxy.placement import EVERYTHING, Selection, after_cutover, moves, source_of
+from proxy.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
 from proxy.redaction import redact, scrub
 from proxy.validation import within
 
@@ -58,17 +52,11 @@ class MigrationEngine(FleetMember):
     async def start(self) -> None:
         log.info("reading the migration state", extra={"control": type(self._control).__name__})
         self.state = await self._control.load()
-        log.info("opening the primary", extra={"store": redact(self.state.primary), "phase": self.state.phase.value})
-        await self._store(self.state.primary, tolerate=True)
-        for spec in self.state.placement.stores():
-            if spec != self.state.primary:
-                log.info("opening a store scopes are placed on", extra={"store": redact(spec)})
-                await self._store(spec, tolerate=True)
-        if self.state.secondary:
-            log.info("opening the secondary", extra={"store": redact(self.state.secondary)})
-            second = await self._store(self.state.secondary, tolerate=True)
-            if isinstance(second, Unreachable):
-                self.outage.report(StoreUnavailable(second.cause))
+        for spec in self.state.named_stores():
+            log.info("opening a store", extra={"store": redact(spec), "phase": self.state.phase.value})
+            opened = await self._store(spec, tolerate=True)
+            if spec == self.state.secondary and isinstance(opened, Unreachable):
+                self.outage.report(StoreUnavailable(opened.cause))
         self._expire_mirror_if_due()
         await self._refresh_dirty()
         if not self.state.paused:
@@ -114,8 +102,7 @@ class MigrationEngine(FleetMember):
             within("rate_limit", options.rate_limit, 0, MAX_RATE_LIMIT)  # 0: unlimited
             within("mirror_seconds", options.mirror_seconds, 0, MAX_MIRROR_SECONDS)
             await self._store(target)
-            total = await _records_to_copy(await self._store(source), chosen,
-                                           functools.partial(moves, self.state.placement, chosen, source))
+            total = await _records_to_copy(await self._store(source), Moved(self.state.placement, chosen, source))
             s = self.state
             resync = target == s.resync_target and chosen == s.selection and source == s.source
             copy_since = s.resync_version if resync and not options.full_copy else 0
@@ -300,11 +287,13 @@ class MigrationEngine(FleetMember):
         return await self._control.history(limit)
 
 
-async def _records_to_copy(source: Backend, chosen: Selection, moved: Callable[[str], bool]) -> int:
-    """The live records the backfill will copy, for its progress: the whole store's count, a count per named scope,
-    or (prefixes) the store's per-scope counts — one query on the SQL stores, a walk of the records on the others."""
+async def _records_to_copy(source: Backend, moved: Moved) -> int:
+    """The live records the backfill will copy, for its progress: the whole store's count, a count per named scope
+    (each is on the source: `source_of` refused the start otherwise), or (prefixes) the store's per-scope counts —
+    one query on the SQL stores, a walk of the records on the others."""
+    chosen = moved.chosen
     if chosen.everything:
         return (await source.count()).total
     if not chosen.prefixes:
-        return sum([(await source.count(name)).total for name in chosen.names if moved(name)])
+        return sum([(await source.count(name)).total for name in chosen.names])
     return sum(n for scope, n in (await scope_counts(source)).items() if moved(scope))

@@ -12,6 +12,7 @@ rollback window puts back the placement the migration started from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,29 +49,29 @@ class Placement:
         """Every store the placement names, the default first."""
         return list(dict.fromkeys([self.default, *self.prefixes.values(), *self.scopes.values()]))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "scopes": dict(sorted(self.scopes.items())),
-                "prefixes": dict(sorted(self.prefixes.items()))}
-
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Placement:
         return Placement(str(data.get("default", "")), {str(k): str(v) for k, v in data.get("scopes", {}).items()},
                          {str(k): str(v) for k, v in data.get("prefixes", {}).items()})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: `_named` is computed once and kept on the instance
 class Selection:
     """Scopes by name and by prefix; empty: every scope of the default store."""
 
     names: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
+    @functools.cached_property
+    def _named(self) -> frozenset[str]:
+        """The names as a set: every write of a migration asks `matches`, and a selection may name 10,000 scopes."""
+        return frozenset(self.names)
 
     @property
     def everything(self) -> bool:
         return not self.names and not self.prefixes
 
     def matches(self, scope: str) -> bool:
-        return self.everything or scope in self.names or any(scope.startswith(p) for p in self.prefixes)
+        return self.everything or scope in self._named or any(scope.startswith(p) for p in self.prefixes)
 
     def shown(self) -> str:
         """For history, logs and status: what was selected, shortened past a few entries."""
@@ -79,9 +80,6 @@ class Selection:
         parts = [*self.names[:5], *(f"{p}*" for p in self.prefixes[:5])]
         more = len(self.names) + len(self.prefixes) - len(parts)
         return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"names": list(self.names), "prefixes": list(self.prefixes)}
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Selection:
@@ -126,6 +124,22 @@ def source_of(placement: Placement, chosen: Selection) -> str:
 def moves(start: Placement, chosen: Selection, source: str, scope: str) -> bool:
     """Whether a migration that started at placement `start` from `source` moves `scope`."""
     return chosen.matches(scope) and start.store_of(scope) == source
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The scopes one migration moves: called with a scope, whether it is one; `resume`, where a walk in record order
+    over them reads on after a key (`walk_from`). What the backfill and Verify read, and the progress counts."""
+
+    start: Placement
+    chosen: Selection
+    source: str
+
+    def __call__(self, scope: str) -> bool:
+        return moves(self.start, self.chosen, self.source, scope)
+
+    def resume(self, after: RecordKey | None) -> RecordKey | None:
+        return walk_from(self.chosen, after)
 
 
 _ARITY = {Kind.ENTITY: 1, Kind.OBSERVATION: 2, Kind.RELATION: 3}  # parts of a key: name; entity, text; from, type, to

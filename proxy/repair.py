@@ -17,9 +17,7 @@ from collections.abc import Sequence
 
 from adapters.base import Backend
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, same_content
-from proxy.control import (
-    RepairItem,
-)
+from proxy.control import RepairItem
 from proxy.engine_core import EngineCore, release_scopes
 from proxy.refusals import refused_twice, transient
 
@@ -85,12 +83,15 @@ class RepairQueue(EngineCore):
         secondary = self.secondary
         if secondary is None or self.outage.current is not None:
             return 0  # an outage: the queue waits for the store instead of counting a failure per key per try
-        items = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
-        if strays := [i for i in items if not self.moves(i.key[1])]:
+        due = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
+        items: list[RepairItem] = []
+        strays: list[RepairItem] = []
+        for item in due:
+            (items if self.moves(item.key[1]) else strays).append(item)
+        if strays:
             # Carried over from a migration that moved other scopes: this one's target may be where those scopes
             # live now, so nothing may be copied onto it; a later migration of those scopes copies them afresh.
             await self._control.repaired([i.id for i in strays])
-            items = [i for i in items if self.moves(i.key[1])]
         if not items:
             return len(strays)
         scopes = {i.key[1] for i in items}

@@ -199,20 +199,21 @@ class MemshiftServer:
                                      "mcp_port": self.mcp_port,
                                      "health_port": self.health_port, "primary": redact(self.engine.state.primary),
                                      "phase": self.engine.state.phase.value, "node_id": cfg.resolved_node_id()})
-        # Health says whether agents can be served: the primary is open. The admin API serves either way.
+        # Health says whether agents can be served: the default store is open (a store only some scopes are placed on
+        # holds up only those). The admin API serves either way.
         self._serving_task: asyncio.Future[None] | None = None
-        if not self.engine.primary_up.is_set():
+        if not self.engine.default_up.is_set():
             for service in ("", MEMORY_SERVICE):
                 await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            log.warning("primary unreachable: health NOT_SERVING until it answers; the admin API serves",
-                        extra={"primary": redact(self.engine.state.primary)})
-            self._serving_task = asyncio.ensure_future(self._serve_when_primary_up())
+            log.warning("default store unreachable: health NOT_SERVING until it answers; the admin API serves",
+                        extra={"store": redact(self.engine.state.placement.default)})
+            self._serving_task = asyncio.ensure_future(self._serve_when_default_up())
         else:
-            await self._serve_when_primary_up()
+            await self._serve_when_default_up()
         return self.port
 
-    async def _serve_when_primary_up(self) -> None:
-        await self.engine.primary_up.wait()
+    async def _serve_when_default_up(self) -> None:
+        await self.engine.default_up.wait()
         if self._stopping:
             return
         for service in ("", MEMORY_SERVICE):

@@ -34,21 +34,22 @@ async def count_placement(engine: MigrationEngine) -> tuple[list[StoreCount], li
     """Per store of the placement: the scopes routed to it and their records (a copy a store still holds of a scope
     placed elsewhere is not counted); per scope the current migration moves: its records on both stores."""
     s = engine.state
+    placed = s.placement.stores()
     counted: dict[str, dict[str, int]] = {}
     stores: list[StoreCount] = []
-    for spec in dict.fromkeys([*s.placement.stores(), *([s.source, s.secondary] if s.secondary else [])]):
+    for spec in s.named_stores():
         try:
             counted[spec] = await scope_counts(engine.opened(spec))
         except Exception as exc:
-            if spec in s.placement.stores():
+            if spec in placed:
                 stores.append(StoreCount(redact(spec), 0, 0, scrub(f"{type(exc).__name__}: {exc}")[:300]))
             continue
-        if spec in s.placement.stores():
+        if spec in placed:
             mine = {scope: n for scope, n in counted[spec].items() if s.placement.store_of(scope) == spec}
             stores.append(StoreCount(redact(spec), len(mine), sum(mine.values())))
     selected: list[ScopeCount] = []
     if s.secondary:
-        source, target = s.source, s.primary if s.source == s.secondary else s.secondary
+        source, target = s.source, s.secondary if s.source == s.primary else s.primary  # cutover swaps the two
         moved = engine.moved()
         names = sorted({scope for spec in (source, target) for scope in counted.get(spec, {}) if moved(scope)})
         selected = [ScopeCount(scope, counted.get(source, {}).get(scope, 0), counted.get(target, {}).get(scope, 0))

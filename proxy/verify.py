@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from adapters.base import Backend
 from adapters.records import Record, RecordKey, parents_of, same_content
+from proxy.eager import consume
+from proxy.placement import Moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,30 +46,32 @@ class VerifyReport:
 
 
 async def _walk(store: Backend, after: RecordKey | None, batch: int,
-                only: Callable[[str], bool] | None = None) -> AsyncIterator[Record]:
-    """The store's live records in key order. The next page is read while this one is compared (and each store's
-    walk reads on its own), so the comparison waits for neither store: Verify ran at the sum of two stores' page
-    times plus its own, one after the other."""
-    reading = asyncio.ensure_future(store.list_records(after, batch))
+                only: Moved | None = None) -> AsyncIterator[Record]:
+    """The store's live records in key order, of the scopes `only` holds; a run of scopes outside it is jumped over, not
+    read, as the backfill does (`Moved.resume`; None from it: nothing selected follows). The next page is read while
+    this one is compared (and each store's walk reads on its own), so the comparison waits for neither store: Verify ran
+    at the sum of two stores' page times plus its own, one after the other."""
+    start = only.resume(after) if only is not None else after
+    if after is not None and start is None:
+        return
+    reading = asyncio.ensure_future(store.list_records(start, batch))
     try:
         while True:
             page = await reading
-            if page.next_after is not None:
-                reading = asyncio.ensure_future(store.list_records(page.next_after, batch))
+            following = page.next_after
+            if following is not None and only is not None:
+                following = only.resume(following)
+            if following is not None:
+                reading = asyncio.ensure_future(store.list_records(following, batch))
             for rec in page.records:
                 if only is None or only(rec.scope):
                     yield rec
-            if page.next_after is None:
+            if following is None:
                 return
     finally:
         if not reading.done():
             reading.cancel()
-            reading.add_done_callback(_consume)
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # read, so a read abandoned with the walk is not reported as never retrieved
+            reading.add_done_callback(consume)
 
 
 Settle = Callable[[Sequence[RecordKey]], Awaitable[None]]
@@ -113,12 +116,12 @@ async def still_differing(keys: Sequence[RecordKey], primary: Backend, secondary
 async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey | None = None,
                  batch: int = 1000, max_samples: int = 20, settle: Settle | None = None,
                  repair: Callable[[list[RecordKey]], Awaitable[None]] | None = None,
-                 only: Callable[[str], bool] | None = None) -> AsyncIterator[VerifyReport]:
-    """Compares the records of the scopes `only` accepts (every scope without it): a migration of a selection
-    verifies the scopes it moves, and what else either store holds is not its business. Yields the running report
-    every `batch` comparisons (differences so far are suspects) and once at the end (`done=True`), where
-    `differences` counts only what persisted after `settle`. With `repair`, the persistent keys are handed to it
-    (queued for repair), settled again and re-checked: `repaired` says how many it fixed."""
+                 only: Moved | None = None) -> AsyncIterator[VerifyReport]:
+    """Compares the records of the scopes `only` holds (every scope without it): a migration of a selection verifies the
+    scopes it moves, and what else either store holds is not its business, nor read (see `_walk`). Yields the running
+    report every `batch` comparisons (differences so far are suspects) and once at the end (`done=True`), where
+    `differences` counts only what persisted after `settle`. With `repair`, the persistent keys are handed to it (queued
+    for repair), settled again and re-checked: `repaired` says how many it fixed."""
     report = VerifyReport(cursor=start_after)
     suspects: list[Difference] = []
     a_iter, b_iter = _walk(primary, start_after, batch, only), _walk(secondary, start_after, batch, only)

@@ -4,15 +4,20 @@ scopes the migration selected from its source store, and every other scope keeps
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.records import Kind, RecordKey
+from adapters.embedded import EmbeddedBackend
+from adapters.embedder import BatchingEmbedder
+from adapters.records import EntityRecord, Kind, RecordKey, RecordPage
 from proxy.errors import InvalidInput
 from proxy.placement import (
     MAX_SELECTED,
+    Moved,
     Placement,
     Selection,
     after_cutover,
@@ -21,6 +26,7 @@ from proxy.placement import (
     source_of,
     walk_from,
 )
+from proxy.verify import verify
 
 STORES = ["sqlite:///a.db", "sqlite:///b.db", "postgresql://c"]
 # Every scope of up to three letters over a small alphabet: prefixes of one another, so longest-prefix rules and
@@ -140,3 +146,46 @@ def test_a_longer_prefix_and_an_own_entry_win_over_a_shorter_prefix_and_the_defa
     p = Placement("d", {"team-a1": "own"}, {"team-": "short", "team-a": "long"})
     assert [p.store_of(s) for s in ("x", "team-b", "team-a2", "team-a1")] == ["d", "short", "long", "own"]
     assert p.stores() == ["d", "short", "long", "own"]
+
+
+class CountingStore:
+    """A real store that counts the records its `list_records` hands out (what a walk over it read)."""
+
+    def __init__(self, inner: EmbeddedBackend) -> None:
+        self._inner, self.listed = inner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+        page = await self._inner.list_records(after, limit, tombstones)
+        self.listed += len(page.records)
+        return page
+
+
+async def test_verify_of_a_selection_compares_and_reads_only_the_selected_scopes(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """The scopes around the selected one differ between the stores (the target serves other scopes of its own):
+    Verify of the selection finds nothing, and it does not read them either."""
+    stores = [EmbeddedBackend(tmp_path / f"{n}.db", embedder) for n in ("old", "new")]
+    for store in stores:
+        await store.open()
+    try:
+        selected = [EntityRecord("m-sel", f"n{i:03d}", "t", 1 + i, 1 + i) for i in range(300)]
+        for i, store in enumerate(stores):
+            around = [EntityRecord(s, f"n{j:03d}", f"t{i}", 1 + j, 1 + j) for s in ("a-other", "z-other")
+                      for j in range(300)]
+            await store.apply(selected + around)
+        old, new = CountingStore(stores[0]), CountingStore(stores[1])
+        only = Moved(Placement("old"), Selection(("m-sel",)), "old")
+        report = [r async for r in verify(old, new, batch=100, only=only)][-1]  # type: ignore[arg-type]
+        assert report.done
+        assert (report.compared, report.differences) == (300, 0)
+        assert set(report.per_scope) == {"m-sel"}
+        everything = [r async for r in verify(stores[0], stores[1], batch=100)][-1]
+        assert everything.differences == 600  # what the selection left alone
+        # Each walk read the selected scope and at most one page past it, not the 600 records around it.
+        assert old.listed <= 300 + 100 and new.listed <= 300 + 100, (old.listed, new.listed)
+    finally:
+        for store in stores:
+            await store.close()
