@@ -52,10 +52,13 @@ class MigrationEngine(FleetMember):
     async def start(self) -> None:
         log.info("reading the migration state", extra={"control": type(self._control).__name__})
         self.state = await self._control.load()
-        for spec in self.state.named_stores():
-            log.info("opening a store", extra={"store": redact(spec), "phase": self.state.phase.value})
+        s = self.state
+        for spec in s.named_stores():
+            role = ("the primary" if spec == s.primary else "the secondary" if spec == s.secondary
+                    else "a store scopes are placed on")
+            log.info(f"opening {role}", extra={"store": redact(spec), "phase": s.phase.value})
             opened = await self._store(spec, tolerate=True)
-            if spec == self.state.secondary and isinstance(opened, Unreachable):
+            if spec == s.secondary and isinstance(opened, Unreachable):
                 self.outage.report(StoreUnavailable(opened.cause))
         self._expire_mirror_if_due()
         await self._refresh_dirty()
