@@ -12,8 +12,11 @@ The sizes are upper bounds of the protobuf encoding (each field's tag and length
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from typing import Any
+
+import orjson
 
 from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from adapters.records import Kind, encode_cursor
@@ -134,3 +137,33 @@ def fit_search(result: SearchResult, max_message_bytes: int) -> SearchResult:
         kept = {h.entity.name for h in hits}
         relations = tuple(r for r in relations if r.source in kept or r.target in kept)
     return SearchResult(hits, relations, note or rel_note)
+
+
+# --- MCP answers -------------------------------------------------------------------------------------------------
+# An MCP tool's answer carries every item twice: in the structured content (compact JSON) and inside the text content
+# (the same JSON indented by two, as the reference server's `JSON.stringify(x, null, 2)`, then escaped as one JSON
+# string). Both are measured here, per item, so a whole-graph answer stops at the budget item by item.
+_JSON_LINE = 2 + 12  # an escaped newline and the widest indentation an item's line gets inside the answer
+_JSON_ITEM = 8  # the separators around an item in both copies
+
+
+def json_item_size(item: Mapping[str, object]) -> int:
+    """An upper bound of the bytes one entity or relation dict adds to an MCP answer."""
+    compact = orjson.dumps(item)
+    escapes = compact.count(b'"') + compact.count(b"\\")  # each gains a backslash inside the text content
+    lines = 4 + len(item) + sum(len(v) for v in item.values() if isinstance(v, list))
+    return 2 * len(compact) + escapes + len(item) + lines * _JSON_LINE + _JSON_ITEM
+
+
+def shrink_json_item(item: dict[str, Any], room: int) -> dict[str, Any]:
+    """An entity dict alone larger than `room` bytes of an MCP answer, with the longest prefix of its observations
+    that fits (found by halving: the size grows with every observation kept)."""
+    observations = item["observations"]
+    low, high = 0, len(observations)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if json_item_size({**item, "observations": observations[:mid]}) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return {**item, "observations": observations[:low]}

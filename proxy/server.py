@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
 from policies.loader import PolicyError
 from policies.loader import load as load_policy
 from policies.rules import Observations
-from proxy import heap
+from proxy import heap, listeners
 from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
 from proxy.auth import ScopeTokens, TokensFileError
 from proxy.clock import HybridClock
@@ -108,20 +109,61 @@ class MemshiftServer:
         await store.open()
         return self.wrap_store(spec, store) if self.wrap_store else store
 
-    def _bind(self, server: grpc.aio.Server, address: str, tls: tuple[str | None, str | None] | None = None) -> int:
+    def _bind(self, server: grpc.aio.Server, setting: str, address: str,
+              tls: tuple[str | None, str | None] | None = None) -> int:
         cert, key = tls if tls and all(tls) else (self.config.tls_cert_file, self.config.tls_key_file)
-        if cert and key:
-            creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
+        listeners.host_port(setting, address)
+        try:
+            if cert and key:
+                creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "failed to bind": the address is taken (or not ours to take)
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise listeners.ListenError(setting, address, OSError(errno.EADDRINUSE, "address already in use"))
         return int(port)
 
     async def start(self) -> int:
-        cfg = self.config
+        """Open everything and take every port; if any step fails, what was opened is closed again before the error
+        propagates, so a failed start leaves nothing half-started behind."""
         self._stopping = False
+        self._begun: list[str] = []
+        try:
+            return await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _abandon_start(self) -> None:
+        if "mcp" in self._begun:
+            self._uvicorn.should_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._uvicorn_task, 2.0)
+        for name in ("_server", "_admin", "_health_server"):
+            server = getattr(self, name, None)
+            if server is not None:
+                # A grpc server that bound its port but never started keeps the port until it has started and
+                # stopped; without this, the same settings could not start again in this process.
+                if name not in self._begun:
+                    with contextlib.suppress(BaseException):
+                        await server.start()
+                with contextlib.suppress(BaseException):
+                    await server.stop(0)
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "guard": lambda: self.guard.stop(), "shadow": lambda: self.shadow.close(),
+            "fleet": lambda: self.fleet.stop() if self.fleet else asyncio.sleep(0),
+            "engine": lambda: self.engine.stop(within=1.0), "control": lambda: self.control.close()}
+        for name, stop in steps.items():  # the order `_stop_behind_the_ports` keeps, only what was begun
+            if name in self._begun or (name == "shadow" and "guard" in self._begun):
+                with contextlib.suppress(Exception):
+                    await stop()
+        with contextlib.suppress(Exception):
+            self._telemetry_shutdown()
+
+    async def _start(self) -> int:
+        cfg = self.config
         try:
             policy = load_policy(cfg.policy_file)
         except PolicyError as exc:
@@ -132,7 +174,11 @@ class MemshiftServer:
             raise ConfigError(f"memory_tokens_file: {exc}") from None
         self._telemetry_shutdown: Callable[[], None] = lambda: None
         if self.telemetry is None:
-            self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
+            try:
+                self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
+            except OSError as exc:  # only the Prometheus endpoint binds here
+                raise listeners.ListenError("telemetry.prometheus_listen", str(cfg.telemetry.prometheus_listen),
+                                            exc) from None
         self.observations = Observations(keep_seconds=policy.policy.longest_window())
         shared = None
         log.info("opening the control store", extra={"control": redact(cfg.control)})
@@ -142,26 +188,32 @@ class MemshiftServer:
             self.control: ControlStore = shared
         else:
             self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
+        self._begun.append("control")
         self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
                                       telemetry=self.telemetry, observations=self.observations,
                                       fleet=shared is not None,
                                       resync_margin_ms=int(cfg.resync_margin_seconds * 1000))
+        self._begun.append("engine")
         await self.engine.start()
         log.info("migration state read and stores opened", extra={"phase": self.engine.state.phase.value})
         self.fleet: FleetSync | None = None
         if shared is not None:
             node = f"{socket.gethostname()}-{cfg.resolved_node_id()}"
             self.fleet = FleetSync(self.engine, shared, node, cfg.listen)
+            self._begun.append("fleet")
             await self.fleet.start()
         self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry,
                                    unreachable=self.engine.outage.report)
         self.reads = ReadRouting(self.engine, self.shadow, self.observations)
         self.guard = PolicyGuard(self.engine, policy, self.observations)
+        self._begun.append("guard")
         self.guard.start()
         self.telemetry.gauges_from(self._gauges)
         self.router = Router(self.engine, self.reads, self.embedder, cfg.limits)
         limit = cfg.limits.max_message_bytes
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        # No SO_REUSEPORT: a second proxy on the same port must fail to start, not silently share the agents' calls.
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
         self._server = grpc.aio.server(options=options)
         self.budget = Budget(cfg.limits.max_inflight_calls, cfg.limits.max_inflight_bytes)
         add_servicer(self._server, memory_pb2_grpc.add_MemoryServicer_to_server,
@@ -170,31 +222,30 @@ class MemshiftServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (MEMORY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._bind(self._server, cfg.listen)
+        self.port = self._bind(self._server, "listen", cfg.listen)
 
         self.admin_token = admin_token(cfg)
         self._admin = grpc.aio.server(interceptors=[BearerTokenInterceptor(self.admin_token)], options=options)
         admin = AdminServicer(self.engine, Watchers(self.shadow, self.reads, self.guard, self.fleet, self.budget),
                               cfg.limits)
         add_servicer(self._admin, admin_pb2_grpc.add_MigrationAdminServicer_to_server, admin, ADMIN_DESCRIPTOR)
-        self.admin_port = self._bind(self._admin, cfg.admin_listen, (cfg.admin_tls_cert_file, cfg.admin_tls_key_file))
+        self.admin_port = self._bind(self._admin, "admin_listen", cfg.admin_listen,
+                                     (cfg.admin_tls_cert_file, cfg.admin_tls_key_file))
         # Probes reach the pod's address, not its loopback: with `listen` on loopback, health alone is served here.
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if cfg.health_listen:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
-            self.health_port = self._bind(self._health_server, cfg.health_listen)
+            self.health_port = self._bind(self._health_server, "health_listen", cfg.health_listen)
 
-        try:  # before the gRPC ports open: a failure here leaves nothing serving
-            self.mcp_port = await self._start_mcp(tokens) if cfg.mcp_listen else 0
-        except BaseException:
-            await self._stop_behind_the_ports(within=1.0)
-            raise
-        await self._server.start()
-        await self._admin.start()
-        if self._health_server is not None:
-            await self._health_server.start()
+        # Before the gRPC ports open: a failure here leaves nothing serving.
+        self.mcp_port = await self._start_mcp(tokens) if cfg.mcp_listen else 0
+        for name, server in (("_server", self._server), ("_admin", self._admin),
+                             ("_health_server", self._health_server)):
+            if server is not None:
+                await server.start()
+                self._begun.append(name)
         log.info("listening", extra={"listen": cfg.listen, "port": self.port, "admin_port": self.admin_port,
                                      "mcp_port": self.mcp_port,
                                      "health_port": self.health_port, "primary": redact(self.engine.state.primary),
@@ -224,15 +275,18 @@ class MemshiftServer:
         """The MCP endpoint (proxy.mcp_server) on `mcp_listen`, served by uvicorn on this event loop."""
         cfg = self.config
         assert cfg.mcp_listen
-        host, _, port = cfg.mcp_listen.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
+        host, port = listeners.host_port("mcp_listen", cfg.mcp_listen)
+        # Bound here, not by uvicorn: a taken port is then the same one line as every other listener's, where
+        # uvicorn would log its traceback and exit the process.
+        sock = listeners.bound_socket("mcp_listen", cfg.mcp_listen)
         self.mcp = MemoryTools(self.router, cfg.limits, tokens, cfg.mcp_default_scope)
         # Answers as JSON bodies, not server-sent events: the official Python client refuses an event over 1 MiB,
         # so a whole-graph `read_graph` of a few thousand entities failed over SSE; no tool here streams progress.
         app = self.mcp.server.streamable_http_app(streamable_http_path="/mcp", host=host, json_response=True)
-        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
+        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                         lifespan="on", log_config=None))
-        self._uvicorn_task = asyncio.ensure_future(self._uvicorn.serve())
+        self._uvicorn_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
+        self._begun.append("mcp")
         while not self._uvicorn.started:
             if self._uvicorn_task.done():  # it could not bind, or the app failed to start
                 self._uvicorn_task.result()
@@ -283,6 +337,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    listeners.check(config)  # a taken port fails here, before the model loads or a store opens
     embedder = build_embedder(config.embedding)
     server = MemshiftServer(config, embedder)
     stop = asyncio.Event()

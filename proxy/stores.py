@@ -16,6 +16,7 @@ Qdrant's local mode and Edge, and ChromaDB (local or server) take one writer: on
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit
 
 from adapters.base import Backend
 from adapters.chroma import ChromaBackend
@@ -72,10 +73,25 @@ def backend_for(spec: str, embedder: Embedder) -> Backend:
         raise StoreSpecError(f"store spec {redact(spec)}: unknown scheme {scheme!r}; supported: sqlite, postgresql, "
                              "qdrant+local, qdrant+edge, qdrant, qdrants, bolt, neo4j (and their +s forms), hybrid, "
                              "chroma+local, chroma, chromas")
+    _check_address(spec)
     try:
         return make(spec, embedder)
     except (ValueError, OSError) as exc:  # a malformed spec, or an unreadable password file
         raise StoreSpecError(scrub_secrets(f"store spec {redact(spec)}: {exc}", spec)) from None
+
+
+def _check_address(spec: str) -> None:
+    """The host and port of a server store's spec, checked before anything connects: a port that is not a number
+    from 1 to 65535 names itself, where the driver would fail later with a message the caller could not act on."""
+    for part in ([spec] if not spec.startswith("hybrid:") else dict(parse_qsl(urlsplit(spec).query)).values()):
+        if "://" not in part:
+            continue
+        netloc = urlsplit(part).netloc.rpartition("@")[2]
+        host, colon, port = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
+        if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise StoreSpecError(f"store spec {redact(spec)}: port {port!r} is not a number from 1 to 65535")
+        if colon and not host:
+            raise StoreSpecError(f"store spec {redact(spec)}: the host is missing before port {port}")
 
 
 # Store spec scheme -> OpenTelemetry `db.system.name`.

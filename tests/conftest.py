@@ -15,7 +15,7 @@ from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import memory_pb2_grpc
 from proxy.config import Config
 from proxy.server import MemshiftServer
-from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer
+from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer, reference_memory_server
 from tests.stores import STORE_KINDS, make_store
 
 StoreFactory = Callable[[], Awaitable[Backend]]
@@ -93,3 +93,12 @@ async def cluster(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[A
     c = await boot(embedder, tmp_path)
     yield c
     await shutdown(c)
+
+
+@pytest.fixture(scope="session")
+def reference_server() -> Path:
+    """The MCP reference memory server itself, installed from npm into the project's .cache/ (once)."""
+    entry = reference_memory_server()
+    if entry is None:
+        pytest.skip("Node.js is not on this machine")
+    return entry

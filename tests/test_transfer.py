@@ -15,7 +15,6 @@ from memshift.v1 import memory_pb2 as pb
 from proxy import jsonl
 from proxy.cli import main
 from tests.cluster import Cluster
-from tests.servers import reference_memory_server
 
 REFERENCE = "\n".join([
     '{"type":"entity","name":"alice","entityType":"person","observations":["drinks green tea","lives in Paris"]}',
@@ -93,15 +92,6 @@ async def test_a_bad_line_is_reported_with_its_number_and_nothing_is_written(
     assert await cli(cluster, "import", "--scope", "bad", str(source)) == 2
     assert says in capsys.readouterr().err
     assert await graph(cluster, "bad") == ({}, set())
-
-
-@pytest.fixture(scope="session")
-def reference_server() -> Path:
-    """The MCP reference memory server itself, installed from npm into the project's .cache/ (once)."""
-    entry = reference_memory_server()
-    if entry is None:
-        pytest.skip("Node.js is not on this machine")
-    return entry
 
 
 async def test_the_reference_server_loads_an_exported_file_to_the_same_graph(
