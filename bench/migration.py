@@ -43,7 +43,7 @@ from memshift.v1 import memory_pb2 as pb
 from proxy import ops
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
-from proxy.migration import MigrationEngine
+from proxy.engine.migration import MigrationEngine
 from proxy.stores import backend_for
 
 
@@ -112,7 +112,7 @@ async def engine_on(work: Path, embedder: BatchingEmbedder, a: str) -> tuple[Mig
 
 async def settle(engine: MigrationEngine) -> None:
     """Let background embeddings finish, so the model does not compete with the next measurement."""
-    for store in (engine.primary, engine.secondary):
+    for store in (engine.stores.primary, engine.stores.secondary):
         if store is not None:
             dim = store.embedding.dimension
             await store.semantic_search("bench", np.ones(dim, dtype=np.float32) / np.sqrt(dim), 1, None, [])
@@ -130,7 +130,7 @@ async def write_latency(engine: MigrationEngine, n: int, kind: str, tag: str = "
         else:
             op = ops.AddObservations("bench", [ObservationAddition(f"e{i % 1000:07d}", (f"note {i} {tag}",))])
         t = time.perf_counter()
-        await engine.write(op)
+        await engine.writer.write(op)
         lat.append(time.perf_counter() - t)
     return lat[50:]
 
@@ -349,7 +349,7 @@ async def memory_child(db: str) -> None:
         await asyncio.sleep(0.05)
         peak = max(peak, rss_mb())
     secs = time.perf_counter() - t
-    target = engine.secondary
+    target = engine.stores.secondary
     assert target is not None
     dim = target.embedding.dimension
     settled = rss_mb()

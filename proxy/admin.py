@@ -19,14 +19,14 @@ from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from policies.loader import PolicyError, ramp_schedule
 from policies.rules import RuleResult
-from proxy import backup
+from proxy import backup, phases
 from proxy import validation as check
 from proxy.config import Limits
 from proxy.control import HistoryEntry, MigrationOptions, Phase
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import InvalidInput
 from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
-from proxy.migration import MigrationEngine
 from proxy.phases import Stage, stage
 from proxy.placement import Placement, selection
 from proxy.read_routing import ReadRouting
@@ -153,12 +153,12 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                          complete=p.complete, paused=p.paused, copied=p.copied,
                                          copying_changes_since_unix=p.changes_since),
             read_fraction=s.read_fraction, shadow_sample_rate=s.shadow_rate,
-            repair_queue_depth=await e.repair_depth(),
+            repair_queue_depth=await e.repairs.depth(),
             counters=pb.DualWriteCounters(
                 dual_writes=c.dual_writes, secondary_failures=c.secondary_failures, secondary_late=c.secondary_late,
                 effect_mismatches=c.effect_mismatches, repairs_done=c.repairs_done,
                 repair_failures=c.repair_failures, secondary_skipped=c.secondary_skipped, since_unix=c.since),
-            recent_history=[_change_pb(h) for h in await e.history(10)],
+            recent_history=[_change_pb(h) for h in await e.keeper.history(10)],
             rollback_window_seconds_left=window, last_verify_differences=s.last_verify_differences,
             policy=[_rule_pb(r) for r in self._watchers.guard.last],
             ramp=pb.RampStatus(running=s.ramp_step >= 0, steps=s.ramp_steps, step=s.ramp_step,
@@ -173,7 +173,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             backfill_waiting_for=fleet.waiting_for if fleet else [], blocked_key=s.blocked_key, blocked=s.blocked,
             secondary_unreachable=scrub(out.reason) if out else "",
             secondary_unreachable_since_unix=out.since if out else 0.0,
-            primary_unreachable=not e.default_up.is_set(),
+            primary_unreachable=not e.stores.default_up.is_set(),
             rolled_back=s.rolled_back if s.phase == Phase.ROLLED_BACK else "",
             memory_calls_shed=self._watchers.budget.shed if self._watchers.budget else 0,
             placement=_placement_pb(s.placement),
@@ -258,17 +258,17 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
 
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> AsyncIterator[pb.VerifyProgress]:
         engine = self._engine
-        secondary = engine.secondary
+        secondary = engine.stores.secondary
         if secondary is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"nothing to verify: the migration is in {engine.state.phase.value} with no "
                                 "second store (verify runs in DataMigration, DualWrite and Completed's window)")
         assert secondary is not None
         start = engine.state.verify_cursor if request.resume else None
-        async for report in verify(engine.primary, secondary, start_after=start,
-                                   max_samples=request.max_samples or 20, settle=engine.settle,
-                                   repair=engine.enqueue_repairs if request.repair else None,
-                                   only=engine.moved()):
+        async for report in verify(engine.stores.primary, secondary, start_after=start,
+                                   max_samples=request.max_samples or 20, settle=engine.repairs.settle,
+                                   repair=engine.repairs.enqueue if request.repair else None,
+                                   only=phases.moved(engine.state)):
             if report.done:
                 if start is None:  # a partial (resumed) run does not speak for the whole store
                     await engine.record_verify(report.differences)
@@ -278,7 +278,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
 
     @rpc
     async def GetHistory(self, request: pb.GetHistoryRequest, context: Any) -> pb.GetHistoryResponse:
-        return pb.GetHistoryResponse(changes=[_change_pb(h) for h in await self._engine.history(request.limit or 100)])
+        changes = await self._engine.keeper.history(request.limit or 100)
+        return pb.GetHistoryResponse(changes=[_change_pb(h) for h in changes])
 
     async def ExportRecords(self, request: pb.ExportRecordsRequest, context: Any) -> AsyncIterator[pb.RecordChunk]:
         """A backup, page by page as a backfill reads it (so its cost per chunk is bounded): each scope from the store
@@ -292,7 +293,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             within("page_size", size, 1, self._limits.max_page_size)
             placement = self._engine.state.placement
             specs = [placement.store_of(scope)] if scope is not None else placement.stores()
-            stores = [(spec, self._engine.opened(spec)) for spec in specs]
+            stores = [(spec, self._engine.stores.opened(spec)) for spec in specs]
             # An estimate where a store still holds copies of scopes placed elsewhere (those are not exported).
             total = sum([(await store.count(scope)).total for _, store in stores])
             info = stores[0][1].embedding
@@ -323,15 +324,15 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
         items = [item for _, item in backup.parse_body(enumerate(request.lines, first), header, self._limits)]
         records = [i for i in items if not isinstance(i, backup.VectorLine)]
         carried = [i for i in items if isinstance(i, backup.VectorLine)]
-        info = self._engine.primary.embedding
+        info = self._engine.stores.primary.embedding
         # Vectors of the store's own model: the chunk is applied with those it carries and embeds nothing itself
         # (an entity's vector may come in a later chunk, after its last observation); the finish embeds the rest.
         same_model = (header.model, header.dimension) == (info.model, info.dimension)
         if request.dry_run:
-            newer = await self._engine.newer_than_stored(records)
+            newer = await self._engine.writer.newer_than_stored(records)
         else:
-            newer = await self._engine.restore(records, backup.vector_map(carried) if same_model else None)
-        embedded = await self._engine.embed_stale() if request.finish and not request.dry_run else 0
+            newer = await self._engine.writer.restore(records, backup.vector_map(carried) if same_model else None)
+        embedded = await self._engine.writer.embed_stale() if request.finish and not request.dry_run else 0
         return pb.ImportRecordsResponse(records=len(records), newer=newer, vectors=len(carried),
                                         vectors_used=same_model and bool(carried),
                                         embedded=embedded)

@@ -20,8 +20,9 @@ import logging
 import time
 from typing import Protocol
 
-from proxy.control import ControlStore, Fleet, Member, MigrationState, Phase
-from proxy.migration import MigrationEngine
+from proxy import phases
+from proxy.control import ControlStore, Fleet, Member, MigrationState
+from proxy.engine.migration import MigrationEngine
 
 log = logging.getLogger("memshift.fleet")
 
@@ -53,7 +54,7 @@ class FleetSync:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._engine.lead_backfill(False)
+        self._engine.backfill.elect(False)
         with contextlib.suppress(Exception):
             await self._control.resign()
             await self._control.forget(self.node)
@@ -73,34 +74,34 @@ class FleetSync:
     async def sync(self) -> None:
         started = time.monotonic()
         await self._control.listen(self._wake.set)
-        await self._engine.adopt(await self._control.load())
+        await self._engine.adoption.adopt(await self._control.load())
         s = self._engine.state
         if self._acked is None or s.revision != self._acked.revision:
             # Acknowledge a dual-writing phase only once the writes that began before it have finished; the lease
             # is renewed meanwhile (those writes may wait on the embedder for a while).
-            if self._engine.secondary is None or self._engine.solo_writes_idle:
+            if self._engine.stores.secondary is None or self._engine.gate.solo_idle.is_set():
                 self._acked = s
             elif self._ack_wait is None or self._ack_wait.done():
-                self._ack_wait = asyncio.ensure_future(self._engine.solo_writes_done())
+                self._ack_wait = asyncio.ensure_future(self._engine.gate.solo_done())
                 self._ack_wait.add_done_callback(lambda _: self._wake.set())
         acked = self._acked or s
-        wants_backfill = s.phase == Phase.DATA_MIGRATION and not s.backfill_complete
+        wants_backfill = phases.backfilling(s)
         if wants_backfill:
             leader = await self._control.try_lead()
         else:
             leader = False
             await self._control.resign()  # nothing to lead: hold no lock and no connection for it
         await self._control.heartbeat(self.node, self._address, acked, leader)
-        self._engine.lease_renewed(started + self._control.lease_seconds)
+        self._engine.writer.lease_renewed(started + self._control.lease_seconds)
         if not leader:
             self.waiting_for = []
-            self._engine.lead_backfill(False)
+            self._engine.backfill.elect(False)
             return
         self.waiting_for = [m.node for m in await self._control.members()
                             if m.live and (m.migration_id != s.migration_id or m.phase != s.phase)]
-        if self.waiting_for and not self._engine.backfilling:
+        if self.waiting_for and not self._engine.backfill.running:
             log.info("backfill waits for proxies to acknowledge DataMigration", extra={"waiting": self.waiting_for})
-        self._engine.lead_backfill(not self.waiting_for or self._engine.backfilling)
+        self._engine.backfill.elect(not self.waiting_for or self._engine.backfill.running)
 
     async def members(self) -> list[Member]:
         return await self._control.members()

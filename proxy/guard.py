@@ -18,8 +18,8 @@ from policies.loader import PolicyFile
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, RuleResult, Verdict, evaluate, most_severe, streaks_after
 from proxy.control import Phase
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import IllegalTransition
-from proxy.migration import MigrationEngine
 
 log = logging.getLogger("memshift.policy")
 ACTOR = "memshift-policy"
@@ -81,7 +81,7 @@ class PolicyGuard:
             self._streaks.clear()
             self._episode.clear()
             self._observations.clear()
-        if engine.secondary is None or engine.outage.current is not None:
+        if engine.stores.secondary is None or engine.outage.current is not None:
             # Nothing to judge, or an outage of the new store: that holds the migration (proxy.outage); it is not
             # evidence against the store, and the ramp does not move while nothing reaches it.
             self.last, self.last_at = (), now
@@ -111,7 +111,7 @@ class PolicyGuard:
         log.warning("policy rule fired", extra={"action": action.value, **r.figures()})
         self._engine.telemetry.policy_event(action.value, r.rule.name, r.figures())
         if action is Action.ALERT:
-            await self._engine.note(ACTOR, reason, figures)
+            await self._engine.keeper.note(ACTOR, reason, figures)
 
     async def _act(self, r: RuleResult) -> None:
         action = r.rule.action
@@ -137,9 +137,10 @@ class PolicyGuard:
         elif decision.move is RampMove.STOP:
             log.warning("read ramp stopped", extra={"reason": decision.reason})
             await self._engine.ramp_note(decision.reason, stop=True)
-            await self._engine.note(ACTOR, f"read ramp stopped: {decision.reason}", {"read_fraction": s.read_fraction})
+            await self._engine.keeper.note(ACTOR, f"read ramp stopped: {decision.reason}",
+                                           {"read_fraction": s.read_fraction})
         elif decision.move is RampMove.DONE:
             await self._engine.ramp_note(decision.reason, stop=True)
-            await self._engine.note(ACTOR, decision.reason, {"read_fraction": s.read_fraction})
+            await self._engine.keeper.note(ACTOR, decision.reason, {"read_fraction": s.read_fraction})
         else:
             await self._engine.ramp_note(decision.reason)

@@ -10,10 +10,14 @@ plain Completed from which the next migration may start.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from enum import StrEnum
+from typing import Any
 
-from proxy.control import Phase
+from proxy.control import MigrationState, Phase
 from proxy.errors import IllegalTransition
+from proxy.placement import Moved
+from proxy.placement import moves as placement_moves
 
 
 class Stage(StrEnum):
@@ -58,6 +62,12 @@ TABLE: Mapping[tuple[Stage, Step], Stage] = {
 _SECONDARY_WRITTEN = frozenset({Stage.DATA_MIGRATION, Stage.DUAL_WRITE, Stage.WINDOW})
 
 
+# The phase a stage is saved as: the table writes it (`apply`), nothing else does.
+PHASE_OF: Mapping[Stage, Phase] = {Stage.NOT_STARTED: Phase.NOT_STARTED, Stage.DATA_MIGRATION: Phase.DATA_MIGRATION,
+                                   Stage.DUAL_WRITE: Phase.DUAL_WRITE, Stage.WINDOW: Phase.COMPLETED,
+                                   Stage.COMPLETED: Phase.COMPLETED, Stage.ROLLED_BACK: Phase.ROLLED_BACK}
+
+
 def stage(phase: Phase, secondary: str) -> Stage:
     if phase == Phase.COMPLETED:
         return Stage.WINDOW if secondary else Stage.COMPLETED
@@ -84,3 +94,45 @@ def check(phase: Phase, secondary: str, step: Step, shown: str = "") -> Stage:
         raise IllegalTransition(f"cannot {step.value}: the migration is in {shown or at.value}; from there it can: "
                                 f"{can or 'nothing'}")
     return to
+
+
+def apply(state: MigrationState, step: Step, shown: str = "", **changes: Any) -> MigrationState:
+    """The state `step` leads to: the phase from the table, the other fields from `changes` (never `phase`). The
+    result must be in the stage the table names (a cutover sets the old store as `secondary`, closing the window
+    clears it); a step that would land elsewhere is a bug in the caller, not an operator's error."""
+    if "phase" in changes:
+        raise TypeError("the phase table writes the phase; pass the other fields only")
+    to = check(state.phase, state.secondary, step, shown)
+    new = replace(state, phase=PHASE_OF[to], **changes)
+    landed = stage(new.phase, new.secondary)
+    if landed != to:
+        raise AssertionError(f"{step.value} from {stage(state.phase, state.secondary).value} must land in "
+                             f"{to.value}, not {landed.value}")
+    return new
+
+
+# --- questions about a state, each answered here once ---------------------------------------------------------------
+def backfilling(s: MigrationState) -> bool:
+    """The backfill is still to run or running: DataMigration, with the copy not complete."""
+    return s.phase == Phase.DATA_MIGRATION and not s.backfill_complete
+
+
+def other_store_written(s: MigrationState) -> bool:
+    """Writes of the moved scopes also go to the other store (the new one, or the old one in the rollback window)."""
+    return writes_secondary(s.phase, s.secondary)
+
+
+def in_window(s: MigrationState) -> bool:
+    """Cut over, with the old store still written: a rollback is still possible."""
+    return stage(s.phase, s.secondary) == Stage.WINDOW
+
+
+def moves(s: MigrationState, scope: str) -> bool:
+    """Whether a write to `scope` goes to both stores: the migration selected the scope, and the other store is
+    still being written. Every other scope pays nothing for the migration."""
+    return other_store_written(s) and placement_moves(s.start_placement, s.selection, s.source, scope)
+
+
+def moved(s: MigrationState) -> Moved:
+    """Which scopes the migration moves, fixed now (for a Verify that may outlive the rollback window)."""
+    return Moved(s.start_placement, s.selection, s.source)

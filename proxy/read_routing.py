@@ -16,8 +16,9 @@ from typing import TypeVar
 from adapters.base import Backend
 from adapters.model import StoreUnavailable
 from policies.rules import Observations
+from proxy import phases
 from proxy.control import Phase
-from proxy.migration import MigrationEngine
+from proxy.engine.migration import MigrationEngine
 from proxy.reads import ReadOp
 from proxy.shadow import ShadowReader, sampled
 
@@ -40,29 +41,29 @@ class ReadRouting:
     async def _call(self, op: ReadOp[T], store: Backend, role: str) -> tuple[T, float]:
         """The store's answer (traced and timed as `role`) and how long it took."""
         start = time.perf_counter()
-        with self._engine.telemetry.store_call(role, self._engine.system(store), op.operation):
+        with self._engine.telemetry.store_call(role, self._engine.stores.system(store), op.operation):
             answer = await op.run(store)
         return answer, time.perf_counter() - start
 
     async def read(self, op: ReadOp[T]) -> T:
         engine, state = self._engine, self._engine.state
         # Scopes the migration does not move are read from their own store alone; an unreachable new store gets none.
-        primary = engine.store_for(op.scope)
-        other = engine.secondary_reachable if engine.moves(op.scope) else None
+        primary = engine.stores.store_for(op.scope)
+        other = engine.secondary_reachable if phases.moves(state, op.scope) else None
         if other is None:
             return (await self._call(op, primary, "primary"))[0]
         identity = op.identity()
         shadowed = sampled(op.scope, identity, state.shadow_rate, "shadow")
-        if (state.phase == Phase.DUAL_WRITE and state.read_fraction > 0 and not engine.scope_pending(op.scope)
+        if (state.phase == Phase.DUAL_WRITE and state.read_fraction > 0 and not engine.repairs.scope_pending(op.scope)
                 and sampled(op.scope, identity, state.read_fraction, "route")):
             answer = await self._from_secondary(op, other)
             if answer is not None:
                 if shadowed:
-                    self._shadow.schedule(op, answer[0], False, answer[1], primary, engine.system(primary))
+                    self._shadow.schedule(op, answer[0], False, answer[1], primary, engine.stores.system(primary))
                 return answer[0]
         result, took = await self._call(op, primary, "primary")
         if shadowed:
-            self._shadow.schedule(op, result, True, took, other, engine.system(other))
+            self._shadow.schedule(op, result, True, took, other, engine.stores.system(other))
         return result
 
     async def _from_secondary(self, op: ReadOp[T], store: Backend) -> tuple[T, float] | None:

@@ -22,9 +22,9 @@ from adapters.model import (
 from proxy import ops, reads
 from proxy import validation as check
 from proxy.config import Limits
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import InvalidInput, TooLarge
 from proxy.fit import fit_graph, fit_page, fit_search
-from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 
 
@@ -42,14 +42,14 @@ class Router:
         check.entities(entities, self._limits)
         if not entities:
             return ()
-        return (await self._engine.write(ops.CreateEntities(scope, entities))).answer
+        return (await self._engine.writer.write(ops.CreateEntities(scope, entities))).answer
 
     async def create_relations(self, scope: str, relations: Sequence[Relation]) -> tuple[Relation, ...]:
         check.scope(scope)
         check.relations(relations, self._limits)
         if not relations:
             return ()
-        return (await self._engine.write(ops.CreateRelations(scope, relations))).answer
+        return (await self._engine.writer.write(ops.CreateRelations(scope, relations))).answer
 
     async def add_observations(
         self, scope: str, additions: Sequence[ObservationAddition]
@@ -59,7 +59,7 @@ class Router:
         if not additions:
             return ()
         await self._check_growth(scope, additions)
-        return (await self._engine.write(ops.AddObservations(scope, additions))).answer
+        return (await self._engine.writer.write(ops.AddObservations(scope, additions))).answer
 
     async def _check_growth(self, scope: str, additions: Sequence[ObservationAddition]) -> None:
         """`max_entity_bytes` holds across calls: what an entity already holds (read from the primary) plus what this
@@ -67,7 +67,8 @@ class Router:
         adding: dict[str, dict[str, None]] = {}
         for add in additions:
             adding.setdefault(add.entity_name, {}).update(dict.fromkeys(add.contents))
-        current = {e.name: e for e in (await self._engine.store_for(scope).open_nodes(scope, list(adding))).entities}
+        stored = await self._engine.stores.store_for(scope).open_nodes(scope, list(adding))
+        current = {e.name: e for e in stored.entities}
         for i, add in enumerate(additions):
             ent = current.get(add.entity_name)
             if ent is None:
@@ -83,19 +84,19 @@ class Router:
         check.scope(scope)
         check.names("entity_names", names, self._limits)
         if names:
-            await self._engine.write(ops.DeleteEntities(scope, names))
+            await self._engine.writer.write(ops.DeleteEntities(scope, names))
 
     async def delete_observations(self, scope: str, deletions: Sequence[ObservationDeletion]) -> None:
         check.scope(scope)
         check.deletions(deletions, self._limits)
         if any(d.observations for d in deletions):
-            await self._engine.write(ops.DeleteObservations(scope, deletions))
+            await self._engine.writer.write(ops.DeleteObservations(scope, deletions))
 
     async def delete_relations(self, scope: str, relations: Sequence[Relation]) -> None:
         check.scope(scope)
         check.relations(relations, self._limits, with_metadata=False)
         if relations:
-            await self._engine.write(ops.DeleteRelations(scope, relations))
+            await self._engine.writer.write(ops.DeleteRelations(scope, relations))
 
     async def read_graph(self, scope: str, page_size: int, page_token: str) -> GraphPage:
         check.scope(scope)

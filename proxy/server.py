@@ -38,10 +38,10 @@ from proxy.clock import HybridClock
 from proxy.config import Config, ConfigError, EmbeddingConfig
 from proxy.control import ControlStore, SqliteControlStore
 from proxy.control_pg import PostgresControlStore
+from proxy.engine.migration import MigrationEngine
 from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.mcp_server import MemoryTools
-from proxy.migration import MigrationEngine
 from proxy.read_routing import ReadRouting
 from proxy.router import Router
 from proxy.servicer import MemoryServicer
@@ -253,7 +253,7 @@ class MemshiftServer:
         # Health says whether agents can be served: the default store is open (a store only some scopes are placed on
         # holds up only those). The admin API serves either way.
         self._serving_task: asyncio.Future[None] | None = None
-        if not self.engine.default_up.is_set():
+        if not self.engine.stores.default_up.is_set():
             for service in ("", MEMORY_SERVICE):
                 await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.warning("default store unreachable: health NOT_SERVING until it answers; the admin API serves",
@@ -264,7 +264,7 @@ class MemshiftServer:
         return self.port
 
     async def _serve_when_default_up(self) -> None:
-        await self.engine.default_up.wait()
+        await self.engine.stores.default_up.wait()
         if self._stopping:
             return
         for service in ("", MEMORY_SERVICE):
@@ -297,7 +297,7 @@ class MemshiftServer:
 
     def _gauges(self) -> Gauges:
         s, p = self.engine.state, self.engine.progress()
-        return Gauges(s.phase.value, s.read_fraction, s.shadow_rate, self.engine.last_repair_depth, p.done, p.total,
+        return Gauges(s.phase.value, s.read_fraction, s.shadow_rate, self.engine.repairs.last_depth, p.done, p.total,
                       p.rate)
 
     async def stop(self, grace: float | None = None) -> None:

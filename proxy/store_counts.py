@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters.export import scope_counts
-from proxy.migration import MigrationEngine
+from proxy import phases
+from proxy.engine.migration import MigrationEngine
 from proxy.redaction import redact, scrub
 
 MAX_SCOPES_SHOWN = 1000  # selected scopes listed one by one; the per-store totals count them all
@@ -39,7 +40,7 @@ async def count_placement(engine: MigrationEngine) -> tuple[list[StoreCount], li
     stores: list[StoreCount] = []
     for spec in s.named_stores():
         try:
-            counted[spec] = await scope_counts(engine.opened(spec))
+            counted[spec] = await scope_counts(engine.stores.opened(spec))
         except Exception as exc:
             if spec in placed:
                 stores.append(StoreCount(redact(spec), 0, 0, scrub(f"{type(exc).__name__}: {exc}")[:300]))
@@ -50,7 +51,7 @@ async def count_placement(engine: MigrationEngine) -> tuple[list[StoreCount], li
     selected: list[ScopeCount] = []
     if s.secondary:
         source, target = s.source, s.secondary if s.source == s.primary else s.primary  # cutover swaps the two
-        moved = engine.moved()
+        moved = phases.moved(engine.state)
         names = sorted({scope for spec in (source, target) for scope in counted.get(spec, {}) if moved(scope)})
         selected = [ScopeCount(scope, counted.get(source, {}).get(scope, 0), counted.get(target, {}).get(scope, 0))
                     for scope in names[:MAX_SCOPES_SHOWN]]

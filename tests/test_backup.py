@@ -79,7 +79,7 @@ async def test_a_backup_restored_into_an_empty_store_of_another_kind_is_the_same
         assert await cli(restored, "import", str(out)) == 0
         said = capsys.readouterr().out
         assert "vectors kept" in said and "0 entities embedded" in said  # nothing re-embedded: the model matches
-        a, b = source.server.engine.primary, restored.server.engine.primary
+        a, b = source.server.engine.stores.primary, restored.server.engine.stores.primary
         report = None
         async for report in verify(a, b):  # noqa: B007 - the last report is the whole run's
             pass
@@ -136,7 +136,7 @@ async def test_restoring_a_backup_into_a_live_migrating_store_keeps_every_newer_
     assert await cli(cluster, "import", str(old)) == 0
     got = await cluster.memory.OpenNodes(pb.OpenNodesRequest(scope="team-b", names=["dora"]))
     assert [(e.name, list(e.observations)) for e in got.entities] == [("dora", ["was restored"])]
-    secondary = cluster.server.engine.secondary
+    secondary = cluster.server.engine.stores.secondary
     assert secondary is not None
     assert [e.name for e in (await secondary.open_nodes("team-b", ["dora"])).entities] == ["dora"]
     assert (await run_verify(cluster)).differences == 0

@@ -292,7 +292,7 @@ async def test_verify_reports_differences_and_repair_fixes_them(cluster: Cluster
     await cluster.admin.StartMigration(apb.StartMigrationRequest(target=cluster.target, batch_size=50), metadata=AUTH)
     await wait_for(cluster, lambda s: s.backfill.complete)
     # Damage the secondary behind the proxy's back, as a buggy store or an operator mistake would: s0010 vanishes.
-    secondary = cluster.server.engine.secondary
+    secondary = cluster.server.engine.stores.secondary
     assert secondary is not None
     key = (Kind.ENTITY, "seed", ("s0010",))
     await secondary.replace_if([(key, None, (await secondary.get_records([key]))[0].version)])

@@ -28,11 +28,11 @@ from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation, StoreUnavailable
 from adapters.records import Kind
-from proxy import ops
+from proxy import ops, phases
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.engine.migration import IllegalTransition, MigrationEngine
 from proxy.errors import InvalidInput
-from proxy.migration import IllegalTransition, MigrationEngine
 from proxy.placement import EVERYTHING, Selection, source_of
 from proxy.stores import backend_for
 from proxy.verify import verify
@@ -105,7 +105,7 @@ class MigrationMachine(RuleBasedStateMachine):
         self.a, self.b = f"sqlite:///{self.dir}/a.db", f"sqlite:///{self.dir}/b.db"
         self.faults = Faults()
         self.faults.is_secondary = lambda scope: (self.engine is not None and self.engine.state.primary != self.b
-                                                  and self.engine.moves(scope))
+                                                  and phases.moves(self.engine.state, scope))
         self.model = Model()
         self.engine: MigrationEngine | None = None
         self.control: SqliteControlStore | None = None
@@ -175,7 +175,7 @@ class MigrationMachine(RuleBasedStateMachine):
     def _write(self, op: Any) -> tuple[bool, Any]:
         """(acknowledged, answer). A failing primary means the caller got an error: nothing was acknowledged."""
         try:
-            return True, self.run(self.eng.write(op)).answer
+            return True, self.run(self.eng.writer.write(op)).answer
         except StoreUnavailable:
             return False, None
 
@@ -266,7 +266,7 @@ class MigrationMachine(RuleBasedStateMachine):
         """The production backfill (`run_backfill`: read-ahead, several batches applied at once, checkpoints in
         order) for `turns` turns of the event loop, or until it is done or the new store is out; then cancelled, as
         a pause, a restart or a lost leadership cancels it, with batches possibly mid-flight."""
-        task = asyncio.ensure_future(self.eng.run_backfill())
+        task = asyncio.ensure_future(self.eng.backfill.run())
         turn = 0
         while not task.done() and (turns is None or turn < turns) and self.eng.outage.current is None:
             await asyncio.sleep(0.001 if turns is not None else 0.005)
@@ -281,12 +281,12 @@ class MigrationMachine(RuleBasedStateMachine):
 
     @rule()
     def backfill_all(self) -> None:
-        if self.eng.state.phase == Phase.DATA_MIGRATION and not self.eng.state.backfill_complete:
+        if phases.backfilling(self.eng.state):
             self.run(self._backfill_for(None))
 
     @rule()
     def repair_batch(self) -> None:
-        self.run(self.eng.repair_once())
+        self.run(self.eng.repairs.repair_once())
 
     @rule()
     def restart_proxy(self) -> None:
@@ -332,14 +332,14 @@ class MigrationMachine(RuleBasedStateMachine):
         self.release_stalled()
         eng = self.eng
         event(f"checked in {eng.state.phase.value}")
-        if eng.secondary is not None:
+        if eng.stores.secondary is not None:
             self.backfill_all()
-            assert self.run(eng.drain_repairs(within=30)) == 0
+            assert self.run(eng.repairs.drain(within=30)) == 0
             if eng.state.phase != Phase.DATA_MIGRATION or eng.state.backfill_complete:
                 async def diff() -> list[object]:
                     samples: list[object] = []
-                    assert eng.secondary is not None
-                    async for report in verify(eng.primary, eng.secondary, only=eng.moved()):
+                    assert eng.stores.secondary is not None
+                    async for report in verify(eng.stores.primary, eng.stores.secondary, only=phases.moved(eng.state)):
                         samples = list(report.samples)
                     return samples
 
@@ -351,14 +351,14 @@ class MigrationMachine(RuleBasedStateMachine):
         if self.engine is None:
             return
         for scope in SCOPES:  # a scope being moved is decided by the migration's primary, in every stage
-            if self.eng.secondary is not None and self.eng.moves(scope):
-                assert self.eng.store_for(scope) is self.eng.primary
+            if self.eng.stores.secondary is not None and phases.moves(self.eng.state, scope):
+                assert self.eng.stores.store_for(scope) is self.eng.stores.primary
 
         async def graph() -> tuple[dict[tuple[str, str], tuple[str, set[str]]], set[tuple[str, str, str, str]]]:
             ents: dict[tuple[str, str], tuple[str, set[str]]] = {}
             rels: set[tuple[str, str, str, str]] = set()
             for scope in SCOPES:
-                page = await self.eng.store_for(scope).read_graph(scope, None, 1000)
+                page = await self.eng.stores.store_for(scope).read_graph(scope, None, 1000)
                 ents.update({(scope, e.name): (e.entity_type, set(e.observations)) for e in page.entities})
                 rels.update((scope, r.source, r.relation_type, r.target) for r in page.relations)
             return ents, rels
@@ -409,24 +409,24 @@ async def test_a_repair_never_copies_the_primary_from_before_a_write_over_the_se
     write's two halves agree, so nothing would queue the key again, and the stores would differ for good."""
     async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
         await engine.start_migration(b, MigrationOptions(), "test")
-        await engine.run_backfill()  # the production loop, to the end of the copy
-        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ("likes tea",))]))
+        await engine.backfill.run()  # the production loop, to the end of the copy
+        await engine.writer.write(ops.CreateEntities("s", [Entity("alice", "person", ("likes tea",))]))
         key = (Kind.ENTITY, "s", ("alice",))
-        await engine.enqueue_repairs([key])  # a repair of alice is due (as after any refused write)
+        await engine.repairs.enqueue([key])  # a repair of alice is due (as after any refused write)
         primary_faults.mode = "stall"
-        deleting = asyncio.ensure_future(engine.write(ops.DeleteEntities("s", ["alice"])))
-        secondary = engine.secondary
+        deleting = asyncio.ensure_future(engine.writer.write(ops.DeleteEntities("s", ["alice"])))
+        secondary = engine.stores.secondary
         assert secondary is not None
         while not (await secondary.get_records([key]))[0].deleted:  # noqa: ASYNC110 - the secondary has the delete ...
             await asyncio.sleep(0.005)
-        repairing = asyncio.ensure_future(engine.repair_once())  # ... the primary does not yet
+        repairing = asyncio.ensure_future(engine.repairs.repair_once())  # ... the primary does not yet
         await asyncio.sleep(0.05)
         primary_faults.mode = "ok"
         primary_faults.gate.set()
         await deleting
         await repairing
-        assert await engine.drain_repairs() == 0
-        assert await engine.primary.get_records([key]) == await secondary.get_records([key])
+        assert await engine.repairs.drain() == 0
+        assert await engine.stores.primary.get_records([key]) == await secondary.get_records([key])
         assert (await secondary.get_records([key]))[0].deleted
 
 
@@ -436,34 +436,34 @@ async def test_a_write_waits_while_a_repair_holds_its_scope_and_a_write_elsewher
     until the repair is done; writes to every other scope go straight through."""
     async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
         alice, bob = (Kind.ENTITY, "s", ("alice",)), (Kind.ENTITY, "t", ("bob",))
-        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ())]))
-        await engine.write(ops.CreateEntities("t", [Entity("bob", "person", ())]))
+        await engine.writer.write(ops.CreateEntities("s", [Entity("alice", "person", ())]))
+        await engine.writer.write(ops.CreateEntities("t", [Entity("bob", "person", ())]))
         await engine.start_migration(b, MigrationOptions(), "test")
-        await engine.run_backfill()  # the production loop, to the end of the copy
-        secondary = engine.secondary
+        await engine.backfill.run()  # the production loop, to the end of the copy
+        secondary = engine.stores.secondary
         assert secondary is not None
-        await engine.enqueue_repairs([alice])
+        await engine.repairs.enqueue([alice])
         primary_faults.held = frozenset({"get_records"})  # the repair reads the primary first, and is held there
-        repairing = asyncio.ensure_future(engine.repair_once())
+        repairing = asyncio.ensure_future(engine.repairs.repair_once())
         await asyncio.sleep(0.05)
         assert not repairing.done()
         writing = asyncio.ensure_future(
-            engine.write(ops.AddObservations("s", [ObservationAddition("alice", ("likes tea",))])))
+            engine.writer.write(ops.AddObservations("s", [ObservationAddition("alice", ("likes tea",))])))
         elsewhere = await asyncio.wait_for(
-            engine.write(ops.AddObservations("t", [ObservationAddition("bob", ("plays chess",))])), 10)
+            engine.writer.write(ops.AddObservations("t", [ObservationAddition("bob", ("plays chess",))])), 10)
         assert elsewhere.answer == (ObservationAddition("bob", ("plays chess",)),)
         await asyncio.sleep(0.1)
         assert not writing.done()
-        for store in (engine.primary, secondary):  # held before touching either store
+        for store in (engine.stores.primary, secondary):  # held before touching either store
             assert (await store.open_nodes("s", ["alice"])).entities[0].observations == ()
         primary_faults.held = frozenset()
         primary_faults.gate.set()
         assert await asyncio.wait_for(repairing, 10) == 1
         await asyncio.wait_for(writing, 10)
-        assert await engine.drain_repairs() == 0
-        for store in (engine.primary, secondary):
+        assert await engine.repairs.drain() == 0
+        for store in (engine.stores.primary, secondary):
             assert (await store.open_nodes("s", ["alice"])).entities[0].observations == ("likes tea",)
-        assert await engine.primary.get_records([alice, bob]) == await secondary.get_records([alice, bob])
+        assert await engine.stores.primary.get_records([alice, bob]) == await secondary.get_records([alice, bob])
 
 
 @pytest.mark.parametrize("queued_first", ["relation", "entity"])
@@ -475,24 +475,24 @@ async def test_a_repair_restores_a_relation_the_secondary_purged_under_a_delete_
     by the purge, and the stores would differ for good (found by the long stateful run, where the secondary then
     became the primary and an acknowledged relation was gone)."""
     async with faulty_primary_engine(tmp_path) as (engine, primary_faults, b):
-        await engine.write(ops.CreateEntities("s", [Entity("alice", "person", ()), Entity("bob", "person", ())]))
-        await engine.write(ops.CreateRelations("s", [Relation("bob", "alice", "knows")]))
+        await engine.writer.write(ops.CreateEntities("s", [Entity("alice", "person", ()), Entity("bob", "person", ())]))
+        await engine.writer.write(ops.CreateRelations("s", [Relation("bob", "alice", "knows")]))
         await engine.start_migration(b, MigrationOptions(), "test")
-        await engine.run_backfill()  # the production loop, to the end of the copy
+        await engine.backfill.run()  # the production loop, to the end of the copy
         primary_faults.mode = "fail"
         refused = [ops.DeleteRelations("s", [Relation("bob", "alice", "knows")]), ops.DeleteEntities("s", ["alice"])]
         for op in refused if queued_first == "relation" else refused[::-1]:
             with pytest.raises(StoreUnavailable):
-                await engine.write(op)
+                await engine.writer.write(op)
         primary_faults.mode = "ok"
-        secondary = engine.secondary
+        secondary = engine.stores.secondary
         assert secondary is not None
         assert (await secondary.read_graph("s", None, 100)).relations == ()  # the secondary applied both deletes
-        assert await engine.drain_repairs() == 0
-        graph = await engine.primary.read_graph("s", None, 100)
+        assert await engine.repairs.drain() == 0
+        graph = await engine.stores.primary.read_graph("s", None, 100)
         assert graph.relations == (Relation("bob", "alice", "knows"),)  # nothing was acknowledged: all still there
         assert await secondary.read_graph("s", None, 100) == graph
-        assert [r async for r in verify(engine.primary, secondary)][-1].differences == 0
+        assert [r async for r in verify(engine.stores.primary, secondary)][-1].differences == 0
 
 
 class SlowSaves(SqliteControlStore):

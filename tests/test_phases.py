@@ -19,8 +19,8 @@ from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from proxy.clock import HybridClock
 from proxy.control import Conflict, MigrationOptions, MigrationState, Phase, SqliteControlStore
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import IllegalTransition
-from proxy.migration import MigrationEngine
 from proxy.phases import TABLE, Stage, Step, allowed, check, stage, writes_secondary
 from proxy.stores import backend_for
 from tests.cluster import AUTH, Cluster, seed, status, wait_for

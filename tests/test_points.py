@@ -19,8 +19,8 @@ from adapters.qdrant import QdrantPoints
 from adapters.records import Kind, ObservationRecord, RelationRecord
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, SqliteControlStore
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import FleetUnsafe
-from proxy.migration import MigrationEngine
 from proxy.stores import backend_for
 
 
@@ -92,7 +92,7 @@ async def test_a_fleet_refuses_a_store_several_proxies_cannot_write_at_once(
     await alone.start()
     try:
         await alone.start_migration(spec, MigrationOptions(), "test")
-        await alone.run_backfill()
+        await alone.backfill.run()
         await alone.advance(alone.state.phase, "test")
         await alone.advance(alone.state.phase, "test")
     finally:

@@ -147,8 +147,9 @@ async def test_a_query_does_not_wait_behind_a_backlog_of_written_texts(embedder:
 
 async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy(
         embedder: BatchingEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model's thread takes each next batch itself: an event loop busy with calls (here: blocked outright for
-    a second) must not leave the model idle between passes."""
+    """The model's thread takes each next batch itself: an event loop busy with calls (here: blocked outright until
+    two more passes have begun) must not leave the model idle between passes. Were the loop needed to hand over each
+    batch, no pass could begin while it is blocked, however long the wait."""
     model = embedder._model
     passes: list[int] = []
     encode = model.encode
@@ -162,7 +163,9 @@ async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy(
     bulk = asyncio.ensure_future(embedder.embed(backlog))
     await asyncio.sleep(0.05)  # the first pass is running
     before = len(passes)
-    time.sleep(1.0)  # noqa: ASYNC251 - blocking is the point: the loop can do nothing meanwhile
+    deadline = time.monotonic() + 60  # only a bound on a broken build; a working one is done in a few passes
+    while len(passes) - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # noqa: ASYNC251 - blocking is the point: the loop can do nothing meanwhile
     during = len(passes) - before
     await bulk
     assert during >= 2, f"{during} model passes began while the loop was blocked"
@@ -319,7 +322,7 @@ async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedde
     """The repair loop and a fleet broadcast refresh the dirty scopes at the same time; a scope queued during both
     stays dirty (its reads stay on the primary) and neither refresh fails."""
     from proxy.control import SqliteControlStore
-    from proxy.migration import MigrationEngine
+    from proxy.engine.migration import MigrationEngine
 
     async def open_store(spec: str) -> EmbeddedBackend:
         store = EmbeddedBackend(tmp_path / spec, embedder)
@@ -330,14 +333,14 @@ async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedde
     engine = MigrationEngine(control, open_store, HybridClock(1), background=False)
     await engine.start()
     try:
-        first = asyncio.ensure_future(engine._refresh_dirty())
-        second = asyncio.ensure_future(engine._refresh_dirty())
+        first = asyncio.ensure_future(engine.repairs.refresh_scopes())
+        second = asyncio.ensure_future(engine.repairs.refresh_scopes())
         await asyncio.sleep(0)
-        await engine.enqueue_repairs([(Kind.ENTITY, "agent-1", ("a",))])
+        await engine.repairs.enqueue([(Kind.ENTITY, "agent-1", ("a",))])
         await asyncio.gather(first, second)
-        assert engine.scope_pending("agent-1")
-        await engine._refresh_dirty()
-        assert engine.scope_pending("agent-1")  # still queued in the control store
+        assert engine.repairs.scope_pending("agent-1")
+        await engine.repairs.refresh_scopes()
+        assert engine.repairs.scope_pending("agent-1")  # still queued in the control store
     finally:
         await engine.stop()
         await control.close()

@@ -20,8 +20,8 @@ from proxy import validation
 from proxy.clock import HybridClock
 from proxy.config import Limits
 from proxy.control import MigrationOptions, SqliteControlStore
+from proxy.engine.migration import MigrationEngine
 from proxy.errors import InvalidInput
-from proxy.migration import MigrationEngine
 from proxy.verify import verify
 from tests.stores import STORE_KINDS, make_store
 
@@ -90,7 +90,7 @@ async def _migrate(source: Backend, target: Backend) -> None:
     try:
         await engine.start()
         await engine.start_migration("target", MigrationOptions(batch_size=7, workers=2), "test")
-        await engine.run_backfill()
+        await engine.backfill.run()
         assert engine.state.backfill_complete
         reports = [r async for r in verify(source, target)]
         assert reports[-1].done and reports[-1].differences == 0, reports[-1].samples

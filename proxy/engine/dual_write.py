@@ -2,9 +2,9 @@
 
 With no migration moving the write's scope it goes to the scope's store alone. From the moment DataMigration starts
 (before the first backfill batch) a moved scope's write goes to both stores in parallel; the decisive store's outcome
-is the caller's answer. The two outcomes are compared: when the new store failed, was slower than `secondary_grace`,
-or wrote different records (a write the decisive store refused, data the backfill has not brought yet), the keys the
-write may touch go to the durable repair queue (proxy.repair) before the caller is answered.
+is the caller's answer. The two outcomes are compared: when the new store failed, was slower than `grace`, or wrote
+different records (a write the decisive store refused, data the backfill has not brought yet), the keys the write
+may touch go to the durable repair queue (proxy.engine.repair) before the caller is answered.
 """
 
 from __future__ import annotations
@@ -13,44 +13,75 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from adapters.base import Backend, VectorMap, WriteResult
 from adapters.model import EntityNotFound, StoreUnavailable
 from adapters.records import EntityRecord, Record, RecordKey, parents_of
+from policies.rules import Observations
+from proxy import phases
+from proxy.clock import HybridClock
 from proxy.eager import consume, start_eagerly
-from proxy.engine_core import T, release_scopes
+from proxy.engine.gate import ScopeGate
+from proxy.engine.keeper import StateKeeper
+from proxy.engine.repair import Counters, RepairQueue, purge_point
+from proxy.engine.stores import OpenStores
 from proxy.errors import LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
-from proxy.repair import RepairQueue, purge_point
+from proxy.outage import OutageWatch
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
+T = TypeVar("T")
 
 
 def _key_of(r: Record) -> RecordKey:
     return r.key
 
 
-class DualWrites(RepairQueue):
+class DualWriter:
     """Every write: versioned, then to its scope's store alone or, for a moved scope, to both stores."""
+
+    def __init__(self, keeper: StateKeeper, stores: OpenStores, repairs: RepairQueue, gate: ScopeGate,
+                 outage: OutageWatch, clock: HybridClock, counters: Counters, telemetry: Telemetry, *,
+                 observations: Observations | None = None, grace: float = 0.05, fleet: bool = False,
+                 before_write: Callable[[], None] = lambda: None) -> None:
+        self._keeper = keeper
+        self._stores = stores
+        self._repairs = repairs
+        self._gate = gate
+        self._outage = outage
+        self._clock = clock
+        self.counters = counters
+        self.telemetry = telemetry
+        self._observations = observations  # secondary outcomes for the rollback policy, when one watches
+        self._grace = grace
+        self._before_write = before_write
+        # A fleet: writes stop when this proxy's lease on the control store lapses (until then: a monotonic
+        # deadline; 0 = not yet in sync). One proxy: never.
+        self._write_deadline: float | None = 0.0 if fleet else None
+
+    def lease_renewed(self, deadline: float) -> None:
+        """In sync with the fleet until `deadline` (time.monotonic)."""
+        self._write_deadline = deadline
 
     async def write(self, op: WriteOp[T]) -> WriteResult[T]:
         if self._write_deadline is not None and time.monotonic() > self._write_deadline:
             raise LeaseLapsed("this proxy has lost touch with the fleet's control store (its lease lapsed), so it "
                               "may not know the current phase; writes are refused until it has caught up")
-        self._expire_mirror_if_due()
+        self._before_write()
         version = self._clock.now()
-        secondary = self.secondary if self.moves(op.scope) else None
+        state = self._keeper.state
+        secondary = self._stores.secondary if phases.moves(state, op.scope) else None
         if secondary is None:
-            self._solo_inflight += 1
-            self._solo_idle.clear()
-            try:
-                return await self._run(op, self.store_for(op.scope), "primary", version)
-            finally:
-                self._solo_inflight -= 1
-                if self._solo_inflight == 0:
-                    self._solo_idle.set()
-        return await self._dual_write(op, version, self.primary, secondary)
+            with self._gate.solo():
+                return await self._run(op, self._stores.store_for(op.scope), "primary", version)
+        return await self._dual_write(op, version, self._stores.primary, secondary)
+
+    async def _run(self, op: WriteOp[T], store: Backend, role: str, version: int) -> WriteResult[T]:
+        with self.telemetry.store_call(role, self._stores.system(store), type(op).__name__):
+            return await op.run(store, version)
 
     async def restore(self, records: Sequence[Record], vectors: VectorMap | None) -> int:
         """Records from a backup, each applied if newer with its own version, through `write`: during a migration
@@ -59,9 +90,10 @@ class DualWrites(RepairQueue):
         if not records:
             return 0
         self._clock.observe(max(max(r.version, getattr(r, "purged", 0)) for r in records))
+        state = self._keeper.state
         routes: dict[tuple[str, bool], list[Record]] = {}  # one write per store a scope is placed on
         for r in records:
-            routes.setdefault((self.state.placement.store_of(r.scope), self.moves(r.scope)), []).append(r)
+            routes.setdefault((state.placement.store_of(r.scope), phases.moves(state, r.scope)), []).append(r)
         return sum([(await self.write(ApplyRecords(part, vectors))).answer for part in routes.values()])
 
     async def newer_than_stored(self, records: Sequence[Record]) -> int:
@@ -70,8 +102,9 @@ class DualWrites(RepairQueue):
         parents = {p for r in records for p in parents_of(r.key)}
         wanted: dict[str, set[RecordKey]] = {}
         for key in {r.key for r in records} | parents:
-            wanted.setdefault(self.state.placement.store_of(key[1]), set()).add(key)
-        held = {r.key: r for spec, keys in wanted.items() for r in await self._stores[spec].get_records(list(keys))}
+            wanted.setdefault(self._keeper.state.placement.store_of(key[1]), set()).add(key)
+        held = {r.key: r for spec, keys in wanted.items()
+                for r in await self._stores.opened(spec).get_records(list(keys))}
         purged = {k: purge_point(held.get(k)) for k in parents}
         for r in records:
             if isinstance(r, EntityRecord) and r.key in purged:
@@ -86,43 +119,33 @@ class DualWrites(RepairQueue):
 
     async def embed_stale(self) -> int:
         """After a restore whose vectors were left out or made by another model: embed what still lacks one."""
-        placed = self.stores()
+        placed = self._stores.placed()
         done = sum([await store.embed_stale() for store in placed])
-        secondary = self.secondary
-        if secondary is not None and secondary not in placed and self.outage.current is None:
+        secondary = self._stores.secondary
+        if secondary is not None and secondary not in placed and self._outage.current is None:
             with contextlib.suppress(StoreUnavailable):  # the backfill or a repair embeds there later
                 await secondary.embed_stale()
         return done
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
                           secondary: Backend) -> WriteResult[T]:
-        if self.outage.current is not None:
+        if self._outage.current is not None:
             # The new store is out: no time is spent on it; its half is owed through the repair queue, which the
             # caller's acknowledgement waits for, as for any failed secondary write.
             result = await self._run(op, primary, "primary", version)
-            self._count(secondary_skipped=1)
-            await self._enqueue(self.state.migration_id, op.keys() + [r.key for r in result.effects])
+            self.counters.secondary_skipped += 1
+            await self._repairs.enqueue(op.keys() + [r.key for r in result.effects])
             return result
         keys = op.keys()  # a WriteOp's keys, not a mapping's
-        scopes = {k[1] for k in keys}
-        # With no repair running anywhere, nobody waits on the gate and nobody needs waking: the write goes through
-        # without its lock (the check and the count happen with no await between them, so no repair can slip in).
-        if self._repairing:
-            async with self._scope_gate:
-                await self._scope_gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
-                self._writing.update(scopes)
-        else:
-            self._writing.update(scopes)
-        try:
+        async with self._gate.writing({k[1] for k in keys}):
             return await self._both(op, version, primary, secondary)
-        finally:
-            release_scopes(self._writing, scopes)
-            if self._repairing:
-                async with self._scope_gate:
-                    self._scope_gate.notify_all()
 
     async def _both(self, op: WriteOp[T], version: int, primary: Backend, secondary: Backend) -> WriteResult[T]:
-        migration_id = self.state.migration_id
+        migration_id = self._keeper.state.migration_id  # keys owed to the migration this write was made in
+
+        async def queue(keys: list[RecordKey]) -> None:
+            await self._repairs.enqueue_for(migration_id, keys)
+
         # The secondary's half starts first and runs until it has to wait (on the embedded store it never does);
         # the primary's runs meanwhile, so neither store waits for the other.
         s_task = start_eagerly(self._run(op, secondary, "secondary", version))
@@ -137,43 +160,43 @@ class DualWrites(RepairQueue):
             agreed = s_done and (isinstance(s_exc, EntityNotFound) and isinstance(p_exc, EntityNotFound)
                                  if s_exc is not None else not s_task.result().effects)
             if not agreed:
-                await self._enqueue(migration_id, op.keys())
+                await queue(op.keys())
             if not s_done:
                 s_task.add_done_callback(consume)
             raise p_exc
         done = s_task.done() or bool((await asyncio.wait({s_task}, timeout=self._grace))[0])
-        self._count(dual_writes=1)
+        self.counters.dual_writes += 1
         if not done:
             s_task.add_done_callback(consume)
-            self._count(secondary_late=1)
+            self.counters.secondary_late += 1
             self.telemetry.dual_write_failures.add(1, {"memshift.reason": "late"})
-            await self._enqueue(migration_id, op.keys())
+            await queue(op.keys())
         elif s_task.exception() is not None:
             exc = s_task.exception()
             if isinstance(exc, EntityNotFound):  # the backfill has not brought that entity yet: expected
-                self._count(effect_mismatches=1)
+                self.counters.effect_mismatches += 1
                 self._secondary_outcome(error=False)
             elif isinstance(exc, StoreUnavailable):  # an outage, not a wrong answer: held, not counted against it
-                self._count(secondary_failures=1)
-                self.outage.report(exc)
+                self.counters.secondary_failures += 1
+                self._outage.report(exc)
             else:
-                self._count(secondary_failures=1)
+                self.counters.secondary_failures += 1
                 self._secondary_outcome(error=True)
                 self.telemetry.dual_write_failures.add(1, {"memshift.reason": "error"})
                 log.warning("secondary write failed; queued for repair",
                             extra={"error": repr(exc), "keys": len(op.keys())})
-            await self._enqueue(migration_id, op.keys())
+            await queue(op.keys())
         else:
             self._secondary_outcome(error=False)
             # Plain record equality (in key order): cheaper than digests on the hot path, and the same test.
             mine = sorted(p_result.effects, key=_key_of)
             theirs = sorted(s_task.result().effects, key=_key_of)
             if mine != theirs:
-                self._count(effect_mismatches=1)
+                self.counters.effect_mismatches += 1
                 self.telemetry.dual_write_failures.add(1, {"memshift.reason": "mismatch"})
-                await self._enqueue(migration_id, op.keys() + [r.key for r in p_result.effects])
+                await queue(op.keys() + [r.key for r in p_result.effects])
         return p_result
 
     def _secondary_outcome(self, error: bool) -> None:
-        if self.observations is not None:
-            self.observations.secondary_call(time.time(), error)
+        if self._observations is not None:
+            self._observations.secondary_call(time.time(), error)

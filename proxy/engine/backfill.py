@@ -3,7 +3,8 @@
 It streams every stored record in key order (tombstones included), keeps those of the scopes the migration moves,
 and applies them if newer with their vectors (or without, to re-embed), checkpointing the cursor in the control
 store after every batch so a restarted proxy, or another proxy of the fleet, resumes where it stopped. It starts only
-once the writes that began before dual-writing have finished; batches are sized by time (policies.pacing).
+once the writes that began before dual-writing have finished; batches are sized by time (policies.pacing). It holds
+while the state says `paused` (an operator, the policy, a refused record) and while the new store is out.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from adapters.base import Backend, ExportPage, VectorMap
 from adapters.model import StoreUnavailable
 from adapters.records import Record, RecordKey
 from policies import pacing
+from proxy import phases
 from proxy.clock import unix_seconds
-from proxy.control import Phase
+from proxy.control import MigrationState
 from proxy.eager import consume
+from proxy.engine import blocking
+from proxy.engine.gate import ScopeGate
+from proxy.engine.keeper import StateKeeper
+from proxy.engine.stores import OpenStores
+from proxy.outage import OutageWatch
 from proxy.placement import walk_from
 from proxy.refusals import find_refusal, transient
-from proxy.repair import RepairQueue
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 
@@ -52,30 +59,84 @@ class _Page:
 
 
 class _Blocked(Exception):
-    """The backfill met a record the new store refuses; the migration is paused (MigrationEngine.block)."""
+    """The backfill met a record the new store refuses; the migration is paused (proxy.engine.blocking)."""
 
 
-class Backfill(RepairQueue):
+def progress_of(s: MigrationState) -> BackfillProgress:
+    rate = s.backfill_done / s.backfill_seconds if s.backfill_seconds > 0 else 0.0
+    left = max(0, s.backfill_total - s.backfill_done)
+    eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
+    return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
+                            s.backfill_complete, s.paused, s.backfill_copied,
+                            unix_seconds(s.copy_since) if s.copy_since else 0.0)
+
+
+class Backfill:
     """The copy of the moved scopes' records onto the new store, read ahead, applied in parallel, checkpointed."""
 
-    def _start_backfill(self) -> None:
-        if self._background and self._may_backfill and (self._backfill_task is None or self._backfill_task.done()):
-            self._backfill_task = asyncio.create_task(self.run_backfill(), name="backfill")
+    def __init__(self, keeper: StateKeeper, stores: OpenStores, gate: ScopeGate, outage: OutageWatch,
+                 telemetry: Telemetry, *, grace: float = 0.05, scheduled: bool = True, elected: bool = True) -> None:
+        self._keeper = keeper
+        self._stores = stores
+        self._gate = gate
+        self._outage = outage
+        self._telemetry = telemetry
+        self._grace = grace  # the dual write's: a page may hold the new store for half of it
+        self._scheduled = scheduled  # False: whoever built it calls `run` (the stateful property test)
+        self._elected = elected  # a fleet: only where the fleet elected it (another resumes from the checkpoint)
+        self._page_size = pacing.FLOOR  # the next page, in records (policies.pacing sizes it by time)
+        self._task: asyncio.Task[None] | None = None
+        self._resume = asyncio.Event()  # follows the state: set while not paused
+        keeper.watch(self._follow)
 
-    async def run_backfill(self) -> None:
+    def _follow(self, state: MigrationState) -> None:
+        if state.paused:
+            self._resume.clear()
+        else:
+            self._resume.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Run the copy in the background, if it is wanted here and not running already."""
+        if (self._scheduled and self._elected and phases.backfilling(self._keeper.state)
+                and (self._task is None or self._task.done())):
+            self._task = asyncio.create_task(self.run(), name="backfill")
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Cancel the copy (it resumes from its checkpoint when started again); the task, to wait for."""
+        if self._task is not None:
+            self._task.cancel()
+        return self._task
+
+    def elect(self, lead: bool) -> None:
+        """Elected (or not) to run the backfill; another proxy continues from the checkpoint when this one stops."""
+        self._elected = lead
+        if lead:
+            self.start()
+        elif self.running:
+            self.stop()
+
+    def progress(self) -> BackfillProgress:
+        return progress_of(self._keeper.state)
+
+    async def run(self) -> None:
         """The backfill as production runs it (a background task; the property test drives it directly): returns
         when the copy is complete or the phase moved on, and may be cancelled at any point."""
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
-        await self._solo_idle.wait()
+        await self._gate.solo_done()
         # Up to `workers` pages are being applied (apply-if-newer makes their order irrelevant) and the next page is
         # already being read, so the stores never wait for this loop: a page's read queues right behind the apply
         # before it, and with two workers or more a page's checkpoint overlaps the next apply. (With one, starting
         # the next apply before the checkpoint was measured slower on the embedded store: the control store's
         # thread then competes with the store's for the interpreter.) Checkpoints go strictly in order, each after
         # its own page is applied, so a restart never skips a page.
+        keeper = self._keeper
         in_flight: deque[tuple[RecordKey | None, _Page, asyncio.Future[int]]] = deque()
         ahead: tuple[RecordKey | None, asyncio.Future[ExportPage]] | None = None
-        next_cursor, exhausted = self.state.backfill_cursor, False
+        next_cursor, exhausted = keeper.state.backfill_cursor, False
         copying_since = time.monotonic()  # each checkpoint adds the time since the one before (or a start, a resume)
 
         def drop_pipeline() -> None:
@@ -87,18 +148,18 @@ class Backfill(RepairQueue):
                 ahead[1].cancel()
                 ahead[1].add_done_callback(consume)
 
-        while self.state.phase == Phase.DATA_MIGRATION and not self.state.backfill_complete:
-            if not self._resume.is_set() or self.outage.current is not None:
+        while phases.backfilling(keeper.state):
+            if not self._resume.is_set() or self._outage.current is not None:
                 await self._resume.wait()
-                await self.outage.recovered.wait()  # an outage of the new store holds the copy, uncounted
+                await self._outage.recovered.wait()  # an outage of the new store holds the copy, uncounted
                 copying_since = time.monotonic()
                 continue
             started = time.monotonic()
             try:
-                secondary = self.secondary
+                secondary = self._stores.secondary
                 if secondary is None:
                     return
-                while len(in_flight) < max(1, self.state.options.workers) and not exhausted:
+                while len(in_flight) < max(1, keeper.state.options.workers) and not exhausted:
                     if ahead is not None and ahead[0] == next_cursor:
                         page = await ahead[1]
                     else:
@@ -115,15 +176,15 @@ class Backfill(RepairQueue):
                     await applying
                 except Exception as exc:
                     if isinstance(exc, StoreUnavailable):
-                        self.outage.report(exc)
+                        self._outage.report(exc)
                     if transient(exc):
                         raise
                     refusal = await find_refusal(secondary, batch.records, batch.vectors)
                     if refusal is not None:
-                        await self.block(*refusal, during="backfill")
+                        await blocking.block(keeper, *refusal, during="backfill")
                         raise _Blocked from exc
                     # Every record went in on its own: the page is on the secondary after all.
-                rate = self.state.options.rate_limit
+                rate = keeper.state.options.rate_limit
                 if rate > 0:  # before the checkpoint, so even a copy of one batch never reports more than the limit
                     await asyncio.sleep(max(0.0, batch.read / rate - (time.monotonic() - started)))
                 now = time.monotonic()
@@ -135,14 +196,14 @@ class Backfill(RepairQueue):
             except Exception as exc:
                 drop_pipeline()
                 ahead = None
-                next_cursor, exhausted = self.state.backfill_cursor, False
-                if not isinstance(exc, _Blocked) and self.outage.current is None:  # blocked, out: waits above
+                next_cursor, exhausted = keeper.state.backfill_cursor, False
+                if not isinstance(exc, _Blocked) and self._outage.current is None:  # blocked, out: waits above
                     log.warning("backfill batch failed; retrying from the checkpoint", extra={"error": repr(exc)})
                     await asyncio.sleep(1.0)
                 continue
         drop_pipeline()
-        if self.state.backfill_complete:
-            log.info("backfill complete", extra={"records": self.state.backfill_done})
+        if keeper.state.backfill_complete:
+            log.info("backfill complete", extra={"records": keeper.state.backfill_done})
 
     async def _apply_page(self, secondary: Backend, page: _Page) -> int:
         """Apply a page, and size the next one by how long this one held the new store (policies.pacing): half the
@@ -151,7 +212,8 @@ class Backfill(RepairQueue):
         applied = await secondary.apply(page.records, page.vectors)
         if page.records:
             self._page_size = pacing.next_page_size(pacing.PageTiming(
-                len(page.records), time.monotonic() - started, self._grace / 2, self.state.options.batch_size))
+                len(page.records), time.monotonic() - started, self._grace / 2,
+                self._keeper.state.options.batch_size))
         return applied
 
     def _changed(self, page: ExportPage) -> _Page:
@@ -159,53 +221,46 @@ class Backfill(RepairQueue):
         to a target that had the whole copy at a rollback) those changed since then; every record of a moved scope
         counts as read. The next page starts at the next selected scope (`walk_from`): a run of scopes the migration
         does not move is jumped over, not read."""
-        since = self.state.copy_since
-        moved = [r for r in page.records if self.moves(r.scope)]
+        state = self._keeper.state
+        since = state.copy_since
+        moved = [r for r in page.records if phases.moves(state, r.scope)]
         records = tuple(r for r in moved if not since or r.version > since)
         vectors = page.vectors
         if vectors and len(records) < len(page.records):
-            vectors = {k: v for k, v in vectors.items() if self.moves(k[0])}
-        resume = walk_from(self.state.selection, page.next_after) if page.next_after is not None else None
+            vectors = {k: v for k, v in vectors.items() if phases.moves(state, k[0])}
+        resume = walk_from(state.selection, page.next_after) if page.next_after is not None else None
         return _Page(records, resume, vectors, len(moved))
 
     async def _read_page(self, cursor: RecordKey | None) -> ExportPage:
-        state = self.state
-        secondary = self.secondary
-        keep = secondary is not None and not state.options.reembed and self.primary.embedding == secondary.embedding
+        state = self._keeper.state
+        primary, secondary = self._stores.primary, self._stores.secondary
+        keep = secondary is not None and not state.options.reembed and primary.embedding == secondary.embedding
         size, rate = min(self._page_size, state.options.batch_size), state.options.rate_limit
         if rate > 0:  # at most a second's worth of records a batch: under a low limit progress still moves evenly
             size = min(size, max(1, math.ceil(rate)))
         start = walk_from(state.selection, cursor)  # from the first selected scope, when the copy begins
         if cursor is not None and start is None:  # no selected scope after the checkpoint
             return ExportPage((), None, None)
-        return await self.primary.export_page(start, size, vectors=keep)
+        return await primary.export_page(start, size, vectors=keep)
 
     async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> None:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
         checkpoint before (nothing, if a rollback or another proxy moved on meanwhile)."""
-        state = self.state
-        secondary = self.secondary
+        keeper = self._keeper
+        state = keeper.state
+        secondary = self._stores.secondary
         if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
             return
         if page.next_after is None:
             await secondary.embed_stale()  # anything whose text never matched a copied vector
-        async with self._lock:
-            cur = self.state
+        async with keeper.lock:
+            cur = keeper.state
             if cur.migration_id != state.migration_id or cur.backfill_cursor != cursor:
                 return  # a rollback or another proxy moved on meanwhile; the batch was harmless (apply-if-newer)
-            await self._save(replace(
+            await keeper.save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + page.read,
                 backfill_copied=cur.backfill_copied + len(page.records),
                 backfill_total=max(cur.backfill_total, cur.backfill_done + page.read),
                 backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
-        self.telemetry.backfill_records.add(len(page.records))
-
-    def progress(self) -> BackfillProgress:
-        s = self.state
-        rate = s.backfill_done / s.backfill_seconds if s.backfill_seconds > 0 else 0.0
-        left = max(0, s.backfill_total - s.backfill_done)
-        eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
-        return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
-                                s.backfill_complete, s.paused, s.backfill_copied,
-                                unix_seconds(s.copy_since) if s.copy_since else 0.0)
+        self._telemetry.backfill_records.add(len(page.records))

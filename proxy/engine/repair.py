@@ -13,15 +13,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
 
 from adapters.base import Backend
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, same_content
+from proxy import phases
 from proxy.control import RepairItem
-from proxy.engine_core import EngineCore, release_scopes
+from proxy.eager import consume
+from proxy.engine import blocking
+from proxy.engine.gate import ScopeGate
+from proxy.engine.keeper import StateKeeper
+from proxy.engine.stores import OpenStores
+from proxy.outage import OutageWatch
 from proxy.refusals import refused_twice, transient
 
 log = logging.getLogger("memshift.migration")
+
+
+@dataclass(slots=True)
+class Counters:
+    """Counted in place, on every dual write: a copy per write cost as much as a small store write."""
+
+    dual_writes: int = 0
+    secondary_failures: int = 0
+    secondary_late: int = 0
+    effect_mismatches: int = 0
+    repairs_done: int = 0
+    repair_failures: int = 0  # keys whose repair failed at least once, not every retry
+    secondary_skipped: int = 0  # dual writes that skipped an unreachable new store (queued for repair)
+    since: float = field(default_factory=time.time)  # this proxy's: counters start at zero on every start
 
 
 def purge_point(r: Record | None) -> int:
@@ -41,38 +62,75 @@ def _same(a: Record | None, b: Record | None) -> bool:
     return same_content(a_live, b_live)
 
 
-class RepairQueue(EngineCore):
+class RepairQueue:
     """Keys the new store may disagree on, queued durably and reconciled from the decisive store."""
 
-    async def _enqueue(self, migration_id: int, keys: list[RecordKey]) -> None:
+    WAIT = 5.0  # seconds a repair waits for the writes in flight in its scopes
+    PARKED = 300.0  # seconds before a key the new store refused is tried again (at once when queued again)
+
+    def __init__(self, keeper: StateKeeper, stores: OpenStores, gate: ScopeGate, outage: OutageWatch,
+                 counters: Counters, *, interval: float = 0.2, batch: int = 200, grace: float = 0.05) -> None:
+        self._keeper = keeper
+        self._control = keeper.control
+        self._stores = stores
+        self._gate = gate
+        self._outage = outage
+        self.counters = counters
+        self._interval = interval
+        self._batch = batch
+        self._grace = grace  # the dual write's: a secondary half answering late is queued within it
+        # Scopes with a pending repair: their reads stay on the primary (read-your-writes, docs/design.md, Phases).
+        self._dirty: set[str] = set()
+        self._dirty_since: list[set[str]] = []  # one per refresh in progress: scopes queued meanwhile
+        self.last_depth = 0  # for the metrics gauge, which cannot await
+        self._wakeup = asyncio.Event()
+        self._notices: set[asyncio.Task[None]] = set()  # pauses and un-pauses decided by a repair, see _notice
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def forget_scopes(self) -> None:
+        """A new migration (another proxy's): the scopes pending belonged to the one before."""
+        self._dirty = set()
+
+    def scope_pending(self, scope: str) -> bool:
+        """True while the scope has a repair pending: the secondary may lack an acknowledged write there."""
+        return scope in self._dirty
+
+    async def enqueue(self, keys: list[RecordKey]) -> None:
+        await self.enqueue_for(self._keeper.state.migration_id, keys)
+
+    async def enqueue_for(self, migration_id: int, keys: list[RecordKey]) -> None:
         await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
         scopes = {k[1] for k in keys}  # after the insert, so a concurrent refresh cannot drop them
         self._dirty |= scopes
         for added in self._dirty_since:
             added |= scopes
-        self._repair_wakeup.set()
+        self._wakeup.set()
 
-    async def _refresh_dirty(self) -> None:
+    async def refresh_scopes(self) -> None:
+        """Read again which scopes have a repair pending."""
         # Refreshes may overlap (the repair loop, a fleet broadcast): each keeps its own record of what was queued
         # while it read, so none can drop a scope another write just made dirty.
         added: set[str] = set()
         self._dirty_since.append(added)
         try:
-            found = await self._control.repair_scopes(self.state.migration_id)
+            found = await self._control.repair_scopes(self._keeper.state.migration_id)
             self._dirty = found | added
         finally:
             self._dirty_since.remove(added)
 
-    async def _repair_loop(self) -> None:
+    async def run(self) -> None:
+        """The repair loop as production runs it: a pass whenever woken, and every `interval` seconds."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._repair_wakeup.wait(), self._repair_interval)
-            self._repair_wakeup.clear()
+                await asyncio.wait_for(self._wakeup.wait(), self._interval)
+            self._wakeup.clear()
             try:
                 while await self.repair_once() > 0:
                     pass
-                await self._refresh_dirty()
-                await self.repair_depth()
+                await self.refresh_scopes()
+                await self.depth()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -80,56 +138,45 @@ class RepairQueue(EngineCore):
 
     async def repair_once(self) -> int:
         """One batch of due repairs; returns how many keys were settled."""
-        secondary = self.secondary
-        if secondary is None or self.outage.current is not None:
+        secondary = self._stores.secondary
+        if secondary is None or self._outage.current is not None:
             return 0  # an outage: the queue waits for the store instead of counting a failure per key per try
-        due = await self._control.due_repairs(self.state.migration_id, self._repair_batch)
+        due = await self._control.due_repairs(self._keeper.state.migration_id, self._batch)
         items: list[RepairItem] = []
         strays: list[RepairItem] = []
+        state = self._keeper.state
         for item in due:
-            (items if self.moves(item.key[1]) else strays).append(item)
+            (items if phases.moves(state, item.key[1]) else strays).append(item)
         if strays:
             # Carried over from a migration that moved other scopes: this one's target may be where those scopes
             # live now, so nothing may be copied onto it; a later migration of those scopes copies them afresh.
             await self._control.repaired([i.id for i in strays])
         if not items:
             return len(strays)
-        scopes = {i.key[1] for i in items}
-        registered = False  # undo only what was done: counting out scopes never counted in would free others'
         try:
-            async with self._scope_gate:
-                self._repairing.update(scopes)
-                registered = True
-                # Bounded: a primary that hangs holds its caller anyway; the repair comes back to these keys later.
-                await asyncio.wait_for(self._scope_gate.wait_for(lambda: not any(self._writing[s] for s in scopes)),
-                                       self._REPAIR_WAIT)
-            try:
-                moved = set(await self.reconcile([i.key for i in items], self.primary, secondary))
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                # One key the new store refuses must not hold back the others: each is repaired on its own, and a
-                # key refused alone is parked (retried rarely, and at once when written or queued again).
-                moved, items = await self._repair_each(items, secondary)
+            async with self._gate.repairing({i.key[1] for i in items}, self.WAIT):
+                try:
+                    moved = set(await self.reconcile([i.key for i in items], self._stores.primary, secondary))
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    # One key the new store refuses must not hold back the others: each is repaired on its own, and
+                    # a key refused alone is parked (retried rarely, and at once when written or queued again).
+                    moved, items = await self._repair_each(items, secondary)
         except Exception as exc:
-            self._count(repair_failures=sum(1 for i in items if i.attempts == 0))  # keys that failed, not tries
+            self.counters.repair_failures += sum(1 for i in items if i.attempts == 0)  # keys, not tries
             for item in items:
                 await self._control.repair_failed(item, repr(exc), min(30.0, 0.2 * 2 ** item.attempts))
             log.warning("repair failed; will retry", extra={"error": repr(exc), "keys": len(items)})
             return 0
-        finally:
-            if registered:
-                async with self._scope_gate:
-                    release_scopes(self._repairing, scopes)
-                    self._scope_gate.notify_all()
         for item in items:
             if item.key in moved:  # a write raced the repair; read both sides again shortly
                 await self._control.repair_failed(item, "raced a write", 0.0)
         settled = [i for i in items if i.key not in moved]
         await self._control.repaired([i.id for i in settled])
-        self._count(repairs_done=len(settled))
-        if self.state.blocked_key:
-            self._notice(self._unblock({key_text(i.key) for i in settled}, "memshift"))
+        self.counters.repairs_done += len(settled)
+        if self._keeper.state.blocked_key:
+            self._notice(blocking.unblock(self._keeper, {key_text(i.key) for i in settled}, "memshift"))
         return len(settled)
 
     async def _repair_each(self, items: list[RepairItem], secondary: Backend) -> tuple[set[RecordKey],
@@ -140,15 +187,26 @@ class RepairQueue(EngineCore):
         done: list[RepairItem] = []
         for item in items:
             raced, refused = await refused_twice(
-                lambda key=item.key: self.reconcile([key], self.primary, secondary))  # type: ignore[misc]
+                lambda key=item.key: self.reconcile([key], self._stores.primary, secondary))  # type: ignore[misc]
             if refused is None:
                 moved |= set(raced or ())
                 done.append(item)
                 continue
-            self._count(repair_failures=1 if item.attempts == 0 else 0)
-            await self._control.repair_failed(item, repr(refused)[:500], self._PARKED)
-            self._notice(self.block(item.key, refused, during="repair"))
+            self.counters.repair_failures += 1 if item.attempts == 0 else 0
+            await self._control.repair_failed(item, repr(refused)[:500], self.PARKED)
+            self._notice(blocking.block(self._keeper, item.key, refused, during="repair"))
         return moved, done
+
+    def _notice(self, change: Awaitable[None]) -> None:
+        """Run a state change a repair decided, on its own: a repair may run inside a phase change that holds the
+        state lock (draining the queue before cutover), so it cannot take that lock itself."""
+        task = asyncio.ensure_future(change)
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+        task.add_done_callback(consume)
+
+    def pending_notices(self) -> list[asyncio.Task[None]]:
+        return list(self._notices)
 
     @staticmethod
     async def reconcile(keys: list[RecordKey], primary: Backend, secondary: Backend) -> list[RecordKey]:
@@ -187,17 +245,17 @@ class RepairQueue(EngineCore):
                 fixes.append((key, p, s.version if s is not None else None))
         return await secondary.replace_if(fixes) if fixes else []
 
-    async def drain_repairs(self, within: float = 30.0) -> int:
+    async def drain(self, within: float = 30.0) -> int:
         """Repair until the queue is empty (or the time is up); returns what is left."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             await self.repair_once()
-            left = await self._control.repair_depth(self.state.migration_id)
-            if left == 0 or self.secondary is None:
-                await self._refresh_dirty()
+            left = await self.depth()
+            if left == 0 or self._stores.secondary is None:
+                await self.refresh_scopes()
                 return left
             await asyncio.sleep(0.01)
-        return await self._control.repair_depth(self.state.migration_id)
+        return await self.depth()
 
     async def settle(self, keys: Sequence[RecordKey], within: float = 10.0) -> None:
         """Wait (at most `within` seconds) until no write is in flight in the scopes of `keys` and none of them has a
@@ -206,15 +264,12 @@ class RepairQueue(EngineCore):
         deadline = time.monotonic() + within
         await asyncio.sleep(2 * self._grace)  # a secondary half answering late is queued within the grace
         while time.monotonic() < deadline:
-            await self._refresh_dirty()
-            if not any(self._writing[s] for s in scopes) and not scopes & self._dirty:
+            await self.refresh_scopes()
+            if not self._gate.busy(scopes) and not scopes & self._dirty:
                 return
-            self._repair_wakeup.set()
+            self._wakeup.set()
             await asyncio.sleep(0.05)
 
-    async def enqueue_repairs(self, keys: list[RecordKey]) -> None:
-        await self._enqueue(self.state.migration_id, keys)
-
-    async def repair_depth(self) -> int:
-        self.last_repair_depth = await self._control.repair_depth(self.state.migration_id)
-        return self.last_repair_depth
+    async def depth(self) -> int:
+        self.last_depth = await self._control.repair_depth(self._keeper.state.migration_id)
+        return self.last_depth
