@@ -21,7 +21,7 @@ from proxy.clock import HybridClock
 from proxy.control import Conflict, MigrationOptions, MigrationState, Phase, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
 from proxy.errors import IllegalTransition
-from proxy.phases import TABLE, Stage, Step, allowed, check, stage, writes_secondary
+from proxy.phases import TABLE, Stage, Step, allowed, apply, check, stage, writes_secondary
 from proxy.stores import backend_for
 from tests.cluster import AUTH, Cluster, seed, status, wait_for
 
@@ -41,6 +41,51 @@ def test_check_follows_the_table_and_names_what_is_allowed(phase: Phase, seconda
         assert all(s.value in message for s in allowed(at))
     assert writes_secondary(phase, secondary) == (bool(secondary) and at in (
         Stage.DATA_MIGRATION, Stage.DUAL_WRITE, Stage.WINDOW))
+
+
+# The legal paths, written out here from docs/design.md's phase table and docs/migration.md, not read from the code:
+# the table in proxy.phases must say exactly this.
+LEGAL = {
+    ("NotStarted", "start a migration"): "DataMigration",
+    ("DataMigration", "pause the backfill"): "DataMigration",
+    ("DataMigration", "resume the backfill"): "DataMigration",
+    ("DataMigration", "advance"): "DualWrite",
+    ("DataMigration", "roll back"): "RolledBack",
+    ("DualWrite", "serve reads from the new store"): "DualWrite",
+    ("DualWrite", "ramp reads onto the new store"): "DualWrite",
+    ("DualWrite", "advance"): "Completed, rollback window open",
+    ("DualWrite", "roll back"): "RolledBack",
+    ("Completed, rollback window open", "advance"): "Completed",
+    ("Completed, rollback window open", "roll back"): "RolledBack",
+    ("Completed", "start a migration"): "DataMigration",
+    ("RolledBack", "start a migration"): "DataMigration",
+}
+
+
+def test_the_table_allows_exactly_the_legal_paths() -> None:
+    assert {(at.value, step.value): to.value for (at, step), to in TABLE.items()} == LEGAL
+
+
+@given(phase=st.sampled_from(Phase), secondary=st.sampled_from(["", "sqlite:///new.db"]),
+       step=st.sampled_from(Step))
+def test_a_step_lands_where_the_table_says_and_only_the_table_writes_the_phase(
+        phase: Phase, secondary: str, step: Step) -> None:
+    state = MigrationState(phase=phase, secondary=secondary)
+    at = stage(phase, secondary)
+    with pytest.raises(TypeError, match="the phase table writes the phase"):
+        apply(state, step, phase=Phase.DUAL_WRITE)
+    if (at.value, step.value) not in LEGAL:
+        with pytest.raises(IllegalTransition):
+            apply(state, step)
+        return
+    wanted = LEGAL[(at.value, step.value)]
+    # The fields a step sets besides the phase decide which side of the window it lands on.
+    changes = {"secondary": "" if wanted == "Completed" else (secondary or "sqlite:///new.db")}
+    new = apply(state, step, **changes)
+    assert stage(new.phase, new.secondary).value == wanted
+    if wanted == "Completed, rollback window open":
+        with pytest.raises(AssertionError, match="must land in"):  # a cutover that forgot the old store
+            apply(state, step, secondary="")
 
 
 def test_every_stage_has_a_way_on() -> None:

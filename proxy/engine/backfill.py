@@ -87,6 +87,7 @@ class Backfill:
         self._page_size = pacing.FLOOR  # the next page, in records (policies.pacing sizes it by time)
         self._task: asyncio.Task[None] | None = None
         self._resume = asyncio.Event()  # follows the state: set while not paused
+        self.holds = 0  # times the copy stopped for a pause or an outage
         keeper.watch(self._follow)
 
     def _follow(self, state: MigrationState) -> None:
@@ -150,6 +151,7 @@ class Backfill:
 
         while phases.backfilling(keeper.state):
             if not self._resume.is_set() or self._outage.current is not None:
+                self.holds += 1
                 await self._resume.wait()
                 await self._outage.recovered.wait()  # an outage of the new store holds the copy, uncounted
                 copying_since = time.monotonic()

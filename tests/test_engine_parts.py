@@ -1,0 +1,234 @@
+"""Each part of the migration engine built alone, on a real control store (SQLite) and real stores (the embedded
+store), with no engine around it: the keeper of the state, the repair queue, the dual writer, the backfill and a
+fleet member's adoption. What a part does here is what it does inside the engine, since the engine only wires them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base import Backend
+from adapters.embedder import BatchingEmbedder
+from adapters.model import Entity
+from adapters.records import Kind
+from proxy import phases
+from proxy.clock import HybridClock
+from proxy.control import Conflict, MigrationOptions, Phase, SqliteControlStore
+from proxy.engine.adoption import FleetAdoption
+from proxy.engine.backfill import Backfill
+from proxy.engine.dual_write import DualWriter
+from proxy.engine.gate import ScopeGate
+from proxy.engine.keeper import StateKeeper
+from proxy.engine.repair import Counters, RepairQueue
+from proxy.engine.stores import OpenStores
+from proxy.errors import IllegalTransition
+from proxy.ops import CreateEntities
+from proxy.outage import OutageWatch
+from proxy.phases import Step
+from proxy.placement import Placement
+from proxy.stores import backend_for
+from proxy.telemetry import Telemetry
+
+
+class Refusing:
+    """A real store whose writes fail while `refuse` is set (before touching it)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.refuse = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in {"create_entities", "apply", "replace_if"}:
+            return attr
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.refuse:
+                raise RuntimeError("injected: this store refuses writes")
+            return await attr(*args, **kwargs)
+
+        return guarded
+
+
+@dataclass
+class Parts:
+    dir: Path
+    control: SqliteControlStore
+    keeper: StateKeeper
+    stores: OpenStores
+    gate: ScopeGate
+    outage: OutageWatch
+    counters: Counters
+    old: str
+    new: str
+    opened: dict[str, Backend]
+
+    async def start(self) -> None:
+        """DataMigration from the old store to the new, taken through the keeper as the engine's start does."""
+        await self.stores.get(self.new)
+        s = self.keeper.state
+        async with self.keeper.lock:
+            await self.keeper.apply(Step.START, "test", "start", {}, primary=self.old, secondary=self.new,
+                                    source=self.old, start_placement=s.placement, migration_id=s.migration_id + 1,
+                                    options=MigrationOptions(batch_size=7), backfill_total=0)
+
+
+@pytest.fixture
+async def parts(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Parts]:
+    old, new = f"sqlite:///{tmp_path}/old.db", f"sqlite:///{tmp_path}/new.db"
+    control = SqliteControlStore(tmp_path / "control.db", initial_primary=old)
+    opened: dict[str, Backend] = {}
+
+    async def open_store(spec: str) -> Backend:
+        store = backend_for(spec, embedder)
+        await store.open()
+        opened[spec] = Refusing(store)  # type: ignore[assignment]
+        return opened[spec]
+
+    keeper = StateKeeper(control)
+    await keeper.load()
+    stores = OpenStores(keeper, open_store)
+    await stores.get(old)
+
+    async def probe() -> None:
+        return None
+
+    async def changed(*_: Any) -> None:
+        return None
+
+    p = Parts(tmp_path, control, keeper, stores, ScopeGate(), OutageWatch(probe, changed), Counters(), old, new,
+              opened)
+    yield p
+    await stores.close(1.0)
+    await control.close()
+
+
+async def names(store: Backend, scope: str) -> set[str]:
+    return {e.name for e in (await store.read_graph(scope, None, 1000)).entities}
+
+
+# --- the keeper ---------------------------------------------------------------------------------------------------
+async def test_the_keeper_takes_steps_through_the_table_and_loses_a_race_to_another_proxy(parts: Parts) -> None:
+    keeper = parts.keeper
+    with pytest.raises(IllegalTransition, match="cannot advance: the migration is in NotStarted"):
+        keeper.next(Step.ADVANCE)
+    await parts.start()
+    assert keeper.state.phase == Phase.DATA_MIGRATION and phases.backfilling(keeper.state)
+    assert [h.reason for h in await keeper.history()][:1] == ["start"]
+    # Another proxy on the same control store saves first: this one's save is a Conflict, and it holds the winner.
+    other = StateKeeper(parts.control)
+    await other.load()
+    async with other.lock:
+        await other.save(replace(other.state, paused=True))
+    with pytest.raises(Conflict):
+        async with keeper.lock:
+            await keeper.save(replace(keeper.state, read_fraction=0.5))
+    assert keeper.state.paused and keeper.state.read_fraction == 0.0
+    seen: list[bool] = []
+    keeper.watch(lambda s: seen.append(s.paused))
+    async with keeper.lock:
+        await keeper.save(replace(keeper.state, paused=False))
+    assert seen == [True, False]  # a watcher sees the state it joined at, then every state taken on
+
+
+# --- the dual writer and the repair queue ------------------------------------------------------------------------
+async def test_the_dual_writer_writes_both_stores_and_queues_what_the_new_one_refused(parts: Parts) -> None:
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
+    writer = DualWriter(parts.keeper, parts.stores, repairs, parts.gate, parts.outage, HybridClock(7),
+                        parts.counters, Telemetry())
+    await writer.write(CreateEntities("s", [Entity("before", "t")]))  # no migration: the old store alone
+    await parts.start()
+    await writer.write(CreateEntities("s", [Entity("both", "t")]))
+    parts.opened[parts.new].refuse = True  # type: ignore[attr-defined]
+    await writer.write(CreateEntities("s", [Entity("owed", "t")]))  # acknowledged from the old store
+    old, new = parts.opened[parts.old], parts.opened[parts.new]
+    assert await names(old, "s") == {"before", "both", "owed"}
+    assert await names(new, "s") == {"both"}
+    assert repairs.scope_pending("s") and await repairs.depth() == 1 and parts.counters.secondary_failures == 1
+    # The repair queue settles it from the decisive store once the new one takes writes again.
+    parts.opened[parts.new].refuse = False  # type: ignore[attr-defined]
+    assert await repairs.drain(within=30) == 0
+    assert await names(new, "s") == {"both", "owed"} and not repairs.scope_pending("s")
+
+
+async def test_the_repair_queue_alone_reconciles_a_queued_key_from_the_decisive_store(parts: Parts) -> None:
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters, interval=0.01)
+    await parts.start()
+    old, new = parts.opened[parts.old], parts.opened[parts.new]
+    await old.create_entities("r", [Entity("only-old", "t", ("x",))], 5)
+    await new.create_entities("r", [Entity("only-new", "t")], 6)  # a write the old store refused
+    await repairs.enqueue([(Kind.ENTITY, "r", ("only-old",)), (Kind.ENTITY, "r", ("only-new",))])
+    loop = asyncio.ensure_future(repairs.run())  # the loop production schedules
+    try:
+        async with asyncio.timeout(30):
+            while await repairs.depth():
+                await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+    assert await names(new, "r") == {"only-old"} and parts.counters.repairs_done == 2
+
+
+# --- the backfill ------------------------------------------------------------------------------------------------
+async def test_the_backfill_alone_copies_what_the_old_store_held_and_checkpoints(parts: Parts) -> None:
+    old = parts.opened[parts.old]
+    for i in range(30):
+        await old.create_entities(f"b{i % 3}", [Entity(f"e{i:02d}", "t", (f"fact {i}",))], i + 1)
+    await parts.start()
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
+    backfill.start()  # scheduled as in production: a task of its own
+    assert backfill.running
+    async with asyncio.timeout(60):
+        while not parts.keeper.state.backfill_complete:
+            await asyncio.sleep(0.02)
+    new = parts.opened[parts.new]
+    for scope in ("b0", "b1", "b2"):
+        assert await names(new, scope) == await names(old, scope)
+    s = parts.keeper.state
+    assert s.backfill_done >= 60 and s.backfill_cursor is None  # 30 entities and their observations
+    saved = await parts.control.load()
+    assert saved.backfill_complete and saved.revision == s.revision  # the checkpoints are in the control store
+
+
+async def test_the_backfill_holds_while_the_state_is_paused(parts: Parts) -> None:
+    old = parts.opened[parts.old]
+    await old.create_entities("p", [Entity(f"e{i}", "t") for i in range(20)], 1)
+    await parts.start()
+    async with parts.keeper.lock:
+        await parts.keeper.save(replace(parts.keeper.state, paused=True))
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
+    run = asyncio.ensure_future(backfill.run())
+    async with asyncio.timeout(30):
+        while not backfill.holds:  # it reads the pause before any page
+            await asyncio.sleep(0.01)
+    assert parts.keeper.state.backfill_done == 0 and not run.done()
+    async with parts.keeper.lock:
+        await parts.keeper.save(replace(parts.keeper.state, paused=False))  # it follows the state, untold
+    async with asyncio.timeout(60):
+        await run
+    assert parts.keeper.state.backfill_complete
+
+
+# --- a fleet member's adoption -----------------------------------------------------------------------------------
+async def test_adoption_takes_another_proxys_state_opens_its_stores_and_stops_an_unwanted_backfill(
+        parts: Parts) -> None:
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), scheduled=False)
+    adoption = FleetAdoption(parts.keeper, parts.stores, repairs, backfill)
+    other = StateKeeper(parts.control)
+    await other.load()
+    async with other.lock:
+        await other.apply(Step.START, "other proxy", "start", {}, primary=parts.old, secondary=parts.new,
+                          source=parts.old, start_placement=Placement(parts.old), migration_id=1)
+    assert await adoption.adopt(await parts.control.load())
+    assert parts.keeper.state.phase == Phase.DATA_MIGRATION
+    assert parts.stores.secondary is not None  # the new store the state names was opened
+    assert not await adoption.adopt(await parts.control.load())  # not newer: not news
+    async with other.lock:
+        await other.save(replace(other.state, backfill_complete=True))
+        await other.apply(Step.ROLLBACK, "other proxy", "drill", {})
+    assert await adoption.adopt(await parts.control.load())
+    assert parts.keeper.state.phase == Phase.ROLLED_BACK and parts.stores.secondary is None
