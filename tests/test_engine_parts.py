@@ -5,7 +5,8 @@ fleet member's adoption. What a part does here is what it does inside the engine
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,17 @@ async def parts(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Par
     await control.close()
 
 
+async def until(ready: Callable[[], Awaitable[bool] | bool], limit_s: float = 60) -> None:
+    """Wait for `ready` (a counter or a state reached), failing after `limit_s` on a broken build."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        answer = ready()
+        if await answer if inspect.isawaitable(answer) else answer:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 async def names(store: Backend, scope: str) -> set[str]:
     return {e.name for e in (await store.read_graph(scope, None, 1000)).entities}
 
@@ -164,12 +176,14 @@ async def test_the_repair_queue_alone_reconciles_a_queued_key_from_the_decisive_
     await repairs.enqueue([(Kind.ENTITY, "r", ("only-old",)), (Kind.ENTITY, "r", ("only-new",))])
     loop = asyncio.ensure_future(repairs.run())  # the loop production schedules
     try:
-        async with asyncio.timeout(30):
-            while await repairs.depth():
-                await asyncio.sleep(0.02)
+        await until(lambda: _empty(repairs))
     finally:
         loop.cancel()
     assert await names(new, "r") == {"only-old"} and parts.counters.repairs_done == 2
+
+
+async def _empty(repairs: RepairQueue) -> bool:
+    return await repairs.depth() == 0
 
 
 # --- the backfill ------------------------------------------------------------------------------------------------
@@ -181,9 +195,7 @@ async def test_the_backfill_alone_copies_what_the_old_store_held_and_checkpoints
     backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
     backfill.start()  # scheduled as in production: a task of its own
     assert backfill.running
-    async with asyncio.timeout(60):
-        while not parts.keeper.state.backfill_complete:
-            await asyncio.sleep(0.02)
+    await until(lambda: parts.keeper.state.backfill_complete)
     new = parts.opened[parts.new]
     for scope in ("b0", "b1", "b2"):
         assert await names(new, scope) == await names(old, scope)
@@ -201,9 +213,7 @@ async def test_the_backfill_holds_while_the_state_is_paused(parts: Parts) -> Non
         await parts.keeper.save(replace(parts.keeper.state, paused=True))
     backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
     run = asyncio.ensure_future(backfill.run())
-    async with asyncio.timeout(30):
-        while not backfill.holds:  # it reads the pause before any page
-            await asyncio.sleep(0.01)
+    await until(lambda: backfill.holds > 0)  # it reads the pause before any page
     assert parts.keeper.state.backfill_done == 0 and not run.done()
     async with parts.keeper.lock:
         await parts.keeper.save(replace(parts.keeper.state, paused=False))  # it follows the state, untold
