@@ -1,5 +1,10 @@
 """The one protocol every store implements: the memory API plus what migration needs.
 
+Implemented by `adapters.embedded` (SQLite, the default), `adapters.postgres` (PostgreSQL with pgvector),
+`adapters.neo4j` (Neo4j or any Bolt server speaking Cypher), `adapters.hybrid` (graph in Neo4j, vectors in Qdrant),
+and, through `adapters.points`, `adapters.qdrant` (Qdrant's local mode or a server), `adapters.qdrant_edge` (Qdrant
+Edge, in-process) and `adapters.chroma` (ChromaDB, in-process or a server).
+
 Two layers, one rule. The API operations carry MCP memory-server semantics (skip existing, NOT_FOUND, idempotent
 deletes); the replication operations move whole versioned records. Both obey apply-if-newer on every store, the
 primary included: a record is written only when its version is higher than the stored one, and a tombstone hides

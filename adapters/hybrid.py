@@ -57,7 +57,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 class HybridBackend(Neo4jBackend):
     def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
-        self._spec = spec
         graph, vectors = parse_spec(spec)
         super().__init__(graph, embedder, max_pending_texts)
         parsed = qdrant.parse_spec(vectors)

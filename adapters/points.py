@@ -1,7 +1,9 @@
 """The memory store over a point database: records as points with payloads, written once for every such database.
 
-Qdrant (`adapters.qdrant`) and ChromaDB (`adapters.chroma`) hold the same layout, through a small driver each
-(`Points`, below): three collections of points, one per record kind, and a registry of scopes.
+Qdrant (`adapters.qdrant`: local mode or a server), Qdrant Edge (`adapters.qdrant_edge`, the embeddable engine) and
+ChromaDB (`adapters.chroma`: in-process or a server) hold the same layout, through a small driver each (`Points`,
+below): three collections of points, one per record kind, and a registry of scopes. (The hybrid store keeps its
+vectors in Qdrant with a layout of its own, `adapters.hybrid`.)
 - Point ids are deterministic: uuid5 of kind, scope and key, so the same record lands on the same point anywhere.
 - Entity points carry the vectors (cosine) with the text each was computed from (`vector_text`); observations and
   relations are payload-only points, so graph reads need no other store. The registry of scopes lets

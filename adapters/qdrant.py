@@ -35,11 +35,6 @@ def _ids(ids: list[str]) -> models.PointIdsList:
     return models.PointIdsList(points=list[models.ExtendedPointId](ids))
 
 
-def _match(**fields: Any) -> models.Filter:
-    return models.Filter(must=[models.FieldCondition(key=k, match=models.MatchAny(any=v) if isinstance(v, list)
-                                                     else models.MatchValue(value=v)) for k, v in fields.items()])
-
-
 async def vector_collection(client: AsyncQdrantClient, name: str, dim: int, label: str) -> set[str]:
     """Create collection `name` with the cosine vector `text` of size `dim`, or check the size of the existing one;
     returns the names of the collections that existed."""

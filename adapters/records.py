@@ -133,11 +133,6 @@ def same_content(a: Record, b: Record) -> bool:
     return record_digest(a) == record_digest(b)
 
 
-def is_newer(incoming_version: int, stored_version: int | None) -> bool:
-    """Apply-if-newer: a record replaces a stored one only when its version is strictly higher."""
-    return stored_version is None or incoming_version > stored_version
-
-
 def embedding_text(name: str, entity_type: str, observations: tuple[str, ...]) -> str:
     """What an entity's embedding is computed from (docs/design.md, Data model)."""
     return f"{name} {entity_type} {' '.join(observations)}".strip()

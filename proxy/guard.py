@@ -47,7 +47,6 @@ class PolicyGuard:
         self._episode: set[str] = set()
         self._migration_id = engine.state.migration_id
         self.last: tuple[RuleResult, ...] = ()
-        self.last_at = 0.0
         self.evaluations = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -84,12 +83,12 @@ class PolicyGuard:
         if engine.stores.secondary is None or engine.outage.current is not None:
             # Nothing to judge, or an outage of the new store: that holds the migration (proxy.outage); it is not
             # evidence against the store, and the ramp does not move while nothing reaches it.
-            self.last, self.last_at = (), now
+            self.last = ()
             return []
         self._observations.prune(now)
         results = evaluate(self.policy.policy, self._observations, now, state.phase.value, self._streaks)
         self._streaks = streaks_after(results)
-        self.last, self.last_at = tuple(results), now
+        self.last = tuple(results)
         self._episode -= {r.rule.name for r in results if r.verdict is Verdict.PASS}
         strongest = most_severe(results)
         for r in results:

@@ -56,7 +56,6 @@ log = logging.getLogger("memshift.server")
 MEMORY_DESCRIPTOR = memory_pb2.DESCRIPTOR.services_by_name["Memory"]
 ADMIN_DESCRIPTOR = admin_pb2.DESCRIPTOR.services_by_name["MigrationAdmin"]
 MEMORY_SERVICE = MEMORY_DESCRIPTOR.full_name
-ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def build_embedder(config: EmbeddingConfig) -> BatchingEmbedder:
