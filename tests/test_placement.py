@@ -96,7 +96,7 @@ KEYS: list[RecordKey] = sorted((k, s, p) for k in Kind for s in UNIVERSE for p i
 @given(selections, st.integers(1, 7))
 def test_a_backfill_jumping_over_unselected_scopes_still_reads_every_selected_record_in_order(
         chosen: Selection, size: int) -> None:
-    """The backfill's walk as `proxy.backfill` runs it: read a page after the resume point, keep the selected
+    """The backfill's walk as `proxy.engine.backfill` runs it: read a page after the resume point, keep the selected
     records, resume at `walk_from` of the page's last key. It must see every selected record, in order, once."""
     selected = [k for k in KEYS if chosen.matches(k[1])]
     seen: list[RecordKey] = []
