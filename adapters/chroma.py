@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
-from adapters.model import EmbeddingMismatch, StoreUnavailable
+from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.points import Payload, PointsBackend, Where, scope_id
 from adapters.records import Kind
 

@@ -47,17 +47,9 @@ from adapters import semantics
 from adapters.base import BACKGROUND, ExportPage, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
+from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.export import vector_keys
-from adapters.model import (
-    EmbeddingMismatch,
-    Entity,
-    Graph,
-    GraphPage,
-    Relation,
-    ScoredEntity,
-    SearchResult,
-    StoreUnavailable,
-)
+from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from adapters.planned import Plan, PlannedWrites
 from adapters.records import (
     Counts,

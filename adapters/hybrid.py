@@ -29,7 +29,7 @@ from qdrant_client import AsyncQdrantClient, models
 from adapters import qdrant, semantics
 from adapters.base import VectorMap
 from adapters.embedder import Embedder, Vector
-from adapters.model import StoreUnavailable
+from adapters.errors import StoreUnavailable
 from adapters.neo4j import Neo4jBackend
 from adapters.records import text_hash
 

@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from adapters.errors import MemshiftError
-
 Metadata: TypeAlias = Mapping[str, str]
 
 
@@ -74,28 +72,3 @@ class SearchResult:
     truncated: str = ""  # what was cut to fit the message limit ("" when whole)
 
 
-class StoreError(MemshiftError):
-    """Base of the errors a store reports."""
-
-
-class EntityNotFound(StoreError):
-    code = "NOT_FOUND"
-    told = "{}; nothing of this call was stored"
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        super().__init__(f"entity not found: {', '.join(names)}")
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be reached or refused to work; nothing of the call was applied."""
-
-    code = "UNAVAILABLE"
-    told = "store unavailable: {}"
-
-
-class EmbeddingMismatch(StoreError):
-    """The store's data was embedded with another model or dimension than the one configured: the store cannot
-    serve this proxy (UNAVAILABLE), though it is reachable, so it is not an outage."""
-
-    code, told = StoreUnavailable.code, StoreUnavailable.told

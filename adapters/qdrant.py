@@ -21,7 +21,7 @@ import numpy as np
 from qdrant_client import AsyncQdrantClient, models
 
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
-from adapters.model import EmbeddingMismatch, StoreUnavailable
+from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.points import META_ID, Payload, PointsBackend, Where, matches, point_id, scope_id
 from adapters.records import Kind
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from adapters.model import Entity, EntityNotFound, Graph, ObservationAddition, ObservationDeletion, Relation
+from adapters.errors import EntityNotFound
+from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import EntityRecord, Kind, ObservationRecord, Record, RecordKey, RelationRecord, newest_per_key
 
 Stored = Mapping[RecordKey, Record]

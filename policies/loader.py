@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from adapters.errors import PolicyError
 from policies.comparators import CompareSettings
 from policies.numbers import problem
 from policies.ramp import RampSchedule
@@ -18,10 +19,6 @@ from policies.rules import Action, Metric, Policy, Rule
 PHASES = ("DataMigration", "DualWrite", "Completed")
 DAY = 86_400.0
 MAX_NUMBER = 1e12  # a bound for figures with no natural one (a latency threshold in ms): finite, never reached
-
-
-class PolicyError(ValueError):
-    """The policy file is unreadable or says something invalid."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,18 +13,18 @@ from typing import Any
 
 import grpc
 
+from adapters.errors import InvalidInput, PolicyError
 from adapters.export import export_pages
 from adapters.records import Record, key_text
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
-from policies.loader import PolicyError, ramp_schedule
+from policies.loader import ramp_schedule
 from policies.rules import RuleResult
 from proxy import backup, phases
 from proxy import validation as check
 from proxy.config import Limits
 from proxy.control import HistoryEntry, MigrationOptions, Phase
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import InvalidInput
 from proxy.fleet import FleetSync
 from proxy.guard import PolicyGuard
 from proxy.phases import Stage, stage

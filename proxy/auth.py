@@ -24,14 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.errors import PermissionDenied, Unauthenticated
+from adapters.errors import NoCredential, NotGranted, TokensFileError
 
 log = logging.getLogger("memshift.auth")
 _RECHECK_SECONDS = 1.0
-
-
-class TokensFileError(ValueError):
-    """The tokens file cannot be read or says something invalid; the message names the line, never the token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +101,15 @@ class ScopeTokens:
         return self._grants
 
     def check(self, authorization: str | None, scope: str) -> None:
-        """Raises Unauthenticated (no known bearer token) or PermissionDenied (the token may not touch `scope`)."""
+        """Raises NoCredential (no known bearer token) or NotGranted (the token may not touch `scope`)."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("memory calls need metadata 'authorization: Bearer <token>' (a token from the "
+            raise NoCredential("memory calls need metadata 'authorization: Bearer <token>' (a token from the "
                                   "proxy's memory_tokens_file)")
         # Looked up by the token's SHA-256: how long a dictionary lookup of a digest takes tells nothing usable about
         # the token, so no constant-time scan over every grant is needed.
         grant = self._fresh().get(_digest(token.strip()))
         if grant is None:
-            raise Unauthenticated("the bearer token is not one this proxy knows")
+            raise NoCredential("the bearer token is not one this proxy knows")
         if not grant.allows(scope):
-            raise PermissionDenied(f"scope: this token may not touch scope {scope[:128]!r}")
+            raise NotGranted(f"scope: this token may not touch scope {scope[:128]!r}")

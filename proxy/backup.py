@@ -30,11 +30,11 @@ import numpy as np
 
 from adapters.base import VectorMap
 from adapters.embedder import Vector
+from adapters.errors import InvalidInput, JsonlError
 from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord
 from proxy import validation as check
 from proxy.config import Limits
-from proxy.errors import InvalidInput
-from proxy.jsonl import JsonlError, json_object
+from proxy.jsonl import json_object
 
 FORMAT = "memshift-jsonl"
 FORMAT_VERSION = 1

@@ -26,9 +26,10 @@ from typing import Any
 
 import grpc
 
+from adapters.errors import JsonlError
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
-from proxy import admin_cli, jsonl, transfer_cli
+from proxy import admin_cli, transfer_cli
 from proxy.redaction import scrub
 
 
@@ -184,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"memshift: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     if args.command == "serve":
+        from adapters.errors import ConfigError
         from proxy import logs
-        from proxy.config import ConfigError, load_config
+        from proxy.config import load_config
         from proxy.server import serve
 
         env = dict(os.environ)
@@ -219,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"memshift: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (jsonl.JsonlError, OSError) as exc:  # a bad line or file: said once, nothing was written
+    except (JsonlError, OSError) as exc:  # a bad line or file: said once, nothing was written
         print(f"memshift: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -15,13 +15,10 @@ from typing import Any
 
 import yaml
 
+from adapters.errors import ConfigError
 from policies.numbers import problem
 from proxy.clock import MAX_NODE
 from proxy.telemetry import TelemetryConfig
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from adapters.errors import MemshiftError
+from adapters.errors import Conflict, UnreadableState
 from adapters.records import Kind, RecordKey
 from proxy.placement import Placement, Selection
 
@@ -139,16 +139,6 @@ class Member:
     live: bool  # heartbeat within the lease
 
 
-class Conflict(MemshiftError):
-    """The state changed since it was read (compare-and-set lost): ABORTED, worth a retry."""
-
-    code = "ABORTED"
-    told = "the migration state changed meanwhile (another proxy acted): {}; retry"
-
-
-class UnreadableState(Exception):
-    """The stored control state cannot be loaded (a hand edit, a bug of an older version): the proxy refuses to start
-    and says what and where, instead of serving on a guess."""
 
 
 class ControlStore(Protocol):

@@ -25,10 +25,10 @@ from typing import Any, cast
 
 import asyncpg
 
+from adapters.errors import Conflict
 from adapters.postgres import parse_spec
 from adapters.records import RecordKey
 from proxy.control import (
-    Conflict,
     HistoryEntry,
     Member,
     MigrationState,

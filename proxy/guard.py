@@ -14,12 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from adapters.errors import IllegalTransition
 from policies.loader import PolicyFile
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, RuleResult, Verdict, evaluate, most_severe, streaks_after
 from proxy.control import Phase
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import IllegalTransition
 
 log = logging.getLogger("memshift.policy")
 ACTOR = "memshift-policy"

@@ -11,8 +11,8 @@ from typing import Any
 
 from typing_extensions import TypedDict
 
+from adapters.errors import JsonlError
 from adapters.model import Entity, Relation
-from proxy.errors import InvalidInput
 
 
 class EntityIn(TypedDict):
@@ -40,12 +40,6 @@ def relation_of(d: RelationIn) -> Relation:
     return Relation(d["from"], d["to"], d["relationType"])
 
 
-class JsonlError(InvalidInput):
-    """A line of a file that cannot be taken: INVALID_ARGUMENT, naming the line's number and the field."""
-
-    def __init__(self, line: int, problem: str) -> None:
-        self.line = line
-        super().__init__(f"line {line}", problem)
 
 
 def _strings(value: Any, field: str, line: int) -> tuple[str, ...]:

@@ -8,27 +8,11 @@ is reported the same way (`ListenError`).
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Iterator
 
-from proxy.config import Config, ConfigError
-
-# What turning each listener off looks like, where it can be turned off.
-_OFF = {"mcp_listen": 'or "" to turn the MCP endpoint off', "health_listen": "or leave it unset",
-        "telemetry.prometheus_listen": "or leave it unset"}
-
-
-class ListenError(ConfigError):
-    """An address a listener cannot take: names the setting, the address and what to do."""
-
-    def __init__(self, setting: str, address: str, cause: OSError | str) -> None:
-        reason = (cause if isinstance(cause, str) else
-                  "address already in use" if cause.errno == errno.EADDRINUSE else
-                  f"cannot listen there ({cause.strerror or cause})")
-        fix = f"set {setting} to another address" + (f", {_OFF[setting]}" if setting in _OFF else "")
-        super().__init__(f"{setting} {address}: {reason}; {fix}")
-        self.setting, self.address = setting, address
+from adapters.errors import ListenError
+from proxy.config import Config
 
 
 def configured(config: Config) -> Iterator[tuple[str, str]]:

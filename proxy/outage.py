@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.model import StoreUnavailable
+from adapters.errors import StoreUnavailable
 
 log = logging.getLogger("memshift.outage")
 

@@ -14,8 +14,8 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any
 
+from adapters.errors import IllegalTransition
 from proxy.control import MigrationState, Phase
-from proxy.errors import IllegalTransition
 from proxy.placement import Moved
 from proxy.placement import moves as placement_moves
 

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.errors import InvalidInput
 from adapters.records import Kind, RecordKey
-from proxy.errors import InvalidInput
 from proxy.validation import SCOPE_RE
 
 MAX_SELECTED = 10_000  # names and prefixes a selection may hold: it is saved with every change of the state

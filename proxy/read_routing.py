@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from adapters.base import Backend
-from adapters.model import StoreUnavailable
+from adapters.errors import StoreUnavailable
 from policies.rules import Observations
 from proxy import phases
 from proxy.control import Phase

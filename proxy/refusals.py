@@ -13,9 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from adapters.base import Backend, VectorMap
-from adapters.model import StoreUnavailable
+from adapters.errors import Conflict, StoreUnavailable
 from adapters.records import Record, RecordKey
-from proxy.control import Conflict
 
 T = TypeVar("T")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from adapters.embedder import Embedder
+from adapters.errors import InvalidInput, OverLimit
 from adapters.model import (
     Entity,
     Graph,
@@ -23,7 +24,6 @@ from proxy import ops, reads
 from proxy import validation as check
 from proxy.config import Limits
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import InvalidInput, TooLarge
 from proxy.fit import fit_graph, fit_page, fit_search
 from proxy.read_routing import ReadRouting
 
@@ -76,7 +76,7 @@ class Router:
             held = set(ent.observations)
             grown = check.entity_bytes(ent) + sum(len(o.encode()) for o in adding[add.entity_name] if o not in held)
             if grown > self._limits.max_entity_bytes:
-                raise TooLarge(f"observations[{i}].contents",
+                raise OverLimit(f"observations[{i}].contents",
                                f"would make entity {add.entity_name!r} hold {grown} bytes of text, at most "
                                f"{self._limits.max_entity_bytes} per entity (name, type, observations and metadata)")
 

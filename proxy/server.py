@@ -27,15 +27,15 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
+from adapters.errors import ConfigError, ListenError, PolicyError, TokensFileError
 from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
-from policies.loader import PolicyError
 from policies.loader import load as load_policy
 from policies.rules import Observations
 from proxy import heap, listeners
 from proxy.admin import AdminServicer, BearerTokenInterceptor, Watchers
-from proxy.auth import ScopeTokens, TokensFileError
+from proxy.auth import ScopeTokens
 from proxy.clock import HybridClock
-from proxy.config import Config, ConfigError, EmbeddingConfig
+from proxy.config import Config, EmbeddingConfig
 from proxy.control import ControlStore, SqliteControlStore
 from proxy.control_pg import PostgresControlStore
 from proxy.engine.migration import MigrationEngine
@@ -121,7 +121,7 @@ class MemshiftServer:
         except RuntimeError:  # grpc's "failed to bind": the address is taken (or not ours to take)
             port = 0
         if port == 0:
-            raise listeners.ListenError(setting, address, OSError(errno.EADDRINUSE, "address already in use"))
+            raise ListenError(setting, address, OSError(errno.EADDRINUSE, "address already in use"))
         return int(port)
 
     async def start(self) -> int:
@@ -176,7 +176,7 @@ class MemshiftServer:
             try:
                 self.telemetry, self._telemetry_shutdown = build_telemetry(cfg.telemetry)
             except OSError as exc:  # only the Prometheus endpoint binds here
-                raise listeners.ListenError("telemetry.prometheus_listen", str(cfg.telemetry.prometheus_listen),
+                raise ListenError("telemetry.prometheus_listen", str(cfg.telemetry.prometheus_listen),
                                             exc) from None
         self.observations = Observations(keep_seconds=policy.policy.longest_window())
         shared = None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from adapters.errors import MemshiftError
+from adapters.errors import ProxyError
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
@@ -36,7 +36,7 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status and details a deliberate error means (`adapters.errors`: each class names its code); None for
     anything else, which is a bug."""
-    if isinstance(exc, MemshiftError) and exc.code != "INTERNAL":
+    if isinstance(exc, ProxyError) and exc.code != "INTERNAL":
         return grpc.StatusCode[exc.code], exc.detail()
     return None
 

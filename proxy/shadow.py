@@ -21,7 +21,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from adapters.base import BACKGROUND, Backend
-from adapters.model import StoreUnavailable
+from adapters.errors import StoreUnavailable
 from policies.comparators import CompareSettings
 from policies.loader import ShadowSettings
 from policies.rules import Observations

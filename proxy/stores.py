@@ -22,7 +22,7 @@ from adapters.base import Backend
 from adapters.chroma import ChromaBackend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
-from adapters.errors import MemshiftError
+from adapters.errors import StoreSpecError
 from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
@@ -30,13 +30,9 @@ from adapters.qdrant import QdrantBackend
 from adapters.qdrant_edge import QdrantEdgeBackend
 from proxy.redaction import redact, scrub_secrets
 
-__all__ = ["StoreSpecError", "backend_for", "redact", "sqlite_path", "system_of"]
+__all__ = ["backend_for", "redact", "sqlite_path", "system_of"]
 
 
-class StoreSpecError(MemshiftError, ValueError):
-    """A store spec that cannot be used (unknown scheme, bad option): INVALID_ARGUMENT, naming the part to fix."""
-
-    code = "INVALID_ARGUMENT"
 
 
 def sqlite_path(spec: str) -> str:

@@ -19,6 +19,7 @@ from typing import TextIO, TypeVar
 
 import grpc
 
+from adapters.errors import InvalidInput, JsonlError
 from adapters.model import Entity, Relation
 from memshift.v1 import admin_pb2 as admin_pb
 from memshift.v1 import admin_pb2_grpc as admin_grpc
@@ -27,7 +28,6 @@ from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import admin_cli, backup, convert, jsonl
 from proxy import validation as check
 from proxy.config import Limits
-from proxy.errors import InvalidInput
 
 T = TypeVar("T")
 ENTITY_BATCH = 200
@@ -86,7 +86,7 @@ def check_file(path: Path, limits: Limits) -> tuple[int, int]:
                 relations += 1
         except InvalidInput as exc:
             field = str(exc).replace("entities[0]", "entity").replace("relations[0]", "relation")
-            raise jsonl.JsonlError(number, field) from None
+            raise JsonlError(number, field) from None
     return entities, relations
 
 
@@ -164,7 +164,7 @@ def is_backup(path: Path) -> bool:
             if raw.strip():
                 try:
                     backup.parse_header(raw)
-                except jsonl.JsonlError:
+                except JsonlError:
                     return False
                 return True
     return False

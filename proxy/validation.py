@@ -1,6 +1,6 @@
 """Input validation, on domain objects, before any version is stamped or any store is touched.
 
-Each check raises InvalidInput (or TooLarge) naming the exact field, so a caller can fix the request. Because
+Each check raises InvalidInput (or OverLimit) naming the exact field, so a caller can fix the request. Because
 validation runs on the whole request first, a rejected call stores nothing.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence, Sized
 
+from adapters.errors import InvalidInput, OverLimit
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from policies.numbers import problem
 from proxy.config import Limits
-from proxy.errors import InvalidInput, TooLarge
 
 SCOPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # always fullmatch: `$` also matches before a "\n"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -47,12 +47,12 @@ def count(field: str, items: Sized, limit: int) -> None:
     """An empty list is a no-op, as in the MCP memory server (LLM agents do send them); too many is refused before
     any item is converted or checked, so the work an oversized request costs is bounded."""
     if len(items) > limit:
-        raise TooLarge(field, f"has {len(items)} items, at most {limit} per call")
+        raise OverLimit(field, f"has {len(items)} items, at most {limit} per call")
 
 
 def metadata_entries(field: str, value: Sized, limits: Limits) -> None:
     if len(value) > limits.max_metadata_entries:
-        raise TooLarge(field, f"has {len(value)} entries, at most {limits.max_metadata_entries}")
+        raise OverLimit(field, f"has {len(value)} entries, at most {limits.max_metadata_entries}")
 
 
 def metadata(field: str, value: Mapping[str, str], limits: Limits) -> None:
@@ -71,7 +71,7 @@ def entities(items: Sequence[Entity], limits: Limits) -> None:
         metadata(f"entities[{i}].metadata", ent.metadata, limits)
         size = entity_bytes(ent)
         if size > limits.max_entity_bytes:
-            raise TooLarge(f"entities[{i}]", f"holds {size} bytes of text, at most {limits.max_entity_bytes} per "
+            raise OverLimit(f"entities[{i}]", f"holds {size} bytes of text, at most {limits.max_entity_bytes} per "
                                             "entity (name, type, observations and metadata together)")
 
 

@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import ConfigError
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import ConfigError
 from tests.cluster import AUTH, Cluster, boot, self_signed, shutdown
 
 AGENT_A = "token-of-agent-a-0123456789"

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import JsonlError
 from adapters.export import export_pages
 from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord
 from memshift.v1 import admin_pb2 as apb
@@ -25,7 +26,6 @@ from proxy import backup
 from proxy.cli import main
 from proxy.clock import COUNTER_BITS, NODE_BITS
 from proxy.config import Limits
-from proxy.jsonl import JsonlError
 from proxy.verify import verify
 from tests.cluster import AUTH, Cluster, boot, run_verify, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN

@@ -12,8 +12,9 @@ import pytest
 
 from adapters.base import Backend, ExportPage
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import EntityNotFound
 from adapters.export import ExportInParts
-from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation
+from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import (
     EntityRecord,
     Kind,

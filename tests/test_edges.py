@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import UnreadableState
 from adapters.model import Entity
 from adapters.records import Kind
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import Config, Limits
-from proxy.control import MigrationState, SqliteControlStore, UnreadableState
+from proxy.control import MigrationState, SqliteControlStore
 from proxy.logs import JsonFormatter
 from proxy.redaction import redact, scrub, scrub_secrets
 from proxy.server import MemshiftServer

@@ -15,11 +15,12 @@ import pytest
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import Conflict, IllegalTransition
 from adapters.model import Entity
 from adapters.records import Kind
 from proxy import phases
 from proxy.clock import HybridClock
-from proxy.control import Conflict, MigrationOptions, Phase, SqliteControlStore
+from proxy.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.adoption import FleetAdoption
 from proxy.engine.backfill import Backfill
 from proxy.engine.dual_write import DualWriter
@@ -27,7 +28,6 @@ from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores
-from proxy.errors import IllegalTransition
 from proxy.ops import CreateEntities
 from proxy.outage import OutageWatch
 from proxy.phases import Step

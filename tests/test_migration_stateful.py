@@ -26,13 +26,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
-from adapters.model import Entity, EntityNotFound, ObservationAddition, ObservationDeletion, Relation, StoreUnavailable
+from adapters.errors import EntityNotFound, InvalidInput, StoreUnavailable
+from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import Kind
 from proxy import ops, phases
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.migration import IllegalTransition, MigrationEngine
-from proxy.errors import InvalidInput
 from proxy.placement import EVERYTHING, Selection, source_of
 from proxy.stores import backend_for
 from proxy.verify import verify

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import Conflict, IllegalTransition
 from memshift.v1 import admin_pb2 as apb
 from proxy.clock import HybridClock
-from proxy.control import Conflict, MigrationOptions, MigrationState, Phase, SqliteControlStore
+from proxy.control import MigrationOptions, MigrationState, Phase, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import IllegalTransition
 from proxy.phases import TABLE, Stage, Step, allowed, apply, check, stage, writes_secondary
 from proxy.stores import backend_for
 from tests.cluster import AUTH, Cluster, seed, status, wait_for

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import InvalidInput
 from adapters.records import EntityRecord, Kind, RecordKey, RecordPage
-from proxy.errors import InvalidInput
 from proxy.placement import (
     MAX_SELECTED,
     Moved,

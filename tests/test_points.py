@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
+from adapters.errors import FleetUnsafe
 from adapters.model import Entity
 from adapters.points import point_id
 from adapters.qdrant import QdrantPoints
@@ -20,7 +21,6 @@ from adapters.records import Kind, ObservationRecord, RelationRecord
 from proxy.clock import HybridClock
 from proxy.control import MigrationOptions, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import FleetUnsafe
 from proxy.stores import backend_for
 
 

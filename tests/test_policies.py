@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.errors import PolicyError
 from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from policies.comparators import CompareSettings, compare_graph, compare_page, compare_search
-from policies.loader import PolicyError, load, parse
+from policies.loader import load, parse
 from policies.pacing import FLOOR, PageTiming, next_page_size
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, Policy, Rule, Verdict, evaluate, most_severe, streaks_after

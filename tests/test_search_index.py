@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from adapters import semantics
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
-from adapters.model import Entity, EntityNotFound, Graph, ObservationAddition, ObservationDeletion, Relation
+from adapters.errors import EntityNotFound
+from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
 from adapters.postgres import PostgresBackend
 from tests.stores import make_store
 

@@ -20,7 +20,8 @@ import yaml
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
-from adapters.model import Entity, Graph, GraphPage, SearchResult, StoreUnavailable
+from adapters.errors import StoreUnavailable
+from adapters.model import Entity, Graph, GraphPage, SearchResult
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from tests.cluster import AUTH, Cluster, boot, seed, shutdown, status, wait_for

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import ListenError
 from memshift.v1 import admin_pb2 as apb
 from proxy.cli import main
 from proxy.config import Config
-from proxy.listeners import ListenError
 from proxy.server import MemshiftServer
 from tests.cluster import AUTH, Cluster
 from tests.conftest import ADMIN_TOKEN

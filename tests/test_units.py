@@ -19,8 +19,16 @@ from hypothesis import strategies as st
 
 from adapters.embedded import SCHEMA_VERSION, EmbeddedBackend
 from adapters.embedder import BatchingEmbedder, EmbeddingInfo
-from adapters.errors import MemshiftError
-from adapters.model import EmbeddingMismatch, Entity, EntityNotFound, Relation
+from adapters.errors import (
+    ConfigError,
+    Conflict,
+    EmbeddingMismatch,
+    EntityNotFound,
+    InvalidInput,
+    ProxyError,
+    StoreSpecError,
+)
+from adapters.model import Entity, Relation
 from adapters.records import (
     EntityRecord,
     Kind,
@@ -32,10 +40,9 @@ from adapters.records import (
     text_hash,
 )
 from proxy.clock import MAX_NODE, HybridClock, unpack
-from proxy.config import ConfigError, load_config
-from proxy.errors import InvalidInput
+from proxy.config import load_config
 from proxy.servicer import status_for  # imports every module that defines an error class
-from proxy.stores import StoreSpecError, backend_for, redact
+from proxy.stores import backend_for, redact
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -390,7 +397,7 @@ async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind:
     changes and repair-queue writes that follow."""
     from dataclasses import replace
 
-    from proxy.control import Conflict, ControlStore, SqliteControlStore
+    from proxy.control import ControlStore, SqliteControlStore
     from proxy.control_pg import PostgresControlStore
 
     schema = uuid.uuid4().hex[:12]
@@ -591,7 +598,7 @@ async def test_opening_an_entity_reads_its_own_relations_not_its_scopes(embedder
     await store.close()
 
 
-def _every_error_class(root: type[MemshiftError]) -> list[type[MemshiftError]]:
+def _every_error_class(root: type[ProxyError]) -> list[type[ProxyError]]:
     found = []
     for cls in root.__subclasses__():
         found += [cls, *_every_error_class(cls)]
@@ -601,11 +608,14 @@ def _every_error_class(root: type[MemshiftError]) -> list[type[MemshiftError]]:
 def test_every_deliberate_error_means_one_status_named_once() -> None:
     """Each error class names its status in its own definition; the servicer (and the MCP door through it) turns that
     name into the gRPC status, with the class's own wording. A class that names none is a bug's INTERNAL."""
-    classes = _every_error_class(MemshiftError)
+    classes = _every_error_class(ProxyError)
     assert len(classes) >= 12
     for cls in classes:
-        exc = cls(["ghost"]) if cls.__name__ == "EntityNotFound" else \
-            cls("names[0]", "must not be empty") if issubclass(cls, InvalidInput) else cls("what happened")
+        exc = (cls(["ghost"]) if cls.__name__ == "EntityNotFound" else  # type: ignore[call-arg]
+               cls(3, "must be a JSON object") if cls.__name__ == "JsonlError" else  # type: ignore[call-arg]
+               cls("listen", "127.0.0.1:1", "taken") if cls.__name__ == "ListenError" else  # type: ignore[call-arg]
+               cls("names[0]", "must not be empty") if issubclass(cls, InvalidInput) else  # type: ignore[call-arg]
+               cls("what happened"))
         mapped = status_for(exc)
         if cls.code == "INTERNAL":
             assert mapped is None, cls
@@ -614,12 +624,35 @@ def test_every_deliberate_error_means_one_status_named_once() -> None:
         assert str(exc) in mapped[1], cls  # the class's wording may add to the message, never drop it
     assert status_for(KeyError("not ours")) is None
     # What callers rely on, written out: a class moved in the tree or given another code shows up here.
-    expected = {"InvalidInput": "INVALID_ARGUMENT", "TooLarge": "RESOURCE_EXHAUSTED",
+    expected = {"InvalidInput": "INVALID_ARGUMENT", "OverLimit": "RESOURCE_EXHAUSTED", "JsonlError": "INVALID_ARGUMENT",
                 "StoreSpecError": "INVALID_ARGUMENT", "IllegalTransition": "FAILED_PRECONDITION",
                 "FleetUnsafe": "FAILED_PRECONDITION",
                 "EntityNotFound": "NOT_FOUND", "StoreUnavailable": "UNAVAILABLE", "EmbeddingMismatch": "UNAVAILABLE",
-                "LeaseLapsed": "UNAVAILABLE", "Unauthenticated": "UNAUTHENTICATED",
-                "PermissionDenied": "PERMISSION_DENIED", "Conflict": "ABORTED", "StoreError": "INTERNAL"}
-    assert {cls.__name__: cls.code for cls in classes if cls.__name__ in expected} == expected
+                "LeaseLapsed": "UNAVAILABLE", "NoCredential": "UNAUTHENTICATED", "NotGranted": "PERMISSION_DENIED",
+                "Conflict": "ABORTED", "StoreError": "INTERNAL", "UnreadableState": "INTERNAL",
+                "ConfigError": "INVALID_ARGUMENT", "PolicyError": "INVALID_ARGUMENT",
+                "TokensFileError": "INVALID_ARGUMENT", "ListenError": "INVALID_ARGUMENT"}
+    assert {cls.__name__: cls.code for cls in classes} == expected
+    # One module holds them all, and none shares a name with an exception of the Python client.
+    assert {cls.__module__ for cls in classes} == {"adapters.errors"}
+    import memshift
+    client_names = {n for n in dir(memshift) if isinstance(getattr(memshift, n), type)
+                    and issubclass(getattr(memshift, n), Exception)}
+    assert client_names and not client_names & {cls.__name__ for cls in [ProxyError, *classes]}
+
+
+def test_no_module_but_the_error_module_defines_an_exception() -> None:
+    """Every error the server raises is in adapters/errors.py (a private control-flow signal, named with `_`,
+    may live where it is used)."""
+    import ast
+    root = Path(__file__).resolve().parent.parent
+    for path in [*root.glob("proxy/**/*.py"), *root.glob("adapters/*.py"), *root.glob("policies/*.py")]:
+        if path == root / "adapters" / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                assert not bases & {"Exception", "ValueError", "ProxyError", "RuntimeError"} and \
+                    not any(b.endswith("Error") for b in bases), f"{path.relative_to(root)}: {node.name}"
     assert status_for(EntityNotFound(["ghost"])) == (grpc.StatusCode.NOT_FOUND,
                                                       "entity not found: ghost; nothing of this call was stored")

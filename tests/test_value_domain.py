@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
+from adapters.errors import InvalidInput
 from adapters.model import Entity, Relation
 from proxy import validation
 from proxy.clock import HybridClock
 from proxy.config import Limits
 from proxy.control import MigrationOptions, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.errors import InvalidInput
 from proxy.verify import verify
 from tests.stores import STORE_KINDS, make_store
 

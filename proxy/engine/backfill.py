@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from adapters.base import Backend, ExportPage, VectorMap
-from adapters.model import StoreUnavailable
+from adapters.errors import StoreUnavailable
 from adapters.records import Record, RecordKey
 from policies import pacing
 from proxy import phases

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from adapters.base import Backend, VectorMap, WriteResult
-from adapters.model import EntityNotFound, StoreUnavailable
+from adapters.errors import EntityNotFound, LeaseLapsed, StoreUnavailable
 from adapters.records import EntityRecord, Record, RecordKey, parents_of
 from policies.rules import Observations
 from proxy import phases
@@ -27,7 +27,6 @@ from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
 from proxy.engine.repair import Counters, RepairQueue, purge_point
 from proxy.engine.stores import OpenStores
-from proxy.errors import LeaseLapsed
 from proxy.ops import ApplyRecords, WriteOp
 from proxy.outage import OutageWatch
 from proxy.telemetry import Telemetry

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from adapters.errors import Conflict
 from proxy import phases
-from proxy.control import Conflict, ControlStore, HistoryEntry, MigrationState, Phase
+from proxy.control import ControlStore, HistoryEntry, MigrationState, Phase
 from proxy.phases import Stage, Step
 from proxy.redaction import scrub
 

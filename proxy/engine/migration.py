@@ -19,13 +19,13 @@ from dataclasses import replace
 from typing import Any
 
 from adapters.base import Backend
+from adapters.errors import Conflict, IllegalTransition, StoreUnavailable
 from adapters.export import scope_counts
-from adapters.model import StoreUnavailable
 from adapters.records import Kind, RecordKey
 from policies.rules import Observations
 from proxy import phases
 from proxy.clock import HybridClock, earlier, unix_seconds
-from proxy.control import Conflict, ControlStore, MigrationOptions, MigrationState, Phase
+from proxy.control import ControlStore, MigrationOptions, MigrationState, Phase
 from proxy.engine.adoption import FleetAdoption
 from proxy.engine.backfill import Backfill, BackfillProgress
 from proxy.engine.dual_write import DualWriter
@@ -33,7 +33,6 @@ from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores, StoreOpener
-from proxy.errors import IllegalTransition
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.phases import Stage, Step, stage
 from proxy.placement import EVERYTHING, Moved, Selection, after_cutover, source_of

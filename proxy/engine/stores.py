@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from adapters.base import Backend, fleet_problem
+from adapters.errors import FleetUnsafe
 from proxy import heap, phases
 from proxy.engine.keeper import StateKeeper
-from proxy.errors import FleetUnsafe
 from proxy.outage import Unreachable
 from proxy.redaction import redact
 from proxy.refusals import transient
