@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
@@ -34,31 +32,26 @@ from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.points import Payload, PointsBackend, Where, scope_id
 from adapters.records import Kind
+from adapters.specs import StoreSpec, parse
 
 T = TypeVar("T")
 _FLAT = [1.0]  # the vector of a payload-only point: Chroma needs one
 
 
-def parse_spec(spec: str) -> dict[str, Any]:
+def parse_spec(spec: StoreSpec | str) -> dict[str, Any]:
     """Client arguments, collection prefix and a label without secrets, from a `chroma...` spec."""
-    parts = urlsplit(spec)
-    query = dict(parse_qsl(parts.query))
-    prefix = query.pop("prefix", "memshift")
-    where: dict[str, Any] = {k: query.pop(k) for k in ("tenant", "database") if k in query}
-    if parts.scheme == "chroma+local":
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if not path:
-            raise ValueError("chroma+local needs a directory: chroma+local:///path/to/dir")
-        return {"local": True, "args": {"path": path, **where}, "prefix": prefix, "label": f"chroma:{path}/{prefix}"}
-    token = os.environ.get("CHROMA_TOKEN")
-    if token_file := query.pop("token_file", None):
-        with open(token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    tls = parts.scheme == "chromas"
-    port = parts.port or (443 if tls else 8000)
-    args = {"host": parts.hostname or "localhost", "port": port, "ssl": tls,
+    spec = parse(spec) if isinstance(spec, str) else spec
+    prefix = spec.options.get("prefix", "memshift")
+    where: dict[str, Any] = {k: spec.options[k] for k in ("tenant", "database") if k in spec.options}
+    if spec.local:
+        return {"local": True, "args": {"path": spec.path, **where}, "prefix": prefix,
+                "label": f"chroma:{spec.path}/{prefix}"}
+    token = spec.secret.read()
+    tls = spec.scheme == "chromas"
+    port = spec.port or (443 if tls else 8000)
+    args = {"host": spec.host or "localhost", "port": port, "ssl": tls,
             "headers": {"Authorization": f"Bearer {token}"} if token else None, **where}
-    return {"local": False, "args": args, "prefix": prefix, "label": f"chroma:{parts.hostname}:{port}/{prefix}"}
+    return {"local": False, "args": args, "prefix": prefix, "label": f"chroma:{spec.host}:{port}/{prefix}"}
 
 
 def _where(w: Where | None) -> dict[str, Any] | None:
@@ -100,7 +93,7 @@ class ChromaPoints:
                 "record with an older one; one proxy per ChromaDB store (a fleet shares PostgreSQL, Neo4j or a "
                 "Qdrant server)")
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: StoreSpec | str) -> None:
         parsed = parse_spec(spec)
         self._local: bool = parsed["local"]
         self._args: dict[str, Any] = parsed["args"]
@@ -260,5 +253,5 @@ class ChromaPoints:
 
 
 class ChromaBackend(PointsBackend):
-    def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         super().__init__(ChromaPoints(spec), embedder, max_pending_texts)

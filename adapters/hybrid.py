@@ -20,7 +20,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import numpy as np
 from neo4j import AsyncManagedTransaction
@@ -32,34 +31,21 @@ from adapters.embedder import Embedder, Vector
 from adapters.errors import StoreUnavailable
 from adapters.neo4j import Neo4jBackend
 from adapters.records import text_hash
+from adapters.specs import StoreSpec, parse
 
 log = logging.getLogger("memshift.store.hybrid")
 Key = tuple[str, str]
 T = TypeVar("T")
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """(graph spec, vectors spec) from `hybrid:?graph=...&vectors=...`."""
-    scheme, _, rest = spec.partition(":")
-    if scheme != "hybrid" or not rest.startswith("?"):
-        raise ValueError("expected hybrid:?graph=bolt://...&vectors=qdrant://...")
-    # Split by hand: the values are store specs themselves (`+` must stay `+`, their own `?` stays theirs).
-    parts = dict(p.partition("=")[::2] for p in rest[1:].split("&") if p)
-    graph, vectors = unquote(parts.get("graph", "")), unquote(parts.get("vectors", ""))
-    # The messages name only the scheme: a spec may carry a password.
-    if not graph.startswith(("bolt", "neo4j")):
-        raise ValueError(f"graph= needs a Neo4j spec (bolt://, neo4j://), got {graph.partition(':')[0]!r}")
-    if not vectors.startswith("qdrant"):
-        raise ValueError(f"vectors= needs a Qdrant spec (qdrant://, qdrant+local://), got"
-                         f" {vectors.partition(':')[0]!r}")
-    return graph, vectors
-
-
 class HybridBackend(Neo4jBackend):
-    def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
-        graph, vectors = parse_spec(spec)
-        super().__init__(graph, embedder, max_pending_texts)
-        parsed = qdrant.parse_spec(vectors)
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
+        spec = parse(spec) if isinstance(spec, str) else spec
+        if spec.kind != "hybrid":
+            raise spec.problem("expected hybrid:?graph=bolt://...&vectors=qdrant://...")
+        self.spec = spec  # the spec it was built from: the same store opened again
+        super().__init__(spec.parts["graph"], embedder, max_pending_texts)
+        parsed = qdrant.parse_spec(spec.parts["vectors"])
         self._qdrant_args: dict[str, Any] = parsed["client"]
         self._collection = f"{parsed['prefix']}_entity_vectors"
         self._label = f"hybrid:{self._label}+qdrant:{self._collection}"

@@ -31,7 +31,6 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import neo4j
 import numpy as np
@@ -61,6 +60,7 @@ from adapters.records import (
     kinds_after,
     text_hash,
 )
+from adapters.specs import StoreSpec, parse
 
 T = TypeVar("T")
 Key = tuple[str, str]
@@ -69,22 +69,16 @@ _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,40}")
 _UNAVAILABLE = (neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired, OSError)
 
 
-def parse_spec(spec: str) -> dict[str, Any]:
+def parse_spec(spec: StoreSpec | str) -> dict[str, Any]:
     """Driver URI, auth, database and label prefix from a `bolt://user@host:port/db?prefix=P` spec."""
-    parts = urlsplit(spec)
-    query = dict(parse_qsl(parts.query))
-    prefix = query.pop("prefix", "Memshift")
+    spec = parse(spec) if isinstance(spec, str) else spec
+    prefix = spec.options.get("prefix", "Memshift")
     if not _PREFIX.fullmatch(prefix):
-        raise ValueError(f"prefix {prefix!r}: a letter, then letters, digits and _ (at most 41)")
-    user = unquote(parts.username) if parts.username else os.environ.get("NEO4J_USERNAME", "neo4j")
-    password = unquote(parts.password) if parts.password else os.environ.get("NEO4J_PASSWORD", "")
-    if password_file := query.pop("password_file", None):
-        with open(password_file, encoding="utf-8") as f:
-            password = f.read().strip()
-    host = parts.hostname or "localhost"
-    uri = f"{parts.scheme}://{host}:{parts.port or 7687}"
-    database = parts.path.strip("/") or None
-    return {"uri": uri, "auth": (user, password), "database": database, "prefix": prefix}
+        raise spec.problem(f"prefix {prefix!r}: a letter, then letters, digits and _ (at most 41)")
+    user = spec.user or os.environ.get("NEO4J_USERNAME", "neo4j")
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host or "localhost"
+    return {"uri": f"{spec.scheme}://{host}:{spec.port or 7687}", "auth": (user, spec.secret.read()),
+            "database": spec.path or None, "prefix": prefix}
 
 
 def _entity(row: dict[str, Any]) -> EntityRecord:
@@ -113,7 +107,7 @@ def _after(fields: list[str], n: int = 0) -> str:
 
 
 class Neo4jBackend(PlannedWrites, ExportInParts):
-    def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._uri: str = parsed["uri"]
         self._auth: tuple[str, str] = parsed["auth"]

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import asyncpg
 import numpy as np
@@ -58,6 +58,7 @@ from adapters.records import (
     newest_per_key,
     text_hash,
 )
+from adapters.specs import StoreSpec, parse
 
 T = TypeVar("T")
 log = logging.getLogger("memshift.store.postgres")
@@ -189,40 +190,38 @@ class _Applied:
     touched: set[tuple[str, str]] = field(default_factory=set)  # live entities whose embedding text may have changed
 
 
-def parse_spec(spec: str, default_schema: str = "memshift") -> tuple[str, str]:
+def connection(spec: StoreSpec | str, default_schema: str = "memshift") -> tuple[str, str]:
     """(asyncpg DSN, schema) from `postgresql://user@host:port/db?schema=NAME&password_file=PATH`. A password
-    comes from the DSN, $PGPASSWORD or `password_file`; it never reaches logs (`proxy.stores.redact`)."""
-    parts = urlsplit(spec)
-    query = dict(parse_qsl(parts.query))
-    schema = query.pop("schema", default_schema)
+    comes from the spec, `password_file` or $PGPASSWORD (adapters.specs); it never reaches logs."""
+    spec = parse(spec) if isinstance(spec, str) else spec
+    options = dict(spec.options)
+    schema = options.pop("schema", default_schema)
     if not schema.replace("_", "").isalnum():
-        raise ValueError(f"schema {schema!r}: letters, digits and _ only")
-    password_file = query.pop("password_file", None)
-    query.pop("index_workers", None)  # the store's own option (index_workers_of), not a server setting
-    netloc = parts.netloc
-    if password_file:
-        with open(password_file, encoding="utf-8") as f:
-            password = f.read().strip()
-        user = parts.username or "postgres"
-        host = parts.hostname or "localhost"
-        netloc = f"{user}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
-    dsn = parts._replace(scheme="postgresql", netloc=netloc, query=urlencode(query)).geturl()
+        raise spec.problem(f"schema {schema!r}: letters, digits and _ only")
+    options.pop("index_workers", None)  # the store's own option (index_workers_of), not a server setting
+    password = replace(spec.secret, env="").read()  # without one, asyncpg reads $PGPASSWORD itself
+    userinfo = ""
+    if spec.user or password:
+        userinfo = quote(spec.user or "postgres", safe="") + (f":{quote(password, safe='')}" if password else "") + "@"
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    netloc = userinfo + host + (f":{spec.port}" if spec.port else "")
+    dsn = f"postgresql://{netloc}/{quote(spec.path)}" + (f"?{urlencode(options)}" if options else "")
     return dsn, schema
 
 
 MAX_INDEX_WORKERS = 64
 
 
-def index_workers_of(spec: str) -> int | None:
+def index_workers_of(spec: StoreSpec) -> int | None:
     """`?index_workers=N`: the parallel workers PostgreSQL may use to build the vector index after a bulk load (0:
     the building process alone). Unset: the server's own `max_parallel_maintenance_workers`. On a machine that also
     serves the agents, the build with every core starves their writes: at a million entities on 2 cores, writes
     waited up to 5.5 s while three processes built the index (docs/benchmarks.md)."""
-    raw = dict(parse_qsl(urlsplit(spec).query)).get("index_workers")
+    raw = spec.options.get("index_workers")
     if raw is None:
         return None
     if not raw.isdigit() or int(raw) > MAX_INDEX_WORKERS:
-        raise ValueError(f"index_workers {raw!r}: a whole number from 0 to {MAX_INDEX_WORKERS}")
+        raise spec.problem(f"index_workers {raw!r}: a whole number from 0 to {MAX_INDEX_WORKERS}")
     return int(raw)
 
 
@@ -235,11 +234,12 @@ _LIVE_RECORDS = ("entities x WHERE NOT x.deleted",
 
 
 class PostgresBackend(PlannedWrites, ExportInParts):
-    def __init__(self, spec: str, embedder: Embedder, *, pool_size: int = 10, max_pending_texts: int = 128) -> None:
-        self._dsn, self._schema = parse_spec(spec)
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, *, pool_size: int = 10,
+                 max_pending_texts: int = 128) -> None:
+        spec = parse(spec) if isinstance(spec, str) else spec
+        self._dsn, self._schema = connection(spec)
         self._index_workers = index_workers_of(spec)
-        parts = urlsplit(self._dsn)
-        self._label = f"postgresql:{parts.hostname}{parts.path}/{self._schema}"
+        self._label = f"postgresql:{spec.host}/{spec.path}/{self._schema}"
         self._embedder = embedder
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None

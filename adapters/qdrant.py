@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from qdrant_client import AsyncQdrantClient, models
@@ -24,6 +22,7 @@ from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.points import META_ID, Payload, PointsBackend, Where, matches, point_id, scope_id
 from adapters.records import Kind
+from adapters.specs import StoreSpec, parse
 
 __all__ = ["VECTOR", "QdrantBackend", "parse_spec", "point_id", "vector_collection"]
 
@@ -54,21 +53,16 @@ async def vector_collection(client: AsyncQdrantClient, name: str, dim: int, labe
     return existing
 
 
-def parse_spec(spec: str) -> dict[str, Any]:
+def parse_spec(spec: StoreSpec | str) -> dict[str, Any]:
     """Client arguments and collection prefix from a `qdrant+local:///path` or `qdrant[s]://host:port` spec."""
-    parts = urlsplit(spec)
-    query = dict(parse_qsl(parts.query))
-    prefix = query.pop("prefix", "memshift")
-    if parts.scheme == "qdrant+local":
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        args: dict[str, Any] = {"location": ":memory:"} if path in ("", ":memory:") else {"path": path}
+    spec = parse(spec) if isinstance(spec, str) else spec
+    prefix = spec.options.get("prefix", "memshift")
+    if spec.local:
+        args: dict[str, Any] = {"location": ":memory:"} if spec.path == ":memory:" else {"path": spec.path}
     else:
-        key = query.pop("api_key", None) or os.environ.get("QDRANT_API_KEY")
-        if key_file := query.pop("api_key_file", None):
-            with open(key_file, encoding="utf-8") as f:
-                key = f.read().strip()
-        args = {"url": f"{'https' if parts.scheme == 'qdrants' else 'http'}://{parts.hostname}:{parts.port or 6333}",
-                "api_key": key}
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host
+        args = {"url": f"{'https' if spec.scheme == 'qdrants' else 'http'}://{host}:{spec.port or 6333}",
+                "api_key": spec.secret.read() or None}
     return {"client": args, "prefix": prefix}
 
 
@@ -182,7 +176,7 @@ class QdrantPoints:
     one. Local mode takes the same conditional writes (the client implements them), though its one writer never
     needs them."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: StoreSpec | str) -> None:
         parsed = parse_spec(spec)
         self._client_args: dict[str, Any] = parsed["client"]
         p = parsed["prefix"]
@@ -389,5 +383,5 @@ class QdrantPoints:
 
 
 class QdrantBackend(PointsBackend):
-    def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         super().__init__(QdrantPoints(spec), embedder, max_pending_texts)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from adapters.errors import EmbeddingMismatch, StoreUnavailable
 from adapters.points import META_ID, Payload, PointsBackend, Where, scope_id
 from adapters.qdrant import VECTOR, QdrantPoints, _filter
 from adapters.records import Kind
+from adapters.specs import StoreSpec, parse
 
 T = TypeVar("T")
 _SCROLL = 1024
@@ -35,12 +35,9 @@ _INDEXED = {Kind.ENTITY: ("scope", "name"), Kind.OBSERVATION: ("scope", "entity"
 class EdgePoints(QdrantPoints):
     """adapters.points' driver for Qdrant Edge: the Qdrant driver's rules over Edge shards."""
 
-    def __init__(self, spec: str) -> None:
-        parts = urlsplit(spec)
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if not path:
-            raise ValueError("qdrant+edge needs a directory: qdrant+edge:///path/to/dir")
-        prefix = dict(parse_qsl(parts.query)).get("prefix", "memshift")
+    def __init__(self, spec: StoreSpec | str) -> None:
+        spec = parse(spec) if isinstance(spec, str) else spec
+        path, prefix = spec.path, spec.options.get("prefix", "memshift")
         self._dir = Path(path)
         self._c = {Kind.ENTITY: f"{prefix}_entities", Kind.OBSERVATION: f"{prefix}_observations",
                    Kind.RELATION: f"{prefix}_relations"}
@@ -206,5 +203,5 @@ class EdgePoints(QdrantPoints):
 
 
 class QdrantEdgeBackend(PointsBackend):
-    def __init__(self, spec: str, embedder: Embedder, max_pending_texts: int = 128) -> None:
+    def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         super().__init__(EdgePoints(spec), embedder, max_pending_texts)

@@ -16,6 +16,7 @@ import grpc
 from adapters.errors import InvalidInput, PolicyError
 from adapters.export import export_pages
 from adapters.records import Record, key_text
+from adapters.specs import scrub
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 from policies.loader import ramp_schedule
@@ -30,7 +31,6 @@ from proxy.guard import PolicyGuard
 from proxy.phases import Stage, stage
 from proxy.placement import Placement, selection
 from proxy.read_routing import ReadRouting
-from proxy.redaction import scrub
 from proxy.servicer import abort_for, rpc
 from proxy.shadow import ShadowReader
 from proxy.shedding import Budget

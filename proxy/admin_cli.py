@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 
+from adapters.specs import read_secret_file
 from memshift.v1 import admin_pb2 as pb
 from memshift.v1 import admin_pb2_grpc as pb_grpc
 
@@ -96,7 +97,7 @@ def admin_token(token: str | None, token_file: str, flag: str = "--token") -> st
     if token:
         return token
     try:
-        return Path(token_file).read_text().strip()
+        return read_secret_file(token_file)
     except OSError:
         raise SystemExit(f"memshift: no admin token: pass {flag}, set MEMSHIFT_ADMIN_TOKEN, or make "
                          f"{token_file} readable") from None

@@ -27,10 +27,10 @@ from typing import Any
 import grpc
 
 from adapters.errors import JsonlError
+from adapters.specs import scrub
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import admin_cli, transfer_cli
-from proxy.redaction import scrub
 
 
 def _print_graph(entities: Iterable[pb.Entity], relations: Iterable[pb.Relation],

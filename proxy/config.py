@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from adapters.errors import ConfigError
+from adapters.errors import ConfigError, StoreSpecError
+from adapters.specs import parse as parse_spec
+from adapters.specs import read_secret_file
 from policies.numbers import problem
 from proxy.clock import MAX_NODE
 from proxy.telemetry import TelemetryConfig
@@ -81,7 +83,7 @@ class Config:
         """The admin bearer token: from admin_token_file if set, else admin_token."""
         if self.admin_token_file:
             try:
-                token = Path(self.admin_token_file).read_text().strip()
+                token = read_secret_file(self.admin_token_file)
             except OSError as exc:
                 raise ConfigError(f"admin_token_file: cannot read {self.admin_token_file}: {exc.strerror}") from None
             if not token:
@@ -214,4 +216,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"{path}: {why}")
     if config.log_format not in {"json", "text"}:
         raise ConfigError("log_format: must be json or text")
+    for setting in ("store", "control"):  # read once now: a bad spec stops the start naming the setting and part
+        try:
+            parse_spec(getattr(config, setting))
+        except StoreSpecError as exc:
+            raise ConfigError(f"{setting}: {exc}") from None
     return config

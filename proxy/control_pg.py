@@ -26,8 +26,9 @@ from typing import Any, cast
 import asyncpg
 
 from adapters.errors import Conflict
-from adapters.postgres import parse_spec
+from adapters.postgres import connection
 from adapters.records import RecordKey
+from adapters.specs import StoreSpec, redact
 from proxy.control import (
     HistoryEntry,
     Member,
@@ -39,7 +40,6 @@ from proxy.control import (
     state_json,
     state_load,
 )
-from proxy.redaction import redact
 
 log = logging.getLogger("memshift.control")
 CHANNEL = "memshift_control"
@@ -59,9 +59,9 @@ CREATE TABLE IF NOT EXISTS proxies (node text PRIMARY KEY, address text NOT NULL
 
 
 class PostgresControlStore:
-    def __init__(self, spec: str, initial_primary: str, lease_seconds: float = 5.0) -> None:
+    def __init__(self, spec: StoreSpec | str, initial_primary: str, lease_seconds: float = 5.0) -> None:
         # The same spec syntax as the PostgreSQL store (password_file, $PGPASSWORD), in a schema of its own.
-        self._dsn, self._schema = parse_spec(spec, default_schema="memshift_control")
+        self._dsn, self._schema = connection(spec, default_schema="memshift_control")
         self._initial_primary = initial_primary
         self.lease_seconds = lease_seconds
         self._pool: Any = None

@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line on stderr (or plain text for development).
 
-Every line passes through `proxy.redaction.scrub` on its way out: the message, every extra field and any traceback,
+Every line passes through `adapters.specs.scrub` on its way out: the message, every extra field and any traceback,
 so a store spec with a password cannot reach the log from any caller, whatever it logs.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from proxy.redaction import scrub
+from adapters.specs import scrub
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

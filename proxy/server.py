@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.errors import ConfigError, ListenError, PolicyError, TokensFileError
+from adapters.specs import parse as parse_spec
 from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
 from policies.loader import load as load_policy
 from policies.rules import Observations
@@ -47,7 +48,7 @@ from proxy.router import Router
 from proxy.servicer import MemoryServicer
 from proxy.shadow import ShadowReader
 from proxy.shedding import Budget
-from proxy.stores import backend_for, redact, sqlite_path
+from proxy.stores import backend_for, redact
 from proxy.telemetry import Gauges, Telemetry
 from proxy.telemetry import build as build_telemetry
 from proxy.wire import add_servicer
@@ -72,10 +73,11 @@ def admin_token(config: Config) -> str:
     token = config.resolved_admin_token()
     if token:
         return token
-    if not config.control.startswith("sqlite:"):
+    control_spec = parse_spec(config.control)
+    if control_spec.kind != "sqlite":
         raise ConfigError("a shared control store (a fleet) needs admin_token_file or admin_token: every proxy of "
                           "the fleet must accept the same token")
-    control = sqlite_path(config.control)
+    control = control_spec.path
     token = secrets.token_urlsafe(24)
     if control == ":memory:":
         log.warning("no admin token configured; generated one for this run only")
@@ -181,12 +183,16 @@ class MemshiftServer:
         self.observations = Observations(keep_seconds=policy.policy.longest_window())
         shared = None
         log.info("opening the control store", extra={"control": redact(cfg.control)})
-        if cfg.control.startswith(("postgresql:", "postgres:")):
-            shared = PostgresControlStore(cfg.control, initial_primary=cfg.store, lease_seconds=cfg.lease_seconds)
+        control_spec = parse_spec(cfg.control)
+        if control_spec.kind == "postgresql":
+            shared = PostgresControlStore(control_spec, initial_primary=cfg.store, lease_seconds=cfg.lease_seconds)
             await shared.open()
             self.control: ControlStore = shared
+        elif control_spec.kind == "sqlite":
+            self.control = SqliteControlStore(control_spec.path, initial_primary=cfg.store)
         else:
-            self.control = SqliteControlStore(sqlite_path(cfg.control), initial_primary=cfg.store)
+            raise ConfigError(f"control: {control_spec.shown} names a {control_spec.kind} store; the control store "
+                              "is sqlite:///FILE (one proxy) or postgresql://... (a fleet)")
         self._begun.append("control")
         self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
                                       telemetry=self.telemetry, observations=self.observations,

@@ -15,12 +15,12 @@ import grpc
 from google.protobuf.message import Message
 
 from adapters.errors import ProxyError
+from adapters.specs import scrub
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
 from proxy import convert
 from proxy.auth import ScopeTokens
 from proxy.config import Limits
-from proxy.redaction import scrub
 from proxy.router import Router
 from proxy.shadow import collect_after_reply, reset_after_reply
 from proxy.telemetry import Telemetry

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters.export import scope_counts
+from adapters.specs import redact, scrub
 from proxy import phases
 from proxy.engine.migration import MigrationEngine
-from proxy.redaction import redact, scrub
 
 MAX_SCOPES_SHOWN = 1000  # selected scopes listed one by one; the per-store totals count them all
 

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from proxy.redaction import scrub
+from adapters.specs import scrub
 
 log = logging.getLogger("memshift.telemetry")
 SCOPE = "memshift"
@@ -161,7 +161,7 @@ class Telemetry:
     def _store_call(self, role: str, system: str, operation: str, parent: Any) -> Iterator[Span]:
         attrs = {"db.system.name": system, "db.operation.name": operation, "memshift.store.role": role}
         start = time.perf_counter()
-        # Exceptions are recorded by hand, scrubbed: a store's message may quote its spec (proxy.redaction).
+        # Exceptions are recorded by hand, scrubbed: a store's message may quote its spec (adapters.specs).
         with self.tracer.start_as_current_span(f"{operation} {role}", context=parent, kind=SpanKind.CLIENT,
                                                attributes=attrs, record_exception=False,
                                                set_status_on_exception=False) as span:

@@ -25,12 +25,12 @@ from adapters.embedder import BatchingEmbedder
 from adapters.errors import UnreadableState
 from adapters.model import Entity
 from adapters.records import Kind
+from adapters.specs import redact, scrub, scrub_secrets
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from proxy.config import Config, Limits
 from proxy.control import MigrationState, SqliteControlStore
 from proxy.logs import JsonFormatter
-from proxy.redaction import redact, scrub, scrub_secrets
 from proxy.server import MemshiftServer
 from tests.cluster import AUTH, Cluster, boot, shutdown, status
 from tests.conftest import ADMIN_TOKEN

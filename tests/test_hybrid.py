@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 
 from adapters.embedder import BatchingEmbedder
-from adapters.hybrid import HybridBackend, parse_spec
+from adapters.errors import StoreSpecError
+from adapters.hybrid import HybridBackend
 from adapters.model import Entity, ObservationAddition
 from adapters.records import embedding_text, text_hash
+from adapters.specs import parse
 from tests.stores import make_store
 
 S = "agent-7"
@@ -80,7 +82,7 @@ async def test_vectors_lost_with_a_crash_are_recomputed_on_open(
     FlakyVectors(store, monkeypatch)
     await store.create_entities(S, [Entity("carol", "person", ("plays the cello in an orchestra",))], 1)
     await store.close()  # the computed vector never reached Qdrant, and the process ends
-    again = HybridBackend(store._spec, embedder)
+    again = HybridBackend(store.spec, embedder)
     await again.open()  # embed_stale finds carol's lagging vector_hash
     try:
         assert "carol" in await _names(again, embedder, "cellist musician")
@@ -89,9 +91,12 @@ async def test_vectors_lost_with_a_crash_are_recomputed_on_open(
 
 
 def test_spec_parts_are_store_specs_of_their_own() -> None:
-    graph, vectors = parse_spec("hybrid:?graph=bolt://neo4j:7687?prefix=Mem&vectors=qdrant+local:///var/q")
-    assert (graph, vectors) == ("bolt://neo4j:7687?prefix=Mem", "qdrant+local:///var/q")
-    with pytest.raises(ValueError, match="graph="):
-        parse_spec("hybrid:?graph=postgresql://x&vectors=qdrant://q")
-    with pytest.raises(ValueError, match="vectors="):
-        parse_spec("hybrid:?graph=bolt://x")
+    spec = parse("hybrid:?graph=bolt://neo4j:7687?prefix=Mem&vectors=qdrant+local:///var/q")
+    graph, vectors = spec.parts["graph"], spec.parts["vectors"]
+    assert (graph.text, vectors.text) == ("bolt://neo4j:7687?prefix=Mem", "qdrant+local:///var/q")
+    assert (graph.kind, graph.host, graph.port, graph.options) == ("neo4j", "neo4j", 7687, {"prefix": "Mem"})
+    assert (vectors.kind, vectors.path) == ("qdrant", "var/q")
+    with pytest.raises(StoreSpecError, match="graph="):
+        parse("hybrid:?graph=postgresql://x&vectors=qdrant://q")
+    with pytest.raises(StoreSpecError, match="vectors="):
+        parse("hybrid:?graph=bolt://x")

@@ -9,9 +9,9 @@ import logging
 from dataclasses import replace
 
 from adapters.records import RecordKey, key_text
+from adapters.specs import scrub
 from proxy import phases
 from proxy.engine.keeper import StateKeeper
-from proxy.redaction import scrub
 
 log = logging.getLogger("memshift.migration")
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from adapters.errors import Conflict
+from adapters.specs import scrub
 from proxy import phases
 from proxy.control import ControlStore, HistoryEntry, MigrationState, Phase
 from proxy.phases import Stage, Step
-from proxy.redaction import scrub
 
 log = logging.getLogger("memshift.migration")
 

@@ -22,6 +22,7 @@ from adapters.base import Backend
 from adapters.errors import Conflict, IllegalTransition, StoreUnavailable
 from adapters.export import scope_counts
 from adapters.records import Kind, RecordKey
+from adapters.specs import redact, scrub
 from policies.rules import Observations
 from proxy import phases
 from proxy.clock import HybridClock, earlier, unix_seconds
@@ -36,7 +37,6 @@ from proxy.engine.stores import OpenStores, StoreOpener
 from proxy.outage import Outage, OutageWatch, Unreachable
 from proxy.phases import Stage, Step, stage
 from proxy.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
-from proxy.redaction import redact, scrub
 from proxy.telemetry import Telemetry
 from proxy.validation import within
 

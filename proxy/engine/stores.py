@@ -15,10 +15,10 @@ from typing import cast
 
 from adapters.base import Backend, fleet_problem
 from adapters.errors import FleetUnsafe
+from adapters.specs import redact
 from proxy import heap, phases
 from proxy.engine.keeper import StateKeeper
 from proxy.outage import Unreachable
-from proxy.redaction import redact
 from proxy.refusals import transient
 from proxy.stores import system_of
 
