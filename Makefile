@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint typecheck pytest bench bench-full proto clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: installed any later (or unpinned) it pulls a CUDA build of several GB.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,8 @@
 
 Each class says what went wrong in words a caller can act on (`told`: the message, in the class's own framing) and
 carries `code`, the canonical status name (`INVALID_ARGUMENT`, `NOT_FOUND`, ...; the vocabulary gRPC uses) that the
-proxy turns into a gRPC status in one place (`proxy.servicer.status_for`); the MCP door reports the same name.
+proxy turns into a gRPC status in one place (`proxy.transports.servicer.status_for`); the MCP door reports the same
+name.
 Stores raise these without knowing any transport. Anything else that escapes a call is a bug: logged, and answered
 INTERNAL without details.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.__main__ import Table
 from memshift.v1 import admin_pb2 as apb
-from proxy.control_pg import PostgresControlStore
+from proxy.engine.control_pg import PostgresControlStore
 from tests.fleet import AUTH, acknowledged, start_proxy, stop_all, wait_serving
 from tests.servers import PostgresServer
 

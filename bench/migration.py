@@ -40,11 +40,11 @@ from bench.__main__ import start as start_process
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
-from proxy import ops
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.engine.backends import backend_for
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.stores import backend_for
+from proxy.routing import ops
 
 
 def alternating(rounds: int, *sides: str) -> Iterator[tuple[int, str]]:

@@ -40,7 +40,7 @@ from bench.generated import GeneratedVectorsOnly
 from bench.scale import TOPICS
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
-from proxy import jsonl
+from proxy.formats import jsonl
 from tests.servers import reference_memory_server
 
 SCOPE = "agent"

@@ -33,8 +33,8 @@ from adapters.points import point_id
 from adapters.records import EntityRecord, Record
 from bench.__main__ import Table
 from bench.migration import bulk_rate, engine_on, fill, pages_of, wait_backfill
-from proxy.control import MigrationOptions
-from proxy.stores import backend_for
+from proxy.engine.backends import backend_for
+from proxy.engine.control import MigrationOptions
 from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer
 
 _names = itertools.count()

@@ -31,8 +31,9 @@ from bench.__main__ import Table, entity_text, free_port, start, timed, wait_rea
 from memshift.v1 import admin_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc as pb_grpc
-from proxy import backup, jsonl, transfer_cli
-from proxy.config import Limits
+from proxy.cli import transfer as transfer_cli
+from proxy.formats import backup, jsonl
+from proxy.runtime.config import Limits
 
 TOKEN = "bench-admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

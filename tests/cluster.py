@@ -15,9 +15,9 @@ from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Config
-from proxy.server import MemshiftServer
-from proxy.telemetry import Telemetry, TelemetryConfig
+from proxy.runtime.config import Config
+from proxy.runtime.telemetry import Telemetry, TelemetryConfig
+from proxy.transports.server import MemshiftServer
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-memshift-actor", "pytest"))

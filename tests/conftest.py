@@ -13,8 +13,8 @@ import pytest
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from memshift.v1 import memory_pb2_grpc
-from proxy.config import Config
-from proxy.server import MemshiftServer
+from proxy.runtime.config import Config
+from proxy.transports.server import MemshiftServer
 from tests.servers import ArcadeDBServer, ChromaServer, PostgresServer, reference_memory_server
 from tests.stores import STORE_KINDS, make_store
 

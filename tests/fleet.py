@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
-from proxy.control_pg import PostgresControlStore
+from proxy.engine.control_pg import PostgresControlStore
 from tests.servers import free_port
 
 TOKEN = "fleet-admin-token"

@@ -90,7 +90,7 @@ async def test_tokens_rotate_without_a_restart(guarded: Cluster) -> None:
 
 
 async def test_the_cli_sends_its_token(guarded: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
     base = ["--target", f"127.0.0.1:{guarded.server.port}", "--scope", "agent-a"]
     assert await asyncio.to_thread(main, ["remember", *base, "--token", AGENT_A, "alice", "person", "likes tea"]) == 0
     assert await asyncio.to_thread(main, ["find", *base, "--token", AGENT_A, "TEA"]) == 0
@@ -128,7 +128,7 @@ async def test_the_admin_port_alone_can_use_tls(embedder: BatchingEmbedder, tmp_
         with pytest.raises(grpc.aio.AioRpcError) as err:  # plain text on the admin port is refused
             await c.admin.GetStatus(apb.GetStatusRequest(), metadata=AUTH, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        from proxy.cli import main
+        from proxy.cli.main import main
         code = await asyncio.to_thread(main, ["admin", "--admin-target", f"localhost:{c.server.admin_port}",
                                               "--token", c.server.admin_token, "--tls-ca", str(cert), "status"])
         assert code == 0

@@ -22,11 +22,11 @@ from adapters.export import export_pages
 from adapters.records import EntityRecord, ObservationRecord, Record, RelationRecord
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy import backup
-from proxy.cli import main
-from proxy.clock import COUNTER_BITS, NODE_BITS
-from proxy.config import Limits
-from proxy.verify import verify
+from proxy.cli.main import main
+from proxy.engine.clock import COUNTER_BITS, NODE_BITS
+from proxy.engine.verify import verify
+from proxy.formats import backup
+from proxy.runtime.config import Limits
 from tests.cluster import AUTH, Cluster, boot, run_verify, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN
 

@@ -82,3 +82,22 @@ async def test_reads_ride_out_a_proxy_that_comes_up_while_creates_are_not_repeat
             assert (await memory.read_graph()).entities == []
         finally:
             await shutdown(c)
+
+
+def test_the_client_installs_its_own_namespace_and_nothing_generic(tmp_path: Path) -> None:
+    """An agent that installs the Python client gets `memshift` (the client and its gRPC stubs), not the proxy's
+    packages: the client is a distribution of its own (clients/python)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(root / "clients" / "python")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    [wheel] = tmp_path.glob("memshift-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
+    assert tops == {"memshift"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "memshift/client.py" in names and "memshift/v1/memory_pb2_grpc.py" in names and "memshift/py.typed" in names

@@ -251,7 +251,7 @@ async def test_list_records_walks_everything_in_stable_order(backend: Backend, v
 async def test_a_walk_resumes_just_before_any_scope_as_a_backfill_of_chosen_scopes_jumps(
         backend: Backend, v: itertools.count[int]) -> None:
     """A backfill of chosen scopes jumps over the others by resuming after a key no record has: the scope it wants,
-    with empty parts (proxy.placement.walk_from). Every store must list from exactly there, and export too."""
+    with empty parts (proxy.engine.placement.walk_from). Every store must list from exactly there, and export too."""
     await seed(backend, v)
     await backend.create_entities("agent-0", [Entity("z", "t", ("o",))], next(v))
     await backend.create_relations("agent-0", [Relation("z", "z", "self")], next(v))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from helm_python import chart
 
-from proxy.config import load_config
+from proxy.runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "memshift"

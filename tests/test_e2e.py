@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memshift.v1 import memory_pb2 as pb
 from memshift.v1 import memory_pb2_grpc
-from proxy.server import MemshiftServer
+from proxy.transports.server import MemshiftServer
 
 Stub = memory_pb2_grpc.MemoryStub
 S = "agent-7"

@@ -1,4 +1,4 @@
-"""proxy.eager.start_eagerly: a dual write's secondary half started at once, a task only from its first wait on.
+"""proxy.runtime.eager.start_eagerly: a dual write's secondary half started at once, a task only from its first wait on.
 
 Whatever a coroutine does, started eagerly it must end exactly as it would in a task (same result, same error, same
 steps taken), only sooner; and it must behave like a task towards cancellation and context variables.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.eager import start_eagerly
+from proxy.runtime.eager import start_eagerly
 
 STEPS = st.lists(st.sampled_from(["work", "yield", "wait"]), max_size=6)
 ENDINGS = st.sampled_from(["return", "raise"])

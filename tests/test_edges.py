@@ -28,10 +28,10 @@ from adapters.records import Kind
 from adapters.specs import redact, scrub, scrub_secrets
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Config, Limits
-from proxy.control import MigrationState, SqliteControlStore
-from proxy.logs import JsonFormatter
-from proxy.server import MemshiftServer
+from proxy.engine.control import MigrationState, SqliteControlStore
+from proxy.runtime.config import Config, Limits
+from proxy.runtime.logs import JsonFormatter
+from proxy.transports.server import MemshiftServer
 from tests.cluster import AUTH, Cluster, boot, shutdown, status
 from tests.conftest import ADMIN_TOKEN
 

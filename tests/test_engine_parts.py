@@ -18,22 +18,22 @@ from adapters.embedder import BatchingEmbedder
 from adapters.errors import Conflict, IllegalTransition
 from adapters.model import Entity
 from adapters.records import Kind
-from proxy import phases
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.engine import phases
 from proxy.engine.adoption import FleetAdoption
+from proxy.engine.backends import backend_for
 from proxy.engine.backfill import Backfill
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.dual_write import DualWriter
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.outage import OutageWatch
+from proxy.engine.phases import Step
+from proxy.engine.placement import Placement
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores
-from proxy.ops import CreateEntities
-from proxy.outage import OutageWatch
-from proxy.phases import Step
-from proxy.placement import Placement
-from proxy.stores import backend_for
-from proxy.telemetry import Telemetry
+from proxy.routing.ops import CreateEntities
+from proxy.runtime.telemetry import Telemetry
 
 
 class Refusing:

@@ -21,8 +21,8 @@ from adapters.embedder import BatchingEmbedder
 from adapters.postgres import PostgresBackend
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.control import MigrationState, Phase
-from proxy.control_pg import PostgresControlStore
+from proxy.engine.control import MigrationState, Phase
+from proxy.engine.control_pg import PostgresControlStore
 from tests.fleet import AUTH, acknowledged, start_proxy, status, stop_all, wait_serving
 from tests.test_migration_e2e import Agent, graph_of
 

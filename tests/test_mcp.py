@@ -21,7 +21,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Limits
+from proxy.runtime.config import Limits
 from tests.cluster import AUTH, Cluster, boot, run_verify, shutdown, wait_for
 from tests.test_migration_e2e import graph_of
 

@@ -22,7 +22,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Limits
+from proxy.runtime.config import Limits
 from tests.cluster import Cluster, boot, shutdown
 
 ALICE = {"name": "alice", "entityType": "person", "observations": ['drinks "green" tea', "lives in Paris"]}

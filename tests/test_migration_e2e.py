@@ -18,8 +18,8 @@ from adapters.records import Kind
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import admin_pb2_grpc, memory_pb2_grpc
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Config
-from proxy.server import MemshiftServer
+from proxy.runtime.config import Config
+from proxy.transports.server import MemshiftServer
 from tests.cluster import AUTH, Cluster, boot, run_verify, seed, self_signed, shutdown, status, wait_for
 from tests.conftest import ADMIN_TOKEN
 

@@ -29,13 +29,14 @@ from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.errors import EntityNotFound, InvalidInput, StoreUnavailable
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import Kind
-from proxy import ops, phases
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, Phase, SqliteControlStore
+from proxy.engine import phases
+from proxy.engine.backends import backend_for
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.migration import IllegalTransition, MigrationEngine
-from proxy.placement import EVERYTHING, Selection, source_of
-from proxy.stores import backend_for
-from proxy.verify import verify
+from proxy.engine.placement import EVERYTHING, Selection, source_of
+from proxy.engine.verify import verify
+from proxy.routing import ops
 
 SCOPES = ["s1", "s2"]
 NAMES = ["a", "b", "c"]

@@ -1,6 +1,6 @@
-"""One table of what a migration may do in each stage (`proxy.phases`), and an engine that consults it: every step the
-table refuses is refused over the admin API with FAILED_PRECONDITION naming what the table allows instead, and every
-step it allows leads where the table says."""
+"""One table of what a migration may do in each stage (`proxy.engine.phases`), and an engine that consults it: every
+step the table refuses is refused over the admin API with FAILED_PRECONDITION naming what the table allows instead,
+and every step it allows leads where the table says."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.errors import Conflict, IllegalTransition
 from memshift.v1 import admin_pb2 as apb
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, MigrationState, Phase, SqliteControlStore
+from proxy.engine.backends import backend_for
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, MigrationState, Phase, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.phases import TABLE, Stage, Step, allowed, apply, check, stage, writes_secondary
-from proxy.stores import backend_for
+from proxy.engine.phases import TABLE, Stage, Step, allowed, apply, check, stage, writes_secondary
 from tests.cluster import AUTH, Cluster, seed, status, wait_for
 
 
@@ -44,7 +44,7 @@ def test_check_follows_the_table_and_names_what_is_allowed(phase: Phase, seconda
 
 
 # The legal paths, written out here from docs/design.md's phase table and docs/migration.md, not read from the code:
-# the table in proxy.phases must say exactly this.
+# the table in proxy.engine.phases must say exactly this.
 LEGAL = {
     ("NotStarted", "start a migration"): "DataMigration",
     ("DataMigration", "pause the backfill"): "DataMigration",

@@ -1,4 +1,4 @@
-"""The placement's rules (proxy.placement), over random placements and selections: a cutover moves exactly the
+"""The placement's rules (proxy.engine.placement), over random placements and selections: a cutover moves exactly the
 scopes the migration selected from its source store, and every other scope keeps its store."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from adapters.embedded import EmbeddedBackend
 from adapters.embedder import BatchingEmbedder
 from adapters.errors import InvalidInput
 from adapters.records import EntityRecord, Kind, RecordKey, RecordPage
-from proxy.placement import (
+from proxy.engine.placement import (
     MAX_SELECTED,
     Moved,
     Placement,
@@ -26,7 +26,7 @@ from proxy.placement import (
     source_of,
     walk_from,
 )
-from proxy.verify import verify
+from proxy.engine.verify import verify
 
 STORES = ["sqlite:///a.db", "sqlite:///b.db", "postgresql://c"]
 # Every scope of up to three letters over a small alphabet: prefixes of one another, so longest-prefix rules and

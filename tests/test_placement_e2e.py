@@ -172,7 +172,7 @@ async def test_two_sets_moved_to_postgres_one_rolled_back_while_agents_write_eve
 
 async def test_the_operator_moves_scopes_from_a_file_and_a_prefix_with_the_cli(
         embedder: BatchingEmbedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
     c = await boot(embedder, tmp_path)
     base = ["admin", "--admin-target", f"127.0.0.1:{c.server.admin_port}", "--token", c.server.admin_token]
 

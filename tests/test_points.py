@@ -18,10 +18,10 @@ from adapters.model import Entity
 from adapters.points import point_id
 from adapters.qdrant import QdrantPoints
 from adapters.records import Kind, ObservationRecord, RelationRecord
-from proxy.clock import HybridClock
-from proxy.control import MigrationOptions, SqliteControlStore
+from proxy.engine.backends import backend_for
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.stores import backend_for
 
 
 def _payload(name: str, version: int) -> dict[str, object]:

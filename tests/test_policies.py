@@ -16,7 +16,7 @@ from policies.loader import load, parse
 from policies.pacing import FLOOR, PageTiming, next_page_size
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, Policy, Rule, Verdict, evaluate, most_severe, streaks_after
-from proxy.shadow import sampled
+from proxy.routing.shadow import sampled
 
 names = st.text(alphabet="abcdef", min_size=1, max_size=4)
 entities = st.builds(Entity, name=names, entity_type=st.sampled_from(["person", "place"]),

@@ -181,7 +181,7 @@ async def test_corrupting_secondary_is_rolled_back_by_the_policy(rollback_cluste
     # and a phase change that the rollback made impossible says why.
     st = await status(c)
     assert "by memshift-policy: rule mismatch-rate" in st.rolled_back
-    from proxy.admin_cli import render
+    from proxy.cli.admin import render
     assert render(st).startswith("ROLLED BACK ") and "rule mismatch-rate" in render(st).splitlines()[0]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await c.admin.Advance(apb.AdvanceRequest(expected_phase=apb.DUAL_WRITE), metadata=AUTH)
@@ -340,7 +340,7 @@ async def test_bad_ramp_and_routing_requests_are_refused(rollback_cluster: Clust
 
 async def test_cli_ramps_shows_the_policy_and_lists_mismatches(rollback_cluster: Cluster, faults: ReadFaults,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
     c = rollback_cluster
     base = ["admin", "--admin-target", f"127.0.0.1:{c.server.admin_port}", "--token", c.server.admin_token]
     await to_dual_write(c)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.config import Limits
-from proxy.shedding import Budget
+from proxy.runtime.config import Limits
+from proxy.transports.shedding import Budget
 from tests.cluster import AUTH, boot, shutdown, status
 
 

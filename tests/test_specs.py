@@ -70,7 +70,7 @@ def test_every_adapter_connects_where_the_spec_says(password: str, host: str, po
     ("postgresql://h/db?index_workers=many", "index_workers 'many'"),
 ])
 def test_a_malformed_part_is_one_kind_of_error_naming_it(text: str, says: str) -> None:
-    from proxy.stores import backend_for
+    from proxy.engine.backends import backend_for
     with pytest.raises(StoreSpecError) as err:
         backend_for(text, None)  # type: ignore[arg-type]
     assert says in str(err.value) and "pw-123" not in str(err.value)

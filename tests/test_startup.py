@@ -18,9 +18,9 @@ import yaml
 from adapters.embedder import BatchingEmbedder
 from adapters.errors import ListenError
 from memshift.v1 import admin_pb2 as apb
-from proxy.cli import main
-from proxy.config import Config
-from proxy.server import MemshiftServer
+from proxy.cli.main import main
+from proxy.runtime.config import Config
+from proxy.transports.server import MemshiftServer
 from tests.cluster import AUTH, Cluster
 from tests.conftest import ADMIN_TOKEN
 

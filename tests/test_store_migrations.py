@@ -12,7 +12,7 @@ import pytest
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
-from proxy.stores import backend_for, redact
+from proxy.engine.backends import backend_for, redact
 from tests.cluster import AUTH, boot, run_verify, seed, shutdown, wait_for
 from tests.test_migration_e2e import Agent, Crowd, graph_of
 

@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 from adapters.embedder import BatchingEmbedder
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from proxy.telemetry import Telemetry, TelemetryConfig
+from proxy.runtime.telemetry import Telemetry, TelemetryConfig
 from tests.cluster import AUTH, boot, shutdown, wait_for
 from tests.test_shadow_policy import ReadFaults, read_until, start, to_dual_write
 

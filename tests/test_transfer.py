@@ -12,8 +12,8 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from memshift.v1 import memory_pb2 as pb
-from proxy import jsonl
-from proxy.cli import main
+from proxy.cli.main import main
+from proxy.formats import jsonl
 from tests.cluster import Cluster
 
 REFERENCE = "\n".join([

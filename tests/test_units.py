@@ -39,10 +39,10 @@ from adapters.records import (
     same_content,
     text_hash,
 )
-from proxy.clock import MAX_NODE, HybridClock, unpack
-from proxy.config import load_config
-from proxy.servicer import status_for  # imports every module that defines an error class
-from proxy.stores import backend_for, redact
+from proxy.engine.backends import backend_for, redact
+from proxy.engine.clock import MAX_NODE, HybridClock, unpack
+from proxy.runtime.config import load_config
+from proxy.transports.servicer import status_for  # imports every module that defines an error class
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,8 +53,8 @@ def test_checked_in_stubs_match_proto(tmp_path: Path) -> None:
     generated = sorted(p.name for p in (tmp_path / "memshift" / "v1").glob("*_pb2*"))
     assert generated, "nothing generated"
     for name in generated:
-        assert filecmp.cmp(tmp_path / "memshift" / "v1" / name, ROOT / "memshift" / "v1" / name, shallow=False), (
-            f"memshift/v1/{name} is stale: run `make proto` and commit the result")
+        assert filecmp.cmp(tmp_path / "memshift" / "v1" / name, ROOT / "clients" / "python" / "memshift" / "v1" / name, shallow=False), (
+            f"clients/python/memshift/v1/{name} is stale: run `make proto` and commit the result")
 
 
 @settings(max_examples=200)
@@ -328,7 +328,7 @@ async def test_overlapping_dirty_scope_refreshes_keep_every_queued_scope(embedde
                                                                          tmp_path: Path) -> None:
     """The repair loop and a fleet broadcast refresh the dirty scopes at the same time; a scope queued during both
     stays dirty (its reads stay on the primary) and neither refresh fails."""
-    from proxy.control import SqliteControlStore
+    from proxy.engine.control import SqliteControlStore
     from proxy.engine.migration import MigrationEngine
 
     async def open_store(spec: str) -> EmbeddedBackend:
@@ -397,8 +397,8 @@ async def test_a_checkpoint_save_is_kept_and_later_saves_are_durable_again(kind:
     changes and repair-queue writes that follow."""
     from dataclasses import replace
 
-    from proxy.control import ControlStore, SqliteControlStore
-    from proxy.control_pg import PostgresControlStore
+    from proxy.engine.control import ControlStore, SqliteControlStore
+    from proxy.engine.control_pg import PostgresControlStore
 
     schema = uuid.uuid4().hex[:12]
 
@@ -445,7 +445,7 @@ def test_the_control_state_round_trips_and_loads_fields_of_a_newer_version(
     not know are left out, and everything it knows is read back as written."""
     import json
 
-    from proxy.control import MigrationOptions, MigrationState, Phase, state_json, state_load
+    from proxy.engine.control import MigrationOptions, MigrationState, Phase, state_json, state_load
 
     state = MigrationState(phase=Phase.DATA_MIGRATION, primary="sqlite:///a.db", secondary="sqlite:///b.db",
                            options=MigrationOptions(batch_size=batch), backfill_cursor=cursor, backfill_done=done,

@@ -17,12 +17,12 @@ from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.errors import InvalidInput
 from adapters.model import Entity, Relation
-from proxy import validation
-from proxy.clock import HybridClock
-from proxy.config import Limits
-from proxy.control import MigrationOptions, SqliteControlStore
+from proxy.engine.clock import HybridClock
+from proxy.engine.control import MigrationOptions, SqliteControlStore
 from proxy.engine.migration import MigrationEngine
-from proxy.verify import verify
+from proxy.engine.verify import verify
+from proxy.routing import validation
+from proxy.runtime.config import Limits
 from tests.stores import STORE_KINDS, make_store
 
 LIMITS = Limits()

@@ -1,4 +1,5 @@
-"""Generate the Python stubs for proto/ into the `memshift` package (or into --out, for the staleness test)."""
+"""Generate the Python stubs for proto/ into the client's `memshift` package (or into --out, for the staleness
+test)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def generate(out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--out", type=Path, default=ROOT / "clients" / "python")
     ns = parser.parse_args()
     for path in generate(ns.out):
         print(path.relative_to(ns.out), file=sys.stderr)

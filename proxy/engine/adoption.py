@@ -1,4 +1,4 @@
-"""One proxy of a fleet taking on the state the others save (driven by proxy.fleet.FleetSync).
+"""One proxy of a fleet taking on the state the others save (driven by proxy.engine.fleet.FleetSync).
 
 A broadcast or the periodic re-read hands over the latest state: the proxy opens any store it names, takes it on
 (the backfill follows its pause by itself), drops the pending scopes of an earlier migration and stops a backfill
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from proxy import phases
-from proxy.control import MigrationState
+from proxy.engine import phases
 from proxy.engine.backfill import Backfill
+from proxy.engine.control import MigrationState
 from proxy.engine.keeper import StateKeeper
 from proxy.engine.repair import RepairQueue
 from proxy.engine.stores import OpenStores

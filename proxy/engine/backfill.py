@@ -20,18 +20,17 @@ from adapters.base import Backend, ExportPage, VectorMap
 from adapters.errors import StoreUnavailable
 from adapters.records import Record, RecordKey
 from policies import pacing
-from proxy import phases
-from proxy.clock import unix_seconds
-from proxy.control import MigrationState
-from proxy.eager import consume
-from proxy.engine import blocking
+from proxy.engine import blocking, phases
+from proxy.engine.clock import unix_seconds
+from proxy.engine.control import MigrationState
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.outage import OutageWatch
+from proxy.engine.placement import walk_from
+from proxy.engine.refusals import find_refusal, transient
 from proxy.engine.stores import OpenStores
-from proxy.outage import OutageWatch
-from proxy.placement import walk_from
-from proxy.refusals import find_refusal, transient
-from proxy.telemetry import Telemetry
+from proxy.runtime.eager import consume
+from proxy.runtime.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 

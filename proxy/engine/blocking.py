@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from adapters.records import RecordKey, key_text
 from adapters.specs import scrub
-from proxy import phases
+from proxy.engine import phases
 from proxy.engine.keeper import StateKeeper
 
 log = logging.getLogger("memshift.migration")

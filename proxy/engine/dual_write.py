@@ -20,16 +20,16 @@ from adapters.base import Backend, VectorMap, WriteResult
 from adapters.errors import EntityNotFound, LeaseLapsed, StoreUnavailable
 from adapters.records import EntityRecord, Record, RecordKey, parents_of
 from policies.rules import Observations
-from proxy import phases
-from proxy.clock import HybridClock
-from proxy.eager import consume, start_eagerly
+from proxy.engine import phases
+from proxy.engine.clock import HybridClock
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.outage import OutageWatch
 from proxy.engine.repair import Counters, RepairQueue, purge_point
 from proxy.engine.stores import OpenStores
-from proxy.ops import ApplyRecords, WriteOp
-from proxy.outage import OutageWatch
-from proxy.telemetry import Telemetry
+from proxy.routing.ops import ApplyRecords, WriteOp
+from proxy.runtime.eager import consume, start_eagerly
+from proxy.runtime.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 T = TypeVar("T")

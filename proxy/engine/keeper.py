@@ -1,10 +1,9 @@
 """The one owner of the migration state: the lock, the compare-and-set save, the history, and the steps.
 
 Every part of the engine reads the state here and changes it only through this object: `save` for what stays in the
-same phase (a checkpoint, a pause, a ramp step), `apply` for a step, which asks the phase table (proxy.phases) for
-the next state, so the table writes the phase and nothing else does. Another proxy's save arrives through `adopt`.
-Parts that follow the state (the backfill's pause) `watch` it instead of being told by every caller.
-"""
+same phase (a checkpoint, a pause, a ramp step), `apply` for a step, which asks the phase table (proxy.engine.phases)
+for the next state, so the table writes the phase and nothing else does. Another proxy's save arrives through
+`adopt`. Parts that follow the state (the backfill's pause) `watch` it instead of being told by every caller."""
 
 from __future__ import annotations
 
@@ -16,9 +15,9 @@ from typing import Any
 
 from adapters.errors import Conflict
 from adapters.specs import scrub
-from proxy import phases
-from proxy.control import ControlStore, HistoryEntry, MigrationState, Phase
-from proxy.phases import Stage, Step
+from proxy.engine import phases
+from proxy.engine.control import ControlStore, HistoryEntry, MigrationState, Phase
+from proxy.engine.phases import Stage, Step
 
 log = logging.getLogger("memshift.migration")
 
@@ -88,7 +87,7 @@ class StateKeeper:
         return True
 
     def check(self, step: Step) -> Stage:
-        """Where `step` leads from the current state (proxy.phases.TABLE), or IllegalTransition."""
+        """Where `step` leads from the current state (proxy.engine.phases.TABLE), or IllegalTransition."""
         return phases.check(self.state.phase, self.state.secondary, step, self.shown())
 
     def shown(self) -> str:

@@ -24,21 +24,21 @@ from adapters.export import scope_counts
 from adapters.records import Kind, RecordKey
 from adapters.specs import redact, scrub
 from policies.rules import Observations
-from proxy import phases
-from proxy.clock import HybridClock, earlier, unix_seconds
-from proxy.control import ControlStore, MigrationOptions, MigrationState, Phase
+from proxy.engine import phases
 from proxy.engine.adoption import FleetAdoption
 from proxy.engine.backfill import Backfill, BackfillProgress
+from proxy.engine.clock import HybridClock, earlier, unix_seconds
+from proxy.engine.control import ControlStore, MigrationOptions, MigrationState, Phase
 from proxy.engine.dual_write import DualWriter
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.outage import Outage, OutageWatch, Unreachable
+from proxy.engine.phases import Stage, Step, stage
+from proxy.engine.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores, StoreOpener
-from proxy.outage import Outage, OutageWatch, Unreachable
-from proxy.phases import Stage, Step, stage
-from proxy.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
-from proxy.telemetry import Telemetry
-from proxy.validation import within
+from proxy.routing.validation import within
+from proxy.runtime.telemetry import Telemetry
 
 log = logging.getLogger("memshift.migration")
 
@@ -91,7 +91,7 @@ class MigrationEngine:
 
     @property
     def secondary_reachable(self) -> Backend | None:
-        """The secondary, unless it is out (proxy.outage): then reads and shadow reads stay on the primary."""
+        """The secondary, unless it is out (proxy.engine.outage): then reads and shadow reads stay on the primary."""
         return None if self.outage.current is not None else self.stores.secondary
 
     def progress(self) -> BackfillProgress:

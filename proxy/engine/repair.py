@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 
 from adapters.base import Backend
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, same_content
-from proxy import phases
-from proxy.control import RepairItem
-from proxy.eager import consume
-from proxy.engine import blocking
+from proxy.engine import blocking, phases
+from proxy.engine.control import RepairItem
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.outage import OutageWatch
+from proxy.engine.refusals import refused_twice, transient
 from proxy.engine.stores import OpenStores
-from proxy.outage import OutageWatch
-from proxy.refusals import refused_twice, transient
+from proxy.runtime.eager import consume
 
 log = logging.getLogger("memshift.migration")
 

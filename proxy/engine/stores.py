@@ -1,7 +1,7 @@
 """The stores the migration state names, opened, and which of them serves a scope.
 
 `OpenStores` opens each store once (in a fleet, refusing one several proxies cannot write at once), stands in for
-one that cannot be reached at start (proxy.outage.Unreachable) while it is opened again in the background, and
+one that cannot be reached at start (proxy.engine.outage.Unreachable) while it is opened again in the background, and
 answers routing questions from the state: the store that serves a scope (by the placement), the decisive store of
 the migration (`primary`), and the other store while it is written (`secondary`).
 """
@@ -16,11 +16,12 @@ from typing import cast
 from adapters.base import Backend, fleet_problem
 from adapters.errors import FleetUnsafe
 from adapters.specs import redact
-from proxy import heap, phases
+from proxy.engine import phases
+from proxy.engine.backends import system_of
 from proxy.engine.keeper import StateKeeper
-from proxy.outage import Unreachable
-from proxy.refusals import transient
-from proxy.stores import system_of
+from proxy.engine.outage import Unreachable
+from proxy.engine.refusals import transient
+from proxy.runtime import heap
 
 log = logging.getLogger("memshift.migration")
 
@@ -134,7 +135,7 @@ class OpenStores:
         return self._stores[spec]
 
     def store_for(self, scope: str) -> Backend:
-        """The store that serves `scope` (proxy.placement): the one its writes are answered by."""
+        """The store that serves `scope` (proxy.engine.placement): the one its writes are answered by."""
         return self._stores[self._keeper.state.placement.store_of(scope)]
 
     def placed(self) -> list[Backend]:

@@ -1,0 +1,1 @@
+"""The `memshift` command: serving, the client commands, the admin commands, import and export."""
