@@ -45,6 +45,7 @@ from proxy.runtime.config import load_config
 from proxy.transports.servicer import status_for  # imports every module that defines an error class
 
 ROOT = Path(__file__).resolve().parent.parent
+STUBS = ROOT / "clients" / "python" / "memshift" / "v1"
 
 
 def test_checked_in_stubs_match_proto(tmp_path: Path) -> None:
@@ -53,7 +54,7 @@ def test_checked_in_stubs_match_proto(tmp_path: Path) -> None:
     generated = sorted(p.name for p in (tmp_path / "memshift" / "v1").glob("*_pb2*"))
     assert generated, "nothing generated"
     for name in generated:
-        assert filecmp.cmp(tmp_path / "memshift" / "v1" / name, ROOT / "clients" / "python" / "memshift" / "v1" / name, shallow=False), (
+        assert filecmp.cmp(tmp_path / "memshift" / "v1" / name, STUBS / name, shallow=False), (
             f"clients/python/memshift/v1/{name} is stale: run `make proto` and commit the result")
 
 
