@@ -45,11 +45,13 @@ SELECTIONS = [EVERYTHING, Selection(("s1",)), Selection(("s2",)), Selection(("s1
 API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
               "delete_observations", "delete_relations"}
 WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
+READ_METHODS = {"get_records", "export_page", "list_records", "child_keys", "get_vectors"}
 
 
 @dataclass
 class Faults:
     mode: str = "ok"  # ok | fail | stall
+    reads_fail: bool = False  # reads of the store (a repair's, a backfill's when it is the primary) fail too
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
     # A stall only makes sense where the engine does not wait: the scope's write goes to the new store alongside.
     is_secondary: Any = lambda scope: True
@@ -64,6 +66,10 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
+        if name in READ_METHODS and self._faults.reads_fail:
+            async def unreadable(*args: Any, **kwargs: Any) -> Any:
+                raise StoreUnavailable("injected read failure")
+            return unreadable
         if name not in WRITE_METHODS and name not in self._faults.held:
             return attr
 
@@ -256,6 +262,29 @@ class MigrationMachine(RuleBasedStateMachine):
     def secondary_weather(self, mode: str) -> None:
         self.faults.mode = mode
 
+    @rule(failing=st.booleans())
+    def secondary_reads(self, failing: bool) -> None:
+        self.faults.reads_fail = failing
+
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def writes_racing_the_backfill_and_repairs(self, data: st.DataObject, n: int) -> None:
+        """Client writes while the backfill and the repair queue run as production runs them (tasks on the same
+        loop): each write's turn of the loop lets them move on between and during the writes."""
+        async def repairing() -> None:
+            while True:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.eng.repairs.repair_once()
+                await asyncio.sleep(0)
+
+        background = [self.loop.create_task(self.eng.backfill.run()), self.loop.create_task(repairing())]
+        try:
+            for _ in range(n):
+                self._random_write(data)
+        finally:
+            for task in background:
+                task.cancel()
+            self.run(asyncio.gather(*background, return_exceptions=True))
+
     @rule()
     def release_stalled(self) -> None:
         """Writes held by a stalled secondary land now, late, in whatever state the stores have reached."""
@@ -330,6 +359,7 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def quiesce_and_check(self) -> None:
         self.faults.mode = "ok"
+        self.faults.reads_fail = False
         self.release_stalled()
         eng = self.eng
         event(f"checked in {eng.state.phase.value}")
@@ -346,6 +376,32 @@ class MigrationMachine(RuleBasedStateMachine):
 
                 differences = self.run(diff())
                 assert differences == [], f"in {eng.state.phase.value}: {differences}"
+                self.run(self._same_deletions())
+
+    async def _same_deletions(self) -> None:
+        """What Verify does not look at: deletions. Over the moved scopes, a key is live on both stores or on
+        neither (a tombstone and no record at all are the same), and an entity's purge point, which decides which
+        of its children may ever come back, is the same on both."""
+        eng = self.eng
+        assert eng.stores.secondary is not None
+        moved = phases.moved(eng.state)
+
+        async def held(store: Backend) -> dict[Any, tuple[bool, int]]:
+            out: dict[Any, tuple[bool, int]] = {}
+            after = None
+            while True:
+                page = await store.export_page(after, 500, vectors=False)
+                for r in page.records:
+                    if moved(r.scope):
+                        out[r.key] = (not r.deleted, getattr(r, "purged", 0))
+                if page.next_after is None:
+                    return out
+                after = page.next_after
+
+        mine, theirs = await held(eng.stores.primary), await held(eng.stores.secondary)
+        for key in mine.keys() | theirs.keys():
+            a, b = mine.get(key, (False, 0)), theirs.get(key, (False, 0))
+            assert a == b, f"{key}: primary {a}, secondary {b} (live, purge point)"
 
     @invariant()
     def every_scope_has_one_store_and_it_holds_what_was_acknowledged(self) -> None:
