@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,18 @@ async def wait_for(c: Cluster, check: object, limit_s: float = 60) -> apb.Migrat
             return st
         assert asyncio.get_running_loop().time() < deadline, f"timed out; status: {st}"
         await asyncio.sleep(0.05)
+
+
+async def until(ready: Callable[[], Awaitable[bool] | bool], limit_s: float = 60) -> None:
+    """Wait for `ready` (a counter or a state reached), failing after `limit_s` on a broken build: tests wait on
+    what they can observe, never a fixed time."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        answer = ready()
+        if await answer if inspect.isawaitable(answer) else answer:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 async def run_verify(c: Cluster, **kw: bool) -> apb.VerifyProgress:

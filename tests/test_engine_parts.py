@@ -5,8 +5,7 @@ fleet member's adoption. What a part does here is what it does inside the engine
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores
 from proxy.routing.ops import CreateEntities
 from proxy.runtime.telemetry import Telemetry
+from tests.cluster import until
 
 
 class Refusing:
@@ -106,17 +106,6 @@ async def parts(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Par
     yield p
     await stores.close(1.0)
     await control.close()
-
-
-async def until(ready: Callable[[], Awaitable[bool] | bool], limit_s: float = 60) -> None:
-    """Wait for `ready` (a counter or a state reached), failing after `limit_s` on a broken build."""
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while True:
-        answer = ready()
-        if await answer if inspect.isawaitable(answer) else answer:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def names(store: Backend, scope: str) -> set[str]:

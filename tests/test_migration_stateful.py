@@ -37,6 +37,7 @@ from proxy.engine.migration import IllegalTransition, MigrationEngine
 from proxy.engine.placement import EVERYTHING, Selection, source_of
 from proxy.engine.verify import verify
 from proxy.routing import ops
+from tests.cluster import until
 
 SCOPES = ["s1", "s2"]
 NAMES = ["a", "b", "c"]
@@ -56,6 +57,7 @@ class Faults:
     # A stall only makes sense where the engine does not wait: the scope's write goes to the new store alongside.
     is_secondary: Any = lambda scope: True
     held: frozenset[str] = frozenset()  # methods (reads too) that wait for the gate whatever the mode
+    holding: int = 0  # calls waiting at the gate now
 
 
 class FaultyStore:
@@ -75,7 +77,11 @@ class FaultyStore:
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             if name in self._faults.held:
-                await self._faults.gate.wait()
+                self._faults.holding += 1
+                try:
+                    await self._faults.gate.wait()
+                finally:
+                    self._faults.holding -= 1
             if self._faults.mode == "fail":
                 raise StoreUnavailable("injected failure")
             # Held past the engine's grace, landing whenever the test says.
@@ -502,14 +508,14 @@ async def test_a_write_waits_while_a_repair_holds_its_scope_and_a_write_elsewher
         await engine.repairs.enqueue([alice])
         primary_faults.held = frozenset({"get_records"})  # the repair reads the primary first, and is held there
         repairing = asyncio.ensure_future(engine.repairs.repair_once())
-        await asyncio.sleep(0.05)
+        await until(lambda: primary_faults.holding == 1)  # the repair is held, reading the primary
         assert not repairing.done()
         writing = asyncio.ensure_future(
             engine.writer.write(ops.AddObservations("s", [ObservationAddition("alice", ("likes tea",))])))
         elsewhere = await asyncio.wait_for(
             engine.writer.write(ops.AddObservations("t", [ObservationAddition("bob", ("plays chess",))])), 10)
         assert elsewhere.answer == (ObservationAddition("bob", ("plays chess",)),)
-        await asyncio.sleep(0.1)
+        await until(lambda: engine.gate.writes_held == 1)  # the write to the repaired scope waits at the gate
         assert not writing.done()
         for store in (engine.stores.primary, secondary):  # held before touching either store
             assert (await store.open_nodes("s", ["alice"])).entities[0].observations == ()

@@ -20,7 +20,7 @@ from adapters.embedder import BatchingEmbedder
 from adapters.postgres import PostgresBackend
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
-from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, wait_for
+from tests.cluster import AUTH, Cluster, boot, run_verify, seed, shutdown, status, until, wait_for
 from tests.servers import PostgresServer
 from tests.test_migration_e2e import Agent, Crowd, graph_of
 
@@ -170,10 +170,13 @@ async def test_an_outage_during_the_backfill_holds_the_copy_and_resumes_it(
         await wait_for(c, lambda s: s.backfill.done >= 40, 30)
         pg.halt()
         st = await wait_for(c, lambda s: s.secondary_unreachable != "", 20)
-        held = st.backfill.done
         await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="during", entities=[
             pb.Entity(name="x", entity_type="t", observations=["written while the new store was out"])]))
-        await asyncio.sleep(1.5)
+        backfill = c.server.engine.backfill
+        await until(lambda: backfill.holds > 0)  # the copy has stopped for the outage, at its checkpoint
+        held = (await status(c)).backfill.done
+        await c.memory.CreateEntities(pb.CreateEntitiesRequest(scope="during", entities=[
+            pb.Entity(name="y", entity_type="t", observations=["and another"])]))  # a turn for a copy that ran on
         st = await status(c)
         assert st.backfill.done == held and not st.backfill.complete and st.phase == apb.DATA_MIGRATION
         pg.resume()

@@ -22,6 +22,7 @@ class ScopeGate:
         self._repairing: Counter[str] = Counter()  # both hold only scopes in use: empty means none
         self._solo = 0
         self.solo_idle = asyncio.Event()  # no write to one store alone is in flight
+        self.writes_held = 0  # dual writes that waited for a repair in their scopes
         self.solo_idle.set()
 
     async def solo_done(self) -> None:
@@ -47,7 +48,9 @@ class ScopeGate:
         # without its lock (the check and the count happen with no await between them, so no repair can slip in).
         if self._repairing:
             async with self._gate:
-                await self._gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
+                if any(self._repairing[s] for s in scopes):
+                    self.writes_held += 1
+                    await self._gate.wait_for(lambda: not any(self._repairing[s] for s in scopes))
                 self._writing.update(scopes)
         else:
             self._writing.update(scopes)
