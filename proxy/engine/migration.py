@@ -33,7 +33,7 @@ from proxy.engine.dual_write import DualWriter
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
 from proxy.engine.outage import Outage, OutageWatch, Unreachable
-from proxy.engine.phases import Stage, Step, stage
+from proxy.engine.phases import Stage, Step
 from proxy.engine.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores, StoreOpener
@@ -213,12 +213,12 @@ class MigrationEngine:
         the state and writing it, provided that save left the same migration in the same stage (a backfill
         checkpoint, a ramp step): the operator's intent still holds. One that moved it on stays a Conflict."""
         for attempt in range(3):
-            where = (self.state.migration_id, stage(self.state.phase, self.state.secondary))
+            where = (self.state.migration_id, phases.stage_of(self.state))
             try:
                 await step()
                 return
             except Conflict:  # the keeper has loaded the state that won
-                if attempt == 2 or (self.state.migration_id, stage(self.state.phase, self.state.secondary)) != where:
+                if attempt == 2 or (self.state.migration_id, phases.stage_of(self.state)) != where:
                     raise
 
     async def advance(self, expected: Phase, actor: str, reason: str = "") -> None:

@@ -122,6 +122,10 @@ def other_store_written(s: MigrationState) -> bool:
     return writes_secondary(s.phase, s.secondary)
 
 
+def stage_of(s: MigrationState) -> Stage:
+    return stage(s.phase, s.secondary)
+
+
 def in_window(s: MigrationState) -> bool:
     """Cut over, with the old store still written: a rollback is still possible."""
     return stage(s.phase, s.secondary) == Stage.WINDOW

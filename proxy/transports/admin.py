@@ -26,7 +26,6 @@ from proxy.engine.backends import redact
 from proxy.engine.control import HistoryEntry, MigrationOptions, Phase
 from proxy.engine.fleet import FleetSync
 from proxy.engine.migration import MigrationEngine
-from proxy.engine.phases import Stage, stage
 from proxy.engine.placement import Placement, selection
 from proxy.engine.store_counts import count_placement
 from proxy.engine.verify import VerifyReport, verify
@@ -143,7 +142,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
     async def status(self, count_stores: bool = False) -> pb.MigrationStatus:
         e = self._engine
         s, p, c = e.state, e.progress(), e.counters
-        window = max(0.0, s.mirror_until - time.time()) if stage(s.phase, s.secondary) == Stage.WINDOW else 0.0
+        window = max(0.0, s.mirror_until - time.time()) if phases.in_window(s) else 0.0
         fleet = self._watchers.fleet
         members = await fleet.members() if fleet is not None else []
         out = e.outage.current
