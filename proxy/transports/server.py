@@ -29,6 +29,7 @@ from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
 from adapters.errors import ConfigError, ListenError, PolicyError, TokensFileError
 from adapters.specs import parse as parse_spec
+from adapters.specs import read_secret_file
 from memshift.v1 import admin_pb2, admin_pb2_grpc, memory_pb2, memory_pb2_grpc
 from policies.loader import load as load_policy
 from policies.rules import Observations
@@ -85,7 +86,7 @@ def admin_token(config: Config) -> str:
         return token
     path = Path(control).parent / "admin.token"
     if path.exists():
-        return path.read_text().strip()
+        return read_secret_file(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
