@@ -196,6 +196,9 @@ async def test_no_mcp_answer_outgrows_the_message_limit_and_read_graph_pages_on_
                 assert stored[:len(got["observations"])] == got["observations"]
                 assert any(f"entity {name!r} is larger than one answer may carry" in n for n in notes)
         assert rels == relations
+        bad = await s.call_tool("read_graph", {"cursor": "not-a-cursor"})
+        assert bad.is_error and "INVALID_ARGUMENT: cursor: is not a nextCursor returned by read_graph" in \
+            bad.content[0].text
         for tool, arguments in (("search_nodes", {"query": "e"}), ("open_nodes", {"names": names})):
             answer = (await s.call_tool(tool, arguments)).structured_content
             assert answer is not None

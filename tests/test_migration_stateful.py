@@ -46,13 +46,11 @@ SELECTIONS = [EVERYTHING, Selection(("s1",)), Selection(("s2",)), Selection(("s1
 API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
               "delete_observations", "delete_relations"}
 WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
-READ_METHODS = {"get_records", "export_page", "list_records", "child_keys", "get_vectors"}
 
 
 @dataclass
 class Faults:
     mode: str = "ok"  # ok | fail | stall
-    reads_fail: bool = False  # reads of the store (a repair's, a backfill's when it is the primary) fail too
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
     # A stall only makes sense where the engine does not wait: the scope's write goes to the new store alongside.
     is_secondary: Any = lambda scope: True
@@ -68,10 +66,6 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
-        if name in READ_METHODS and self._faults.reads_fail:
-            async def unreadable(*args: Any, **kwargs: Any) -> Any:
-                raise StoreUnavailable("injected read failure")
-            return unreadable
         if name not in WRITE_METHODS and name not in self._faults.held:
             return attr
 
@@ -268,29 +262,6 @@ class MigrationMachine(RuleBasedStateMachine):
     def secondary_weather(self, mode: str) -> None:
         self.faults.mode = mode
 
-    @rule(failing=st.booleans())
-    def secondary_reads(self, failing: bool) -> None:
-        self.faults.reads_fail = failing
-
-    @rule(data=st.data(), n=st.integers(1, 4))
-    def writes_racing_the_backfill_and_repairs(self, data: st.DataObject, n: int) -> None:
-        """Client writes while the backfill and the repair queue run as production runs them (tasks on the same
-        loop): each write's turn of the loop lets them move on between and during the writes."""
-        async def repairing() -> None:
-            while True:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.eng.repairs.repair_once()
-                await asyncio.sleep(0)
-
-        background = [self.loop.create_task(self.eng.backfill.run()), self.loop.create_task(repairing())]
-        try:
-            for _ in range(n):
-                self._random_write(data)
-        finally:
-            for task in background:
-                task.cancel()
-            self.run(asyncio.gather(*background, return_exceptions=True))
-
     @rule()
     def release_stalled(self) -> None:
         """Writes held by a stalled secondary land now, late, in whatever state the stores have reached."""
@@ -365,7 +336,6 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def quiesce_and_check(self) -> None:
         self.faults.mode = "ok"
-        self.faults.reads_fail = False
         self.release_stalled()
         eng = self.eng
         event(f"checked in {eng.state.phase.value}")

@@ -21,6 +21,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, Resource, TextContent, ToolAnnotations
 from typing_extensions import TypedDict
 
+from adapters.errors import InvalidInput
 from adapters.model import (
     Entity,
     Graph,
@@ -272,7 +273,12 @@ class MemoryTools:
         relations: list[RelationIn] = []
         used, token, last = 0, cursor, ""
         while True:
-            page = await self._router.read_graph(scope, self._limits.max_page_size, token)
+            try:
+                page = await self._router.read_graph(scope, self._limits.max_page_size, token)
+            except InvalidInput as exc:
+                if exc.field != "page_token":
+                    raise
+                raise InvalidInput("cursor", "is not a nextCursor returned by read_graph") from None
             for ent in page.entities:
                 item = entity_dict(ent)
                 size = json_item_size(item)
