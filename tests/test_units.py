@@ -657,3 +657,14 @@ def test_no_module_but_the_error_module_defines_an_exception() -> None:
                     not any(b.endswith("Error") for b in bases), f"{path.relative_to(root)}: {node.name}"
     assert status_for(EntityNotFound(["ghost"])) == (grpc.StatusCode.NOT_FOUND,
                                                       "entity not found: ghost; nothing of this call was stored")
+
+
+@pytest.mark.parametrize(("setting", "spec", "says"), [
+    ("MEMSHIFT_CONTROL", "postgresql://u:pw-9@db:notaport/x", "control: store spec postgresql://***@db:notaport/x: "
+                                                             "port 'notaport' is not a number from 1 to 65535"),
+    ("MEMSHIFT_STORE", "mysql://db/x", "store: store spec mysql://db/x: unknown scheme 'mysql'"),
+])
+def test_a_spec_that_cannot_be_used_stops_the_config_naming_the_setting(setting: str, spec: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {setting: spec})
+    assert str(err.value).startswith(says) and "pw-9" not in str(err.value)
