@@ -46,11 +46,13 @@ SELECTIONS = [EVERYTHING, Selection(("s1",)), Selection(("s2",)), Selection(("s1
 API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
               "delete_observations", "delete_relations"}
 WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
+READ_METHODS = {"get_records", "export_page", "list_records", "child_keys", "get_vectors"}
 
 
 @dataclass
 class Faults:
     mode: str = "ok"  # ok | fail | stall
+    reads_fail: bool = False  # reads of the store (a repair's, a backfill's when it is the primary) fail too
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # stalled writes wait here until released
     # A stall only makes sense where the engine does not wait: the scope's write goes to the new store alongside.
     is_secondary: Any = lambda scope: True
@@ -66,6 +68,10 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
+        if name in READ_METHODS and self._faults.reads_fail:
+            async def unreadable(*args: Any, **kwargs: Any) -> Any:
+                raise StoreUnavailable("injected read failure")
+            return unreadable
         if name not in WRITE_METHODS and name not in self._faults.held:
             return attr
 
@@ -262,6 +268,35 @@ class MigrationMachine(RuleBasedStateMachine):
     def secondary_weather(self, mode: str) -> None:
         self.faults.mode = mode
 
+    @rule(failing=st.booleans())
+    def secondary_reads(self, failing: bool) -> None:
+        """Reads of b fail (an outage of reads only). While b is the primary, the backfill cannot read and waits:
+        that is right, so a whole copy (`backfill_all`) first ends the fault, as an operator would wait for it."""
+        self.faults.reads_fail = failing
+
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def writes_racing_the_backfill_and_repairs(self, data: st.DataObject, n: int) -> None:
+        """Client writes while the backfill and the repair queue run as production runs them (tasks on the same
+        loop): each write's turn of the loop lets them move on between and during the writes."""
+        done = asyncio.Event()
+
+        async def repairing() -> None:
+            # Ends on its own flag, not by cancellation: Python 3.11's wait_for (the gate's) can swallow a
+            # cancellation that arrives as its inner wait completes, and the loop would then run forever.
+            while not done.is_set():
+                with contextlib.suppress(StoreUnavailable):
+                    await self.eng.repairs.repair_once()
+                await asyncio.sleep(0)
+
+        background = [self.loop.create_task(self.eng.backfill.run()), self.loop.create_task(repairing())]
+        try:
+            for _ in range(n):
+                self._random_write(data)
+        finally:
+            done.set()
+            background[0].cancel()
+            self.run(asyncio.gather(*background, return_exceptions=True))
+
     @rule()
     def release_stalled(self) -> None:
         """Writes held by a stalled secondary land now, late, in whatever state the stores have reached."""
@@ -288,6 +323,7 @@ class MigrationMachine(RuleBasedStateMachine):
 
     @rule()
     def backfill_all(self) -> None:
+        self.faults.reads_fail = False
         if phases.backfilling(self.eng.state):
             self.run(self._backfill_for(None))
 
@@ -336,6 +372,7 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def quiesce_and_check(self) -> None:
         self.faults.mode = "ok"
+        self.faults.reads_fail = False
         self.release_stalled()
         eng = self.eng
         event(f"checked in {eng.state.phase.value}")
