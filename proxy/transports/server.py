@@ -132,7 +132,10 @@ class MemshiftServer:
         """Open everything and take every port; if any step fails, what was opened is closed again before the error
         propagates, so a failed start leaves nothing half-started behind."""
         self._stopping = False
-        self._begun: list[str] = []
+        self._begun: list[str] = []  # the ports taken so far
+        # What was opened behind the ports, each with how it closes: closed in reverse order, by a stop or by a
+        # start that failed half way.
+        self._closing: list[Callable[[float], Awaitable[None]]] = []
         try:
             return await self._start()
         except BaseException:
@@ -154,14 +157,7 @@ class MemshiftServer:
                         await server.start()
                 with contextlib.suppress(BaseException):
                     await server.stop(0)
-        steps: dict[str, Callable[[], Awaitable[None]]] = {
-            "guard": lambda: self.guard.stop(), "shadow": lambda: self.shadow.close(),
-            "fleet": lambda: self.fleet.stop() if self.fleet else asyncio.sleep(0),
-            "engine": lambda: self.engine.stop(within=1.0), "control": lambda: self.control.close()}
-        for name, stop in steps.items():  # the order `_stop_behind_the_ports` keeps, only what was begun
-            if name in self._begun or (name == "shadow" and "guard" in self._begun):
-                with contextlib.suppress(Exception):
-                    await stop()
+        await self._stop_behind_the_ports(within=1.0, tolerant=True)
         with contextlib.suppress(Exception):
             self._telemetry_shutdown()
 
@@ -195,25 +191,27 @@ class MemshiftServer:
         else:
             raise ConfigError(f"control: {control_spec.shown} names a {control_spec.kind} store; the control store "
                               "is sqlite:///FILE (one proxy) or postgresql://... (a fleet)")
-        self._begun.append("control")
+        self._closing.append(lambda _: self.control.close())
         self.engine = MigrationEngine(self.control, self._open_store, HybridClock(cfg.resolved_node_id()),
                                       telemetry=self.telemetry, observations=self.observations,
                                       fleet=shared is not None,
                                       resync_margin_ms=int(cfg.resync_margin_seconds * 1000))
-        self._begun.append("engine")
+        self._closing.append(lambda within: self.engine.stop(within=within))
         await self.engine.start()
         log.info("migration state read and stores opened", extra={"phase": self.engine.state.phase.value})
         self.fleet: FleetSync | None = None
         if shared is not None:
             node = f"{socket.gethostname()}-{cfg.resolved_node_id()}"
             self.fleet = FleetSync(self.engine, shared, node, cfg.listen)
-            self._begun.append("fleet")
-            await self.fleet.start()
+            fleet = self.fleet
+            self._closing.append(lambda _: fleet.stop())
+            await fleet.start()
         self.shadow = ShadowReader(policy.shadow, policy.compare, self.observations, self.telemetry,
                                    unreachable=self.engine.outage.report)
         self.reads = ReadRouting(self.engine, self.shadow, self.observations)
         self.guard = PolicyGuard(self.engine, policy, self.observations)
-        self._begun.append("guard")
+        self._closing.append(lambda _: self.shadow.close())
+        self._closing.append(lambda _: self.guard.stop())
         self.guard.start()
         self.telemetry.gauges_from(self._gauges)
         self.router = Router(self.engine, self.reads, self.embedder, cfg.limits)
@@ -323,14 +321,15 @@ class MemshiftServer:
         self._telemetry_shutdown()
         log.info("stopped")
 
-    async def _stop_behind_the_ports(self, within: float) -> None:
-        """The policy, shadow reads, the fleet's sync, the engine with its stores, the control store."""
-        await self.guard.stop()
-        await self.shadow.close()
-        if self.fleet is not None:
-            await self.fleet.stop()
-        await self.engine.stop(within=within)
-        await self.control.close()
+    async def _stop_behind_the_ports(self, within: float, tolerant: bool = False) -> None:
+        """What was opened behind the ports, last first: the policy, shadow reads, the fleet's sync, the engine with
+        its stores, the control store. `tolerant` (a failed start): each is closed whatever the others did."""
+        for close in reversed(self._closing):
+            if tolerant:
+                with contextlib.suppress(Exception):
+                    await close(within)
+            else:
+                await close(within)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
