@@ -96,6 +96,17 @@ class LeaseLapsed(ProxyError):
     code = "UNAVAILABLE"
 
 
+class RepairNotRecorded(ProxyError):
+    """A dual write reached the decisive store, but the control store could not record that the new store still owes
+    it: UNAVAILABLE. The proxy keeps the keys in memory and records them as soon as the control store answers; the
+    caller is not told "done" because a proxy that died before then would leave the new store without the write.
+    Every memory write is safe to retry (creates skip what exists, deletes of what is gone do nothing)."""
+
+    code = "UNAVAILABLE"
+    told = ("the write reached the store, but the control store could not record its copy owed to the new store "
+            "({}); it is kept and retried in memory; retry the write to be sure of it")
+
+
 class UnreadableState(ProxyError):
     """The stored control state cannot be loaded (a hand edit, a bug of an older version): the proxy refuses to start
     and says what and where, instead of serving on a guess."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
-from adapters.errors import EntityNotFound, InvalidInput, StoreUnavailable
+from adapters.errors import EntityNotFound, InvalidInput, RepairNotRecorded, StoreUnavailable
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import Kind
 from proxy.engine import phases
@@ -92,6 +94,31 @@ class FaultyStore:
         return guarded
 
 
+CONTROL_METHODS = {"load", "save", "record", "enqueue_repairs", "due_repairs", "repaired", "repair_failed",
+                   "repair_depth", "repair_scopes", "carry_over_repairs"}
+
+
+class FlakyControl(SqliteControlStore):
+    """The real control store, which can be made to fail every call before touching it ("down"), or to lose the
+    answer of a call that did its work ("answers_lost": a PostgreSQL connection dropped as the commit returned)."""
+
+    mode = "ok"
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name not in CONTROL_METHODS or object.__getattribute__(self, "mode") == "ok":
+            return attr
+        mode = object.__getattribute__(self, "mode")
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            if mode == "down":
+                raise sqlite3.OperationalError("injected: the control store is unreachable")
+            await attr(*args, **kwargs)
+            raise sqlite3.OperationalError("injected: the connection dropped before the answer came")
+
+        return flaky
+
+
 @dataclass
 class Model:
     """MCP memory-server semantics, as plainly as possible: what was acknowledged to clients."""
@@ -121,7 +148,7 @@ class MigrationMachine(RuleBasedStateMachine):
                                                   and phases.moves(self.engine.state, scope))
         self.model = Model()
         self.engine: MigrationEngine | None = None
-        self.control: SqliteControlStore | None = None
+        self.control: FlakyControl | None = None
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -133,7 +160,7 @@ class MigrationMachine(RuleBasedStateMachine):
 
     async def _boot(self) -> None:
         shared_embedder()  # loaded before the engine opens stores, as the server does
-        self.control = SqliteControlStore(self.dir / "control.db", initial_primary=self.a)
+        self.control = FlakyControl(self.dir / "control.db", initial_primary=self.a)
         # No resync margin: going back to a target after a rollback copies only what changed, and the invariant
         # checks that this loses nothing in any interleaving.
         self.engine = MigrationEngine(self.control, self._open, HybridClock(1), secondary_grace=0.03,
@@ -186,9 +213,14 @@ class MigrationMachine(RuleBasedStateMachine):
 
     # --- client writes (each checked against the model) -------------------------------------------------------
     def _write(self, op: Any) -> tuple[bool, Any]:
-        """(acknowledged, answer). A failing primary means the caller got an error: nothing was acknowledged."""
+        """(applied, answer). A failing primary means the caller got an error: nothing was acknowledged. A write
+        answered `RepairNotRecorded` (the control store was out) reached the decisive store: applied, no answer."""
         try:
             return True, self.run(self.eng.writer.write(op)).answer
+        except RepairNotRecorded:
+            assert self.control is not None and self.control.mode != "ok"
+            event("a write answered RepairNotRecorded")
+            return True, None
         except StoreUnavailable:
             return False, None
 
@@ -197,7 +229,7 @@ class MigrationMachine(RuleBasedStateMachine):
         if not ok:
             return
         exists = (scope, name) in self.model.entities
-        assert [e.name for e in answer] == ([] if exists else [name])
+        assert answer is None or [e.name for e in answer] == ([] if exists else [name])
         if not exists:
             self.model.entities[(scope, name)] = (etype, set(obs))
 
@@ -211,7 +243,7 @@ class MigrationMachine(RuleBasedStateMachine):
             return
         assert (scope, name) in self.model.entities
         added = text not in self.model.entities[(scope, name)][1]
-        assert answer[0].contents == ((text,) if added else ())
+        assert answer is None or answer[0].contents == ((text,) if added else ())
         self.model.entities[(scope, name)][1].add(text)
 
     def delete_observation(self, scope: str, name: str, text: str) -> None:
@@ -231,7 +263,7 @@ class MigrationMachine(RuleBasedStateMachine):
         if not ok:
             return
         key = (scope, src, "knows", dst)
-        assert len(answer) == (0 if key in self.model.relations else 1)
+        assert answer is None or len(answer) == (0 if key in self.model.relations else 1)
         self.model.relations.add(key)
 
     def unrelate(self, scope: str, src: str, dst: str) -> None:
@@ -268,6 +300,17 @@ class MigrationMachine(RuleBasedStateMachine):
     def secondary_weather(self, mode: str) -> None:
         self.faults.mode = mode
 
+    @rule(mode=st.sampled_from(["ok", "down", "answers_lost"]))
+    def control_weather(self, mode: str) -> None:
+        """The control store fails every call, or does the work and loses the answer."""
+        assert self.control is not None
+        self.control.mode = mode
+
+    def _control_may_fail(self) -> contextlib.AbstractContextManager[object]:
+        """A step of the operator's or the background's fails when the control store does, and only then."""
+        return contextlib.suppress(sqlite3.Error) if self.control is not None and self.control.mode != "ok" \
+            else contextlib.nullcontext()
+
     @rule(failing=st.booleans())
     def secondary_reads(self, failing: bool) -> None:
         """Reads of b fail (an outage of reads only). While b is the primary, the backfill cannot read and waits:
@@ -284,7 +327,7 @@ class MigrationMachine(RuleBasedStateMachine):
             # Ends on its own flag, not by cancellation: Python 3.11's wait_for (the gate's) can swallow a
             # cancellation that arrives as its inner wait completes, and the loop would then run forever.
             while not done.is_set():
-                with contextlib.suppress(StoreUnavailable):
+                with contextlib.suppress(StoreUnavailable, sqlite3.Error):
                     await self.eng.repairs.repair_once()
                 await asyncio.sleep(0)
 
@@ -295,7 +338,7 @@ class MigrationMachine(RuleBasedStateMachine):
         finally:
             done.set()
             background[0].cancel()
-            self.run(asyncio.gather(*background, return_exceptions=True))
+            self.run(self._ended(background))
 
     @rule()
     def release_stalled(self) -> None:
@@ -314,8 +357,16 @@ class MigrationMachine(RuleBasedStateMachine):
             await asyncio.sleep(0.001 if turns is not None else 0.005)
             turn += 1
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await self._ended([task])
+
+    async def _ended(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Wait for cancelled background work to end; one that does not is a hang, shown with where it waits."""
+        finished, _ = await asyncio.wait(tasks, timeout=30)
+        if len(finished) < len(tasks):
+            out = io.StringIO()
+            for t in asyncio.all_tasks(self.loop):
+                t.print_stack(file=out)
+            raise AssertionError("background work did not end when cancelled:\n" + out.getvalue())
 
     @rule(turns=st.integers(1, 12))
     def backfill_some(self, turns: int) -> None:
@@ -324,15 +375,20 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def backfill_all(self) -> None:
         self.faults.reads_fail = False
+        assert self.control is not None
+        self.control.mode = "ok"  # a whole copy needs its checkpoints: it waits for the control store
         if phases.backfilling(self.eng.state):
             self.run(self._backfill_for(None))
 
     @rule()
     def repair_batch(self) -> None:
-        self.run(self.eng.repairs.repair_once())
+        with self._control_may_fail():
+            self.run(self.eng.repairs.repair_once())
 
     @rule()
     def restart_proxy(self) -> None:
+        assert self.control is not None
+        self.control.mode = "ok"  # back for the stop (which records what it kept in memory) and the start
         self.run(self.eng.stop())
         assert self.control is not None
         self.run(self.control.close())
@@ -348,6 +404,8 @@ class MigrationMachine(RuleBasedStateMachine):
         try:
             self.run(self.eng.start_migration(target, MigrationOptions(batch_size=batch, workers=workers,
                                                                        mirror_seconds=600), "test", chosen))
+        except sqlite3.Error:
+            assert self.control is not None and self.control.mode != "ok"
         except IllegalTransition:
             assert self.eng.state.phase not in (Phase.NOT_STARTED, Phase.ROLLED_BACK) or not source
         except InvalidInput:
@@ -359,18 +417,20 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def advance(self) -> None:
         before = self.eng.state.phase
-        with contextlib.suppress(IllegalTransition):
+        with contextlib.suppress(IllegalTransition), self._control_may_fail():
             self.run(self.eng.advance(before, "test"))
 
     @rule()
     def rollback(self) -> None:
-        with contextlib.suppress(IllegalTransition):
+        with contextlib.suppress(IllegalTransition), self._control_may_fail():
             self.run(self.eng.rollback("chaos", "test"))
 
     # --- the invariant -------------------------------------------------------------------------------------------
     @precondition(lambda self: self.engine is not None)
     @rule()
     def quiesce_and_check(self) -> None:
+        assert self.control is not None
+        self.control.mode = "ok"
         self.faults.mode = "ok"
         self.faults.reads_fail = False
         self.release_stalled()

@@ -4,7 +4,9 @@ With no migration moving the write's scope it goes to the scope's store alone. F
 (before the first backfill batch) a moved scope's write goes to both stores in parallel; the decisive store's outcome
 is the caller's answer. The two outcomes are compared: when the new store failed, was slower than `grace`, or wrote
 different records (a write the decisive store refused, data the backfill has not brought yet), the keys the write
-may touch go to the durable repair queue (proxy.engine.repair) before the caller is answered.
+may touch go to the durable repair queue (proxy.engine.repair) before the caller is answered. When the control store
+cannot take them, the write that reached the decisive store is answered UNAVAILABLE (`RepairNotRecorded`), never
+"done", and the keys wait in memory until the control store answers again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from adapters.base import Backend, VectorMap, WriteResult
-from adapters.errors import EntityNotFound, LeaseLapsed, StoreUnavailable
+from adapters.errors import EntityNotFound, LeaseLapsed, RepairNotRecorded, StoreUnavailable
 from adapters.records import EntityRecord, Record, RecordKey, parents_of
 from policies.rules import Observations
 from proxy.engine import phases
@@ -159,7 +161,9 @@ class DualWriter:
             agreed = s_done and (isinstance(s_exc, EntityNotFound) and isinstance(p_exc, EntityNotFound)
                                  if s_exc is not None else not s_task.result().effects)
             if not agreed:
-                await queue(op.keys())
+                # Kept in memory if the control store is out too; the caller's answer is the primary's refusal.
+                with contextlib.suppress(RepairNotRecorded):
+                    await queue(op.keys())
             if not s_done:
                 s_task.add_done_callback(consume)
             raise p_exc

@@ -72,6 +72,10 @@ class StateKeeper:
                 if cancelled:
                     break
                 raise
+            except Exception:
+                if cancelled:  # the save failed: the caller's cancellation still stands, and is what it gets
+                    raise asyncio.CancelledError from None
+                raise
         if cancelled:
             raise asyncio.CancelledError
 

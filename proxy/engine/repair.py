@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from adapters.base import Backend
+from adapters.errors import RepairNotRecorded
 from adapters.records import EntityRecord, Kind, Record, RecordKey, key_text, parents_of, same_content
 from proxy.engine import blocking, phases
 from proxy.engine.control import RepairItem
@@ -84,6 +85,9 @@ class RepairQueue:
         self.last_depth = 0  # for the metrics gauge, which cannot await
         self._wakeup = asyncio.Event()
         self._notices: set[asyncio.Task[None]] = set()  # pauses and un-pauses decided by a repair, see _notice
+        # Keys owed to the new store that the control store could not take (it was out): recorded there by the next
+        # pass, before any repair. Their scopes stay pending meanwhile, so reads stay on the decisive store.
+        self._owed: dict[int, list[RecordKey]] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -100,12 +104,36 @@ class RepairQueue:
         await self.enqueue_for(self._keeper.state.migration_id, keys)
 
     async def enqueue_for(self, migration_id: int, keys: list[RecordKey]) -> None:
-        await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(keys)))
-        scopes = {k[1] for k in keys}  # after the insert, so a concurrent refresh cannot drop them
+        """Record durably that the new store owes these keys. When the control store fails, the keys are kept in
+        memory (recorded by the next pass that reaches it) and `RepairNotRecorded` is raised: the caller must not be
+        told "done" while the only record of the debt would die with this process."""
+        keys = list(dict.fromkeys(keys))
+        try:
+            await self._control.enqueue_repairs(migration_id, keys)
+        except Exception as exc:
+            self._owed.setdefault(migration_id, []).extend(keys)
+            self._mark({k[1] for k in keys})
+            log.warning("control store could not record owed keys; kept in memory",
+                        extra={"error": type(exc).__name__, "keys": len(keys)})
+            raise RepairNotRecorded(f"control store error: {type(exc).__name__}") from exc
+        self._mark({k[1] for k in keys})  # after the insert, so a concurrent refresh cannot drop them
+
+    def _mark(self, scopes: set[str]) -> None:
         self._dirty |= scopes
         for added in self._dirty_since:
             added |= scopes
         self._wakeup.set()
+
+    @property
+    def owed(self) -> int:
+        """Keys owed to the new store that only this process knows of (the control store was out)."""
+        return sum(len(keys) for keys in self._owed.values())
+
+    async def record_owed(self) -> None:
+        """Record in the control store the keys kept in memory while it was out (raises while it still is)."""
+        for migration_id in list(self._owed):
+            await self._control.enqueue_repairs(migration_id, list(dict.fromkeys(self._owed[migration_id])))
+            del self._owed[migration_id]
 
     async def refresh_scopes(self) -> None:
         """Read again which scopes have a repair pending."""
@@ -115,7 +143,7 @@ class RepairQueue:
         self._dirty_since.append(added)
         try:
             found = await self._control.repair_scopes(self._keeper.state.migration_id)
-            self._dirty = found | added
+            self._dirty = found | added | {k[1] for keys in self._owed.values() for k in keys}
         finally:
             self._dirty_since.remove(added)
 
@@ -137,6 +165,7 @@ class RepairQueue:
 
     async def repair_once(self) -> int:
         """One batch of due repairs; returns how many keys were settled."""
+        await self.record_owed()
         secondary = self._stores.secondary
         if secondary is None or self._outage.current is not None:
             return 0  # an outage: the queue waits for the store instead of counting a failure per key per try
@@ -270,5 +299,6 @@ class RepairQueue:
             await asyncio.sleep(0.05)
 
     async def depth(self) -> int:
-        self.last_depth = await self._control.repair_depth(self._keeper.state.migration_id)
+        """Keys pending on the new store: those queued in the control store and those owed in memory."""
+        self.last_depth = await self._control.repair_depth(self._keeper.state.migration_id) + self.owed
         return self.last_depth
