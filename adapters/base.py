@@ -144,10 +144,12 @@ class Backend(Protocol):
         """The stored records (tombstones included) for these keys; a key never written is left out."""
         ...
 
-    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False,
+                           until: int = 0) -> RecordPage:
         """Live records in stable `RecordKey` order (entities, then observations of live entities, then
         relations), across every scope; resume with `after=page.next_after`. With `tombstones`, every stored record
-        (backfill sends them, so a target holding older data learns of deletions it missed)."""
+        (backfill sends them, so a target holding older data learns of deletions it missed). With `until`, only
+        records whose version is at most `until` (the backfill's watermark), filtered by the store itself."""
         ...
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
@@ -158,14 +160,20 @@ class Backend(Protocol):
         observations, so only theirs can already match when the entity record alone is copied."""
         ...
 
-    async def export_page(self, after: RecordKey | None, limit: int, vectors: bool) -> ExportPage:
-        """What a backfill reads per batch: every stored record after `after` (tombstones included), and with
+    async def export_page(self, after: RecordKey | None, limit: int, vectors: bool, until: int = 0) -> ExportPage:
+        """What a backfill reads per batch: every stored record after `after` (tombstones included; with `until`,
+        those of a version up to it), and with
         `vectors` those of `adapters.export.vector_keys(records)`. It equals `list_records` plus `get_vectors`
         (`adapters.export.ExportInParts` does exactly that); a store that can answer in one round trip does."""
         ...
 
     async def count(self, scope: str | None = None) -> Counts:
         """Live records, in one scope or in all."""
+        ...
+
+    async def max_version(self) -> int:
+        """The highest version stored, tombstones included (0 when empty): once no write is in flight, every write
+        this store has acknowledged is at or below it (the backfill's watermark starts here)."""
         ...
 
     async def purge_tombstones(self, before_version: int) -> int:

@@ -23,8 +23,9 @@ class ExportInParts:
     """`export_page` as the list and vector calls it is made of: one round trip each. Stores whose round trips
     cost little next to their writes (every networked one here) use it as it is."""
 
-    async def export_page(self: Backend, after: RecordKey | None, limit: int, vectors: bool) -> ExportPage:
-        page = await self.list_records(after, limit, tombstones=True)
+    async def export_page(self: Backend, after: RecordKey | None, limit: int, vectors: bool,
+                          until: int = 0) -> ExportPage:
+        page = await self.list_records(after, limit, tombstones=True, until=until)
         if not vectors:
             return ExportPage(page.records, page.next_after, None)
         ents, owners = vector_keys(page.records)

@@ -97,6 +97,7 @@ def _relation(row: dict[str, Any]) -> RelationRecord:
 
 _KEY_FIELDS = {Kind.ENTITY: ["e.scope", "e.name"], Kind.OBSERVATION: ["o.scope", "o.entity", "o.text"],
                Kind.RELATION: ["a.scope", "a.name", "r.relation_type", "b.name"]}
+_VERSION_OF = {Kind.ENTITY: "e.version", Kind.OBSERVATION: "o.version", Kind.RELATION: "r.version"}
 
 
 def _after(fields: list[str], n: int = 0) -> str:
@@ -581,17 +582,18 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
             raise StoreUnavailable(f"{self.name}: {exc}") from exc
         return [found[k] for k in keys if k in found]
 
-    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False,
+                           until: int = 0) -> RecordPage:
         out: list[Record] = []
         for kind, pos in kinds_after(after):
             if len(out) >= limit:
                 break
             args = dict(zip(("p0", "p1", "p2", "p3"), (*pos, "", "", "", "")[:4], strict=True))
-            out += await self._list_kind(kind, args, not pos, limit - len(out), tombstones)
+            out += await self._list_kind(kind, args, not pos, limit - len(out), tombstones, until)
         return RecordPage(tuple(out), out[-1].key if len(out) >= limit else None)
 
     async def _list_kind(self, kind: Kind, args: dict[str, str], first: bool, limit: int,
-                         tombstones: bool) -> list[Record]:
+                         tombstones: bool, until: int = 0) -> list[Record]:
         # From the start (`first`) there is no position to pass: a key may begin with "".
         if kind == Kind.ENTITY:
             q = self._q["list_e"].replace("{live}", "" if tombstones else "AND e.deleted = false")
@@ -600,8 +602,11 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
             q, read = self._q["list_o_all" if tombstones else "list_o_live"], _observation
         else:
             q, read = self._q["list_r"].replace("{live}", "" if tombstones else "AND r.deleted = false"), _relation
-        q = q.replace("{after}", "TRUE" if first else _after(_KEY_FIELDS[kind]))
-        return [read(r) for r in await self._run(q, limit=limit, **args)]
+        after = "TRUE" if first else _after(_KEY_FIELDS[kind])
+        if until:  # the backfill's watermark, on the record's own node or relationship
+            after += f" AND {_VERSION_OF[kind]} <= $until"
+        q = q.replace("{after}", after)
+        return [read(r) for r in await self._run(q, limit=limit, until=until, **args)]
 
     async def get_vectors(self, keys: Sequence[Key], childless_only: bool = False) -> dict[Key, tuple[str, Vector]]:
         await self._embeddings.settled()
@@ -618,6 +623,13 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
             rows = await self._run(self._q[name].replace("{at}", at), scope=scope)
             out.append(int(rows[0]["n"]))
         return Counts(*out)
+
+    async def max_version(self) -> int:
+        found = [0]
+        for q in (f"MATCH (e:{self.E}) RETURN max(e.version) AS v", f"MATCH (o:{self.O}) RETURN max(o.version) AS v",
+                  f"MATCH (:{self.E})-[r:RELATES_TO]->(:{self.E}) RETURN max(r.version) AS v"):
+            found += [int(r["v"]) for r in await self._run(q) if r["v"] is not None]
+        return max(found)
 
     async def purge_tombstones(self, before_version: int) -> int:
         n = 0

@@ -391,7 +391,8 @@ class PointsBackend(PlannedWrites, ExportInParts):
         found = await self._fetch(keys)
         return [found[k] for k in keys if k in found]
 
-    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False,
+                           until: int = 0) -> RecordPage:
         """Key order, one scope at a time: a scope's records of one kind are read and sorted together (a scope is
         one agent's or team's memory, so this stays small while the walk over every scope streams)."""
         out: list[Record] = []
@@ -404,7 +405,8 @@ class PointsBackend(PlannedWrites, ExportInParts):
                     break
                 if after and kind == after[0] and scope < after[1]:
                     continue
-                flt = where(scope=scope) if tombstones else where(scope=scope, deleted=False)
+                flt = Where({"scope": scope} if tombstones else {"scope": scope, "deleted": False},
+                            version_below=until + 1 if until else None)  # the backfill's watermark
                 recs = [record_of(kind, pl) for pl in await self._p.find(kind, flt)]
                 if kind == Kind.OBSERVATION and not tombstones:
                     live = set(await self._live_names(scope))
@@ -437,6 +439,16 @@ class PointsBackend(PlannedWrites, ExportInParts):
                   if (pl["scope"], pl["entity"]) in live)
         rels = await self._p.count(Kind.RELATION, where(deleted=False, **at))
         return Counts(len(live), obs, rels)
+
+    async def max_version(self) -> int:
+        # A point database keeps no index to ask for a maximum: every payload is read, once per migration (the
+        # copy that follows reads them all again anyway).
+        highest = 0
+        for kind in Kind:
+            for pl in await self._p.find(kind, Where()):
+                if pl.get("version") is not None:
+                    highest = max(highest, int(pl["version"]))
+        return highest
 
     async def purge_tombstones(self, before_version: int) -> int:
         n = 0

@@ -702,27 +702,31 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         found = await self._read(lambda conn: self._fetch(conn, keys))
         return [found[k] for k in keys if k in found]
 
-    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False) -> RecordPage:
+    async def list_records(self, after: RecordKey | None, limit: int, tombstones: bool = False,
+                           until: int = 0) -> RecordPage:
         async def run(conn: asyncpg.Connection) -> RecordPage:
             out: list[Record] = []
             for kind, pos in kinds_after(after):
                 if len(out) >= limit:
                     break
-                out.extend(await self._list_kind(conn, kind, pos, limit - len(out), tombstones))
+                out.extend(await self._list_kind(conn, kind, pos, limit - len(out), tombstones, until))
             return RecordPage(tuple(out), out[-1].key if len(out) >= limit else None)
 
         return await self._read(run)
 
     @staticmethod
     async def _list_kind(conn: asyncpg.Connection, kind: Kind, pos: tuple[str, ...], limit: int,
-                         tombstones: bool) -> list[Record]:
+                         tombstones: bool, until: int = 0) -> list[Record]:
         live = "" if tombstones else "AND NOT deleted"
+        # The watermark is the last parameter: $2.. are the cursor's parts.
+        bound: tuple[int, ...] = (until,) if until else ()
+        upto = f"AND {{}}version <= ${2 + len(pos)}" if until else ""
         if kind == Kind.ENTITY:
             where = "AND (scope, name) > ($2, $3)" if pos else ""
             return [EntityRecord(r["scope"], r["name"], r["entity_type"], r["version"], r["created"], r["purged"],
                                  r["deleted"], _meta(r["metadata"])) for r in await conn.fetch(
-                f"SELECT {_E_COLS} FROM entities WHERE TRUE {live} {where} ORDER BY scope, name LIMIT $1",
-                limit, *pos)]
+                f"SELECT {_E_COLS} FROM entities WHERE TRUE {live} {where} {upto.format('')}"
+                " ORDER BY scope, name LIMIT $1", limit, *pos, *bound)]
         if kind == Kind.OBSERVATION:
             where = "AND (o.scope, o.entity, o.text) > ($2, $3, $4)" if pos else ""
             join = "" if tombstones else (" JOIN entities e ON e.scope = o.scope AND e.name = o.entity"
@@ -736,12 +740,13 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             return [ObservationRecord(r["scope"], r["entity"], r["text"], r["version"], r["created"], r["deleted"])
                     for r in await conn.fetch(
                 f"SELECT o.scope, o.entity, o.text, o.version, o.created, o.deleted FROM observations o{join}"
-                f" WHERE TRUE {alive} {where} ORDER BY o.scope, o.entity, o.text LIMIT $1", limit, *pos)]
+                f" WHERE TRUE {alive} {where} {upto.format('o.')} ORDER BY o.scope, o.entity, o.text LIMIT $1",
+                limit, *pos, *bound)]
         where = "AND (scope, source, relation_type, target) > ($2, $3, $4, $5)" if pos else ""
         return [RelationRecord(r["scope"], r["source"], r["relation_type"], r["target"], r["version"], r["deleted"],
                                _meta(r["metadata"])) for r in await conn.fetch(
-            f"SELECT {_R_COLS} FROM relations WHERE TRUE {live} {where}"
-            " ORDER BY scope, source, relation_type, target LIMIT $1", limit, *pos)]
+            f"SELECT {_R_COLS} FROM relations WHERE TRUE {live} {where} {upto.format('')}"
+            " ORDER BY scope, source, relation_type, target LIMIT $1", limit, *pos, *bound)]
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
@@ -767,6 +772,13 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             cond, args = ("AND x.scope = $1", (scope,)) if scope is not None else ("", ())
             return Counts(*[int(await conn.fetchval(f"SELECT count(*) FROM {live} {cond}", *args))
                             for live in _LIVE_RECORDS])
+
+        return await self._read(run)
+
+    async def max_version(self) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            return max([int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
+                        for table in ("entities", "observations", "relations")])
 
         return await self._read(run)
 

@@ -364,6 +364,36 @@ async def test_export_page_is_every_record_with_the_vectors_a_copy_keeps(backend
         assert await walk_checking_parts(backend, size) == list(everything.records)
 
 
+async def test_a_watermark_read_returns_exactly_the_records_stamped_up_to_it(backend: Backend,
+                                                                                v: itertools.count[int]) -> None:
+    """The backfill reads with a watermark: what agents wrote after it (dual write carried it) must not even come
+    back from the store, at any page size, or the copy would chase them; and `max_version` is the highest version
+    the store holds, tombstones included, so a watermark taken from it covers every acknowledged write."""
+    assert await backend.max_version() == 0
+    await seed(backend, v)  # versions 1000, 1001
+    watermark = next(v)  # 1002: nothing stamped with it
+    await backend.create_entities(S, [Entity("zed", "thing", ("after the start",))], next(v))
+    await backend.add_observations(S, [ObservationAddition("alice", ("wrote later",))], next(v))
+    await backend.create_relations(S, [Relation("zed", "alice", "knows")], next(v))
+    await backend.delete_entities(S, ["bob"], next(v))  # a tombstone after the watermark: the stores' newest
+    assert await backend.max_version() == 1006
+    everything = (await backend.list_records(None, 10_000, tombstones=True)).records
+    wanted = [r for r in everything if r.version <= watermark]
+    assert {r.version for r in wanted} == {1000, 1001} and len(wanted) < len(everything)
+    assert (await backend.list_records(None, 10_000, tombstones=True, until=watermark)).records == tuple(wanted)
+    for size in (1, 2, 5):
+        walked: list[Record] = []
+        after = None
+        while True:
+            page = await backend.export_page(after, size, vectors=True, until=watermark)
+            assert all(r.version <= watermark for r in page.records)
+            walked += page.records
+            if page.next_after is None:
+                break
+            after = page.next_after
+        assert walked == wanted, size
+
+
 async def test_purge_tombstones(backend: Backend, v: itertools.count[int]) -> None:
     await seed(backend, v)
     await backend.delete_entities(S, ["bob"], next(v))

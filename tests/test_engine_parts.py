@@ -5,8 +5,9 @@ fleet member's adoption. What a part does here is what it does inside the engine
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
-from adapters.errors import Conflict, IllegalTransition
+from adapters.errors import Conflict, IllegalTransition, RepairNotRecorded
 from adapters.model import Entity
 from adapters.records import Kind
 from proxy.engine import phases
@@ -58,7 +59,7 @@ class Refusing:
 @dataclass
 class Parts:
     dir: Path
-    control: SqliteControlStore
+    control: ControlOut
     keeper: StateKeeper
     stores: OpenStores
     gate: ScopeGate
@@ -67,6 +68,7 @@ class Parts:
     old: str
     new: str
     opened: dict[str, Backend]
+    clock: HybridClock = field(default_factory=lambda: HybridClock(1))
 
     async def start(self) -> None:
         """DataMigration from the old store to the new, taken through the keeper as the engine's start does."""
@@ -81,7 +83,7 @@ class Parts:
 @pytest.fixture
 async def parts(embedder: BatchingEmbedder, tmp_path: Path) -> AsyncIterator[Parts]:
     old, new = f"sqlite:///{tmp_path}/old.db", f"sqlite:///{tmp_path}/new.db"
-    control = SqliteControlStore(tmp_path / "control.db", initial_primary=old)
+    control = ControlOut(tmp_path / "control.db", initial_primary=old)
     opened: dict[str, Backend] = {}
 
     async def open_store(spec: str) -> Backend:
@@ -136,7 +138,70 @@ async def test_the_keeper_takes_steps_through_the_table_and_loses_a_race_to_anot
     assert seen == [True, False]  # a watcher sees the state it joined at, then every state taken on
 
 
+class ControlOut(SqliteControlStore):
+    """The real control store, whose repair queue and saves fail while `out` is set (after `delay` seconds)."""
+
+    out = False
+    delay = 0.0
+
+    async def enqueue_repairs(self, migration_id: int, keys: list[Any]) -> None:
+        if self.out:
+            raise sqlite3.OperationalError("injected: the control store is unreachable")
+        await super().enqueue_repairs(migration_id, keys)
+
+    async def save(self, state: Any, expected_revision: int, durable: bool = True) -> Any:
+        if self.out:
+            await asyncio.sleep(self.delay)
+            raise sqlite3.OperationalError("injected: the control store is unreachable")
+        return await super().save(state, expected_revision, durable)
+
+
+async def test_a_cancelled_save_that_then_fails_still_ends_in_the_cancellation(tmp_path: Path) -> None:
+    """A backfill cancelled during a checkpoint whose save then failed went on copying (and sleeping between
+    retries) forever: the keeper turned the cancellation into the save's error. The cancelled caller must end."""
+    control = ControlOut(tmp_path / "control.db", initial_primary="sqlite:///a.db")
+    keeper = StateKeeper(control)
+    await keeper.load()
+    control.out, control.delay = True, 0.2
+    saving = asyncio.ensure_future(keeper.save(replace(keeper.state, paused=True)))
+    await asyncio.sleep(0.05)  # inside the save
+    saving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    assert (await control.load()).revision == keeper.state.revision == 0  # nothing was saved
+    await control.close()
+
+
 # --- the dual writer and the repair queue ------------------------------------------------------------------------
+async def test_a_write_whose_repair_cannot_be_recorded_is_not_answered_done_and_its_keys_are_kept(
+        parts: Parts) -> None:
+    """The new store refused a dual write and the control store cannot record the key it now owes: the caller is
+    told UNAVAILABLE (the write is on the decisive store, but a proxy dying now would leave the new store without it
+    and nothing would know), the key waits in memory with its scope's reads on the decisive store, and the next
+    repair pass records it and repairs it once the control store is back."""
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
+    writer = DualWriter(parts.keeper, parts.stores, repairs, parts.gate, parts.outage, parts.clock,
+                        parts.counters, Telemetry())
+    await parts.start()
+    new = parts.opened[parts.new]
+    new.refuse = True  # type: ignore[attr-defined]
+    parts.control.out = True
+    with pytest.raises(RepairNotRecorded) as told:
+        await writer.write(CreateEntities("s", [Entity("owed", "t")]))
+    assert told.value.code == "UNAVAILABLE" and "retry" in told.value.detail()
+    assert "OperationalError" in str(told.value) and "unreachable" not in str(told.value)  # no driver text
+    assert await names(parts.opened[parts.old], "s") == {"owed"}  # on the decisive store
+    assert repairs.owed == 1 and repairs.scope_pending("s")
+    with pytest.raises(sqlite3.OperationalError):
+        await repairs.repair_once()  # still out: kept
+    assert repairs.owed == 1 and repairs.scope_pending("s")
+    parts.control.out = False
+    new.refuse = False  # type: ignore[attr-defined]
+    assert await repairs.drain(within=30) == 0
+    assert repairs.owed == 0 and not repairs.scope_pending("s")
+    assert await names(new, "s") == {"owed"}
+
+
 async def test_the_dual_writer_writes_both_stores_and_queues_what_the_new_one_refused(parts: Parts) -> None:
     repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
     writer = DualWriter(parts.keeper, parts.stores, repairs, parts.gate, parts.outage, HybridClock(7),
@@ -181,7 +246,7 @@ async def test_the_backfill_alone_copies_what_the_old_store_held_and_checkpoints
     for i in range(30):
         await old.create_entities(f"b{i % 3}", [Entity(f"e{i:02d}", "t", (f"fact {i}",))], i + 1)
     await parts.start()
-    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock)
     backfill.start()  # scheduled as in production: a task of its own
     assert backfill.running
     await until(lambda: parts.keeper.state.backfill_complete)
@@ -200,7 +265,7 @@ async def test_the_backfill_holds_while_the_state_is_paused(parts: Parts) -> Non
     await parts.start()
     async with parts.keeper.lock:
         await parts.keeper.save(replace(parts.keeper.state, paused=True))
-    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry())
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock)
     run = asyncio.ensure_future(backfill.run())
     await until(lambda: backfill.holds > 0)  # it reads the pause before any page
     assert parts.keeper.state.backfill_done == 0 and not run.done()
@@ -211,11 +276,40 @@ async def test_the_backfill_holds_while_the_state_is_paused(parts: Parts) -> Non
     assert parts.keeper.state.backfill_complete
 
 
+async def test_the_backfill_never_reads_what_agents_write_after_it_started(parts: Parts) -> None:
+    """The copy fixes its watermark when it starts; what agents write after that reaches the new store by dual
+    write, so the copy does not read it again: with agents writing new keys (past the copy's cursor) the copy reads
+    exactly the records that were there, ends, and the new store still holds everything."""
+    old = parts.opened[parts.old]
+    await old.create_entities("w", [Entity(f"a{i:02d}", "t", (f"fact {i}",)) for i in range(40)], parts.clock.now())
+    await parts.start()
+    new = parts.opened[parts.new]
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
+    writer = DualWriter(parts.keeper, parts.stores, repairs, parts.gate, parts.outage, parts.clock,
+                        parts.counters, Telemetry())
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock)
+    backfill.start()
+    await until(lambda: parts.keeper.state.copy_until > 0)
+    async with parts.keeper.lock:  # held mid-copy while the agents write
+        await parts.keeper.save(replace(parts.keeper.state, paused=True))
+    await until(lambda: backfill.holds > 0)
+    assert not parts.keeper.state.backfill_complete
+    for i in range(60):  # new keys, after every key the copy has yet to read
+        await writer.write(CreateEntities("w", [Entity(f"z{i:02d}", "t", (f"later {i}",))]))
+    async with parts.keeper.lock:
+        await parts.keeper.save(replace(parts.keeper.state, paused=False))
+    await until(lambda: parts.keeper.state.backfill_complete)
+    s = parts.keeper.state
+    assert (s.backfill_done, s.backfill_copied, s.backfill_total) == (80, 80, 80)  # 40 entities, 40 observations
+    assert await names(new, "w") == await names(old, "w") and len(await names(new, "w")) == 100
+    assert await repairs.depth() == 0  # every later write reached the new store by dual write
+
+
 # --- a fleet member's adoption -----------------------------------------------------------------------------------
 async def test_adoption_takes_another_proxys_state_opens_its_stores_and_stops_an_unwanted_backfill(
         parts: Parts) -> None:
     repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
-    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), scheduled=False)
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock, scheduled=False)
     adoption = FleetAdoption(parts.keeper, parts.stores, repairs, backfill)
     other = StateKeeper(parts.control)
     await other.load()

@@ -1,10 +1,13 @@
 """The backfill: the decisive store's records copied onto the new store, in checkpointed batches.
 
-It streams every stored record in key order (tombstones included), keeps those of the scopes the migration moves,
+It streams the stored records in key order (tombstones included), keeps those of the scopes the migration moves,
 and applies them if newer with their vectors (or without, to re-embed), checkpointing the cursor in the control
 store after every batch so a restarted proxy, or another proxy of the fleet, resumes where it stopped. It starts only
-once the writes that began before dual-writing have finished; batches are sized by time (policies.pacing). It holds
-while the state says `paused` (an operator, the policy, a refused record) and while the new store is out.
+once the writes that began before dual-writing have finished, and then fixes its watermark (`copy_until`): records
+stamped after it were dual-written (or are owed through the repair queue), so the stores do not even return them
+and the copy never chases agents that keep writing (docs/design.md, "Why the copy skips what is newer"). Batches are
+sized by time (policies.pacing). It holds while the state says `paused` (an operator, the policy, a refused record)
+and while the new store is out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from adapters.errors import StoreUnavailable
 from adapters.records import Record, RecordKey
 from policies import pacing
 from proxy.engine import blocking, phases
-from proxy.engine.clock import unix_seconds
+from proxy.engine.clock import HybridClock, later, unix_seconds
 from proxy.engine.control import MigrationState
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
@@ -74,8 +77,14 @@ class Backfill:
     """The copy of the moved scopes' records onto the new store, read ahead, applied in parallel, checkpointed."""
 
     def __init__(self, keeper: StateKeeper, stores: OpenStores, gate: ScopeGate, outage: OutageWatch,
-                 telemetry: Telemetry, *, grace: float = 0.05, scheduled: bool = True, elected: bool = True) -> None:
+                 telemetry: Telemetry, clock: HybridClock, *, grace: float = 0.05, scheduled: bool = True,
+                 elected: bool = True, clock_margin_ms: int = 0) -> None:
         self._keeper = keeper
+        self._clock = clock
+        # How far another proxy's clock may run ahead of this one's: added to the watermark. A single proxy stamps
+        # every write itself and needs none; a fleet's acknowledgements carry their clocks (observed before the copy
+        # starts), so the margin covers only a write still travelling from a proxy that has left the fleet.
+        self._clock_margin_ms = clock_margin_ms
         self._stores = stores
         self._gate = gate
         self._outage = outage
@@ -160,6 +169,9 @@ class Backfill:
                 secondary = self._stores.secondary
                 if secondary is None:
                     return
+                if not keeper.state.copy_until:
+                    await self._fix_watermark()
+                    continue
                 while len(in_flight) < max(1, keeper.state.options.workers) and not exhausted:
                     if ahead is not None and ahead[0] == next_cursor:
                         page = await ahead[1]
@@ -242,7 +254,27 @@ class Backfill:
         start = walk_from(state.selection, cursor)  # from the first selected scope, when the copy begins
         if cursor is not None and start is None:  # no selected scope after the checkpoint
             return ExportPage((), None, None)
-        return await primary.export_page(start, size, vectors=keep)
+        return await primary.export_page(start, size, vectors=keep, until=state.copy_until)
+
+    async def _fix_watermark(self) -> None:
+        """Fix `copy_until` once for the migration, when its copy first starts: every write to the old store alone
+        has finished by now (this proxy's: `solo_done`; a fleet's: the leader starts only once every proxy has
+        acknowledged, and it has observed their clocks), so each of them is stamped below this clock's next
+        version and at most the store's highest. Fixed once and saved: a restart or another leader keeps it."""
+        keeper = self._keeper
+        # The store's own highest version too: a proxy restarted with its clock set back (or a clock that jumped)
+        # may read lower than versions it stamped before; the store holds every acknowledged one.
+        stored = await self._stores.primary.max_version()
+        async with keeper.lock:
+            cur = keeper.state
+            if cur.copy_until or not phases.backfilling(cur):
+                return
+            until = max(self._clock.now(), stored)
+            if self._clock_margin_ms:
+                until = later(until, self._clock_margin_ms)
+            await keeper.save(replace(cur, copy_until=until))
+            await keeper.note_locked("memshift", "copy watermark fixed: records stamped later are dual-written, "
+                                     "not copied", {"copy_until": unix_seconds(until)})
 
     async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> None:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
@@ -261,7 +293,10 @@ class Backfill:
             await keeper.save(replace(
                 cur, backfill_cursor=page.next_after, backfill_done=cur.backfill_done + page.read,
                 backfill_copied=cur.backfill_copied + len(page.records),
-                backfill_total=max(cur.backfill_total, cur.backfill_done + page.read),
+                # At the end, the total is what was there to copy: records changed after the watermark were
+                # counted at the start but dual write carried them.
+                backfill_total=(cur.backfill_done + page.read if page.next_after is None
+                                else max(cur.backfill_total, cur.backfill_done + page.read)),
                 backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
         self._telemetry.backfill_records.add(len(page.records))

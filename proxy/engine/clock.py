@@ -35,6 +35,12 @@ def earlier(version: int, ms: int) -> int:
     return wall << (COUNTER_BITS + NODE_BITS)
 
 
+def later(version: int, ms: int) -> int:
+    """The version `ms` milliseconds of wall time after `version` (counter and node at their highest)."""
+    wall = unpack(version)[0] + ms
+    return (wall << (COUNTER_BITS + NODE_BITS)) | (MAX_COUNTER << NODE_BITS) | MAX_NODE
+
+
 def unix_seconds(version: int) -> float:
     """When `version` was stamped, as unix seconds."""
     return (unpack(version)[0] + EPOCH_MS) / 1000

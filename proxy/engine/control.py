@@ -80,6 +80,10 @@ class MigrationState:
     resync_target: str = ""
     resync_version: int = 0
     copy_since: int = 0  # this migration's backfill copies only records newer than this (0: every record)
+    # ... and only records stamped at or before this: fixed once, when the copy first starts (after every write to the
+    # old store alone has finished), so what agents write later, which dual write carries, is never copied again and
+    # the copy cannot chase them (0: not fixed yet). docs/design.md, "Why the copy skips what is newer".
+    copy_until: int = 0
     backfill_copied: int = 0  # records the backfill wrote (`backfill_done` counts records read)
     # Which store serves each scope (proxy.engine.placement). Changed only with the phase: at cutover, and back on a
     # rollback from the rollback window, so a placement change is a compare-and-set broadcast like any phase change.
@@ -137,6 +141,7 @@ class Member:
     leader: bool  # runs the backfill
     heartbeat_age: float  # seconds since its last heartbeat
     live: bool  # heartbeat within the lease
+    clock: int = 0  # its clock when it acknowledged: above every version it stamped before (0: not reported)
 
 
 
@@ -185,7 +190,8 @@ class Fleet(Protocol):
 
     async def listen(self, on_change: Callable[[], None]) -> None: ...
 
-    async def heartbeat(self, node: str, address: str, state: MigrationState, leader: bool) -> None: ...
+    async def heartbeat(self, node: str, address: str, state: MigrationState, leader: bool,
+                        clock: int = 0) -> None: ...
 
     async def members(self) -> list[Member]: ...
 

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS repairs (id bigserial PRIMARY KEY, migration_id bigin
 CREATE TABLE IF NOT EXISTS proxies (node text PRIMARY KEY, address text NOT NULL, phase text NOT NULL,
     migration_id bigint NOT NULL, revision bigint NOT NULL, leader boolean NOT NULL,
     heartbeat_at timestamptz NOT NULL DEFAULT now());
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS clock bigint NOT NULL DEFAULT 0;
 """
 
 
@@ -171,24 +172,25 @@ class PostgresControlStore:
         self._listener = await asyncpg.connect(self._dsn)
         await self._listener.add_listener(CHANNEL, lambda *_: on_change())
 
-    async def heartbeat(self, node: str, address: str, state: MigrationState, leader: bool) -> None:
-        """This proxy is alive and has applied `state` (its acknowledgement)."""
+    async def heartbeat(self, node: str, address: str, state: MigrationState, leader: bool, clock: int = 0) -> None:
+        """This proxy is alive and has applied `state` (its acknowledgement); `clock` is its clock's reading when
+        it acknowledged, above every version it stamped before."""
         await self._p().execute(
-            "INSERT INTO proxies (node, address, phase, migration_id, revision, leader, heartbeat_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (node) DO UPDATE SET address = $2, phase = $3,"
-            " migration_id = $4, revision = $5, leader = $6, heartbeat_at = now()",
-            node, address, state.phase.value, state.migration_id, state.revision, leader)
+            "INSERT INTO proxies (node, address, phase, migration_id, revision, leader, clock, heartbeat_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, now()) ON CONFLICT (node) DO UPDATE SET address = $2, phase = $3,"
+            " migration_id = $4, revision = $5, leader = $6, clock = $7, heartbeat_at = now()",
+            node, address, state.phase.value, state.migration_id, state.revision, leader, clock)
 
     async def members(self) -> list[Member]:
         rows = await self._p().fetch(
-            "SELECT node, address, phase, migration_id, revision, leader,"
+            "SELECT node, address, phase, migration_id, revision, leader, clock,"
             " extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM proxies ORDER BY node")
         out = []
         for r in rows:
             age = float(r["age"])
             live = age < self.lease_seconds
             out.append(Member(r["node"], r["address"], Phase(r["phase"]), int(r["migration_id"]),
-                              int(r["revision"]), bool(r["leader"]) and live, age, live))
+                              int(r["revision"]), bool(r["leader"]) and live, age, live, int(r["clock"])))
         return out
 
     async def forget(self, node: str) -> None:

@@ -42,6 +42,7 @@ class FleetSync:
         self._task: asyncio.Task[None] | None = None
         self.waiting_for: list[str] = []  # live proxies the backfill leader waits for
         self._acked: MigrationState | None = None  # the state this proxy acknowledges in its heartbeats
+        self._acked_clock = 0  # this proxy's clock when it acknowledged: every write it stamped before is below
         self._ack_wait: asyncio.Future[None] | None = None  # wakes a round when the older writes have finished
 
     async def start(self) -> None:
@@ -80,7 +81,7 @@ class FleetSync:
             # Acknowledge a dual-writing phase only once the writes that began before it have finished; the lease
             # is renewed meanwhile (those writes may wait on the embedder for a while).
             if self._engine.stores.secondary is None or self._engine.gate.solo_idle.is_set():
-                self._acked = s
+                self._acked, self._acked_clock = s, self._engine.clock.now()
             elif self._ack_wait is None or self._ack_wait.done():
                 self._ack_wait = asyncio.ensure_future(self._engine.gate.solo_done())
                 self._ack_wait.add_done_callback(lambda _: self._wake.set())
@@ -91,14 +92,21 @@ class FleetSync:
         else:
             leader = False
             await self._control.resign()  # nothing to lead: hold no lock and no connection for it
-        await self._control.heartbeat(self.node, self._address, acked, leader)
+        await self._control.heartbeat(self.node, self._address, acked, leader, self._acked_clock)
         self._engine.writer.lease_renewed(started + self._control.lease_seconds)
         if not leader:
             self.waiting_for = []
             self._engine.backfill.elect(False)
             return
-        self.waiting_for = [m.node for m in await self._control.members()
+        members = await self._control.members()
+        self.waiting_for = [m.node for m in members
                             if m.live and (m.migration_id != s.migration_id or m.phase != s.phase)]
+        if not self.waiting_for:
+            # Every live proxy has acknowledged, each with its clock then: the backfill's watermark, taken from this
+            # clock, is then above every write any of them made to the old store alone, whatever their skew.
+            for m in members:
+                if m.live and m.migration_id == s.migration_id:
+                    self._engine.clock.observe(m.clock)
         if self.waiting_for and not self._engine.backfill.running:
             log.info("backfill waits for proxies to acknowledge DataMigration", extra={"waiting": self.waiting_for})
         self._engine.backfill.elect(not self.waiting_for or self._engine.backfill.running)

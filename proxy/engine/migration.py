@@ -62,7 +62,7 @@ class MigrationEngine:
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
                  observations: Observations | None = None, fleet: bool = False,
-                 resync_margin_ms: int = RESYNC_MARGIN_MS) -> None:
+                 resync_margin_ms: int = RESYNC_MARGIN_MS, clock_margin_ms: int = 0) -> None:
         self.telemetry = telemetry or Telemetry()
         self.keeper = StateKeeper(control, fleet)
         self.stores = OpenStores(self.keeper, open_store, fleet)
@@ -71,15 +71,16 @@ class MigrationEngine:
         self.outage = OutageWatch(self._probe_secondary, self._outage_changed)
         self.repairs = RepairQueue(self.keeper, self.stores, self.gate, self.outage, self.counters,
                                    interval=repair_interval, batch=repair_batch, grace=secondary_grace)
-        self.backfill = Backfill(self.keeper, self.stores, self.gate, self.outage, self.telemetry,
-                                 grace=secondary_grace, scheduled=background, elected=not fleet)
+        self.backfill = Backfill(self.keeper, self.stores, self.gate, self.outage, self.telemetry, clock,
+                                 grace=secondary_grace, scheduled=background, elected=not fleet,
+                                 clock_margin_ms=clock_margin_ms)
         self.writer = DualWriter(self.keeper, self.stores, self.repairs, self.gate, self.outage, clock,
                                  self.counters, self.telemetry, observations=observations, grace=secondary_grace,
                                  fleet=fleet, before_write=self._expire_window_if_due)
         self.adoption = FleetAdoption(self.keeper, self.stores, self.repairs, self.backfill,
                                       after_news=self._expire_window_if_due)
         self.stores.when_reachable(self.repairs.wake)
-        self._clock = clock
+        self.clock = clock
         self._background = background  # False: the caller drives the repair queue and the backfill itself
         self._resync_margin_ms = resync_margin_ms
         self._tasks: list[asyncio.Task[None]] = []
@@ -127,7 +128,20 @@ class MigrationEngine:
         await self.outage.stop()
         if background:
             await asyncio.wait(background, timeout=within / 2)
+        await self._record_owed_repairs(within / 4)
         await self.stores.close(within / 2)
+
+    async def _record_owed_repairs(self, within: float) -> None:
+        """Keys owed to the new store that only memory holds (the control store was out when their writes were
+        answered UNAVAILABLE) are recorded before this process goes; if the control store is still out they are
+        lost with it, and a Verify with repair finds what they would have fixed."""
+        if not self.repairs.owed:
+            return
+        try:
+            await asyncio.wait_for(self.repairs.record_owed(), within)
+        except Exception as exc:
+            log.error("stopping with repairs the control store never took; run a Verify with repair",
+                      extra={"keys": self.repairs.owed, "error": type(exc).__name__})
 
     # --- the new store's outages --------------------------------------------------------------------------------
     async def _probe_secondary(self) -> None:
@@ -191,11 +205,12 @@ class MigrationEngine:
             resync = target == s.resync_target and chosen == s.selection and source == s.source
             copy_since = s.resync_version if resync and not options.full_copy else 0
             new = keeper.next(Step.START, primary=source, secondary=target, selection=chosen, source=source,
-                              start_placement=s.placement, copy_since=copy_since, backfill_copied=0, resync_target="",
-                              resync_version=0, migration_id=s.migration_id + 1, options=options, paused=False,
-                              backfill_cursor=None, backfill_done=0, backfill_total=total, backfill_complete=False,
-                              backfill_seconds=0.0, verify_cursor=None, last_verify_differences=-1, read_fraction=0.0,
-                              ramp_step=-1, mirror_until=0.0, blocked_key="", blocked="")
+                              start_placement=s.placement, copy_since=copy_since, copy_until=0, backfill_copied=0,
+                              resync_target="", resync_version=0, migration_id=s.migration_id + 1, options=options,
+                              paused=False, backfill_cursor=None, backfill_done=0, backfill_total=total,
+                              backfill_complete=False, backfill_seconds=0.0, verify_cursor=None,
+                              last_verify_differences=-1, read_fraction=0.0, ramp_step=-1, mirror_until=0.0,
+                              blocked_key="", blocked="")
             # Keys a rolled-back migration still owed its target are owed to this one (reconciling is correct for
             # any secondary, and a no-op where the stores agree).
             await keeper.control.carry_over_repairs(new.migration_id)
@@ -265,7 +280,7 @@ class MigrationEngine:
             s = self.state
             # The store left behind keeps what it had: a migration back to it later copies only what changed since
             # (a margin of wall time covers writes stamped by other proxies whose clocks run behind).
-            since = earlier(self._clock.now(), self._resync_margin_ms)
+            since = earlier(self.clock.now(), self._resync_margin_ms)
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             rolled_back = scrub(f"{when} by {actor}: {reason}")
             if not phases.in_window(s):
