@@ -800,14 +800,19 @@ class EmbeddedBackend(PlannedWrites):
     async def export_page(self, after: RecordKey | None, limit: int, vectors: bool, until: int = 0) -> ExportPage:
         # One thread hand-off per page instead of three, and the vectors by key range rather than by a list of
         # names: reading 40k records took 286 ms instead of 327 (docs/benchmarks.md).
-        if vectors:
-            await self._embeddings.settled()
-
         def run(conn: sqlite3.Connection) -> ExportPage:
             page = self._list_page(conn, after, limit, True, until)
             return ExportPage(page.records, page.next_after, _page_vectors(conn, page.records) if vectors else None)
 
-        return await self._bulk_read(run)
+        page = await self._bulk_read(run)
+        if vectors:
+            # Only embeddings of this page's entities are waited for, and then the page is read again (rare: the
+            # entities of a page are below the copy's watermark, and agents mostly write elsewhere).
+            wanted = {k for keys in vector_keys(page.records) for k in keys}
+            if self._embeddings.pending(wanted):
+                await self._embeddings.settled(keys=wanted)
+                page = await self._bulk_read(run)
+        return page
 
     def _list_page(self, conn: sqlite3.Connection, after: RecordKey | None, limit: int,
                    tombstones: bool, until: int = 0) -> RecordPage:
@@ -848,7 +853,7 @@ class EmbeddedBackend(PlannedWrites):
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
-        await self._embeddings.settled()
+        await self._embeddings.settled(keys=set(keys))
 
         def run(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
             # hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the

@@ -30,16 +30,16 @@ class PendingEmbeddings:
         self._embedder = embedder
         self._store = store_vectors
         self._max_pending = max_pending
-        self._pending: dict[asyncio.Task[None], tuple[frozenset[str], int]] = {}  # task -> (scopes, texts)
+        self._pending: dict[asyncio.Task[None], frozenset[Key]] = {}  # task -> the entities it embeds
 
     async def after_write(self, texts: dict[Key, str],
                           vectors: Mapping[Key, tuple[str, Vector]] | None = None) -> None:
         if not texts:
             return
         task = asyncio.ensure_future(self.embed(texts, vectors))
-        self._pending[task] = (frozenset(scope for scope, _ in texts), len(texts))
+        self._pending[task] = frozenset(texts)
         task.add_done_callback(self._done)
-        if sum(n for _, n in self._pending.values()) > self._max_pending:
+        if sum(len(keys) for keys in self._pending.values()) > self._max_pending:
             await asyncio.shield(task)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -48,11 +48,19 @@ class PendingEmbeddings:
             # The committed rows keep a stale vector mark and are embedded again by the next embed_stale/start.
             log.error("embedding failed; vectors will be recomputed", exc_info=task.exception())
 
-    async def settled(self, scope: str | None = None) -> None:
-        """Wait for pending embeddings (of one scope, or all)."""
-        waits = [t for t, (scopes, _) in self._pending.items() if scope is None or scope in scopes]
+    async def settled(self, scope: str | None = None, keys: set[Key] | None = None) -> None:
+        """Wait for pending embeddings: of one scope, of some entities, or all. A reader of some entities' vectors
+        (a backfill's page) waits for those alone: waiting for every pending one would hold it behind every agent's
+        writes, which under a steady stream of writes is always some."""
+        waits = [t for t, pending in self._pending.items()
+                 if (scope is None or any(s == scope for s, _ in pending))
+                 and (keys is None or not pending.isdisjoint(keys))]
         if waits:
             await asyncio.gather(*waits, return_exceptions=True)
+
+    def pending(self, keys: set[Key]) -> bool:
+        """Whether an embedding of one of these entities is still on its way."""
+        return any(not pending.isdisjoint(keys) for pending in self._pending.values())
 
     async def embed(self, texts: dict[Key, str], vectors: Mapping[Key, tuple[str, Vector]] | None = None) -> None:
         """Embed and store now. With `vectors` (a backfill: text hash and vector per entity), only vectors of the

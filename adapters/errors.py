@@ -107,6 +107,15 @@ class RepairNotRecorded(ProxyError):
             "({}); it is kept and retried in memory; retry the write to be sure of it")
 
 
+class PhaseUnknown(ProxyError):
+    """A change of the migration state was sent but its answer was lost with the control store, so this proxy cannot
+    tell which phase holds: UNAVAILABLE. Writes are refused (before touching any store) until the control store
+    answers and the proxy has read the state again."""
+
+    code = "UNAVAILABLE"
+    told = "{}; retry shortly"
+
+
 class UnreadableState(ProxyError):
     """The stored control state cannot be loaded (a hand edit, a bug of an older version): the proxy refuses to start
     and says what and where, instead of serving on a guess."""

@@ -609,7 +609,7 @@ class Neo4jBackend(PlannedWrites, ExportInParts):
         return [read(r) for r in await self._run(q, limit=limit, until=until, **args)]
 
     async def get_vectors(self, keys: Sequence[Key], childless_only: bool = False) -> dict[Key, tuple[str, Vector]]:
-        await self._embeddings.settled()
+        await self._embeddings.settled(keys=set(keys))
         texts = await self._texts(None, list(dict.fromkeys(keys)), mark=False, childless_only=childless_only)
         if not texts:
             return {}

@@ -419,7 +419,7 @@ class PointsBackend(PlannedWrites, ExportInParts):
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
-        await self._embeddings.settled()
+        await self._embeddings.settled(keys=set(keys))
         texts = await self._texts(list(dict.fromkeys(keys)), childless_only)
         if not texts:
             return {}

@@ -750,7 +750,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
 
     async def get_vectors(self, keys: Sequence[tuple[str, str]],
                           childless_only: bool = False) -> dict[tuple[str, str], tuple[str, Vector]]:
-        await self._embeddings.settled()
+        await self._embeddings.settled(keys=set(keys))
 
         async def run(conn: asyncpg.Connection) -> dict[tuple[str, str], tuple[str, Vector]]:
             # vector_hash = embed_hash: the vector is of the entity's current text (embed_hash is set in the

@@ -16,6 +16,7 @@ import io
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder, SentenceTransformerModel
-from adapters.errors import EntityNotFound, InvalidInput, RepairNotRecorded, StoreUnavailable
+from adapters.errors import EntityNotFound, InvalidInput, PhaseUnknown, RepairNotRecorded, StoreUnavailable
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import Kind
 from proxy.engine import phases
 from proxy.engine.backends import backend_for
-from proxy.engine.clock import HybridClock
+from proxy.engine.clock import EPOCH_MS, HybridClock
 from proxy.engine.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.migration import IllegalTransition, MigrationEngine
 from proxy.engine.placement import EVERYTHING, Selection, source_of
@@ -144,6 +145,8 @@ class MigrationMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="memshift-sm-"))
         self.a, self.b = f"sqlite:///{self.dir}/a.db", f"sqlite:///{self.dir}/b.db"
         self.faults = Faults()
+        self.a_faults = Faults()  # the other store: only ever holds a call (a write racing a migration's start)
+        self.skew_ms = 0  # how far this proxy's clock runs from the true time (another machine after a restart)
         self.faults.is_secondary = lambda scope: (self.engine is not None and self.engine.state.primary != self.b
                                                   and phases.moves(self.engine.state, scope))
         self.model = Model()
@@ -156,14 +159,19 @@ class MigrationMachine(RuleBasedStateMachine):
     async def _open(self, spec: str) -> Backend:
         store = backend_for(spec, shared_embedder())
         await store.open()
-        return FaultyStore(store, self.faults) if spec == self.b else store  # type: ignore[return-value]
+        return FaultyStore(store, self.faults if spec == self.b else self.a_faults)  # type: ignore[return-value]
+
+    def _faults_of(self, spec: str) -> Faults:
+        return self.faults if spec == self.b else self.a_faults
 
     async def _boot(self) -> None:
         shared_embedder()  # loaded before the engine opens stores, as the server does
         self.control = FlakyControl(self.dir / "control.db", initial_primary=self.a)
         # No resync margin: going back to a target after a rollback copies only what changed, and the invariant
         # checks that this loses nothing in any interleaving.
-        self.engine = MigrationEngine(self.control, self._open, HybridClock(1), secondary_grace=0.03,
+        skew = self.skew_ms
+        clock = HybridClock(1, wall_ms=lambda: time.time_ns() // 1_000_000 - EPOCH_MS + skew)
+        self.engine = MigrationEngine(self.control, self._open, clock, secondary_grace=0.03,
                                       background=False, resync_margin_ms=0)
         await self.engine.start()
 
@@ -221,11 +229,17 @@ class MigrationMachine(RuleBasedStateMachine):
             assert self.control is not None and self.control.mode != "ok"
             event("a write answered RepairNotRecorded")
             return True, None
+        except PhaseUnknown:  # refused before touching a store: a state change's outcome is not known yet
+            assert self.control is not None and self.control.mode != "ok"
+            return False, None
         except StoreUnavailable:
             return False, None
 
     def create_entity(self, scope: str, name: str, etype: str, obs: set[str]) -> None:
-        ok, answer = self._write(ops.CreateEntities(scope, [Entity(name, etype, tuple(sorted(obs)))]))
+        self._created(scope, name, etype, obs, *self._write(ops.CreateEntities(scope, [Entity(name, etype,
+                                                                                              tuple(sorted(obs)))])))
+
+    def _created(self, scope: str, name: str, etype: str, obs: set[str], ok: bool, answer: Any) -> None:
         if not ok:
             return
         exists = (scope, name) in self.model.entities
@@ -327,7 +341,8 @@ class MigrationMachine(RuleBasedStateMachine):
             # Ends on its own flag, not by cancellation: Python 3.11's wait_for (the gate's) can swallow a
             # cancellation that arrives as its inner wait completes, and the loop would then run forever.
             while not done.is_set():
-                with contextlib.suppress(StoreUnavailable, sqlite3.Error):
+                with contextlib.suppress(StoreUnavailable, sqlite3.Error, PhaseUnknown):
+                    await self.eng.keeper.certain()
                     await self.eng.repairs.repair_once()
                 await asyncio.sleep(0)
 
@@ -339,6 +354,34 @@ class MigrationMachine(RuleBasedStateMachine):
             done.set()
             background[0].cancel()
             self.run(self._ended(background))
+
+    @rule(data=st.data(), turns=st.integers(0, 12), chosen=st.sampled_from(SELECTIONS))
+    def a_write_racing_the_start(self, data: st.DataObject, turns: int, chosen: Selection) -> None:
+        """A write to a scope's store alone is still in flight (held at the store) when a migration of that scope
+        starts: the copy must wait for it before it fixes its watermark, or the write would be neither dual-written
+        nor copied."""
+        scope, name = data.draw(st.sampled_from(SCOPES)), data.draw(st.sampled_from(NAMES))
+        if phases.moves(self.eng.state, scope):
+            return  # already moving: its writes go to both stores
+        faults = self._faults_of(self.eng.state.placement.store_of(scope))
+        faults.held = frozenset({"create_entities"})
+        writing = self.loop.create_task(self.eng.writer.write(
+            ops.CreateEntities(scope, [Entity(name, "person", ("raced the start",))])))
+        try:
+            self.run(until(lambda: faults.holding == 1))
+            self.start_migration(data.draw(st.sampled_from([1, 3, 50])), data.draw(st.integers(1, 3)), chosen)
+            self.run(self._backfill_for(turns))  # the copy waits for the write (solo_done)
+        finally:
+            faults.held = frozenset()
+            faults.gate.set()
+            try:
+                ok, answer = True, self.run(writing).answer
+            except RepairNotRecorded:
+                ok, answer = True, None
+            except (StoreUnavailable, PhaseUnknown):
+                ok, answer = False, None
+            faults.gate = asyncio.Event()
+        self._created(scope, name, "person", {"raced the start"}, ok, answer)
 
     @rule()
     def release_stalled(self) -> None:
@@ -382,11 +425,16 @@ class MigrationMachine(RuleBasedStateMachine):
 
     @rule()
     def repair_batch(self) -> None:
-        with self._control_may_fail():
+        """One pass of the repair loop as `RepairQueue.run` makes it."""
+        with self._control_may_fail(), contextlib.suppress(PhaseUnknown):
+            self.run(self.eng.keeper.certain())
             self.run(self.eng.repairs.repair_once())
 
-    @rule()
-    def restart_proxy(self) -> None:
+    @rule(skew_ms=st.sampled_from([0, 0, -60_000, -2_000, 2_000, 60_000]))
+    def restart_proxy(self, skew_ms: int) -> None:
+        """The proxy restarts, possibly as another machine whose clock runs behind or ahead of the one before: its
+        versions must still order after what is stored, and the copy's watermark must still cover every write."""
+        self.skew_ms = skew_ms
         assert self.control is not None
         self.control.mode = "ok"  # back for the stop (which records what it kept in memory) and the start
         self.run(self.eng.stop())
@@ -431,6 +479,7 @@ class MigrationMachine(RuleBasedStateMachine):
     def quiesce_and_check(self) -> None:
         assert self.control is not None
         self.control.mode = "ok"
+        self.run(self.eng.keeper.certain())  # the repair loop's next pass reads the state again
         self.faults.mode = "ok"
         self.faults.reads_fail = False
         self.release_stalled()

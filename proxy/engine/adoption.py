@@ -37,9 +37,16 @@ class FleetAdoption:
 
     async def fresh(self) -> None:
         """In a fleet, act on the latest state (under the lock): another proxy may have changed it since the last
-        broadcast."""
-        if self._keeper.fleet:
+        broadcast. So does any proxy after a save whose outcome it does not know (it may have landed)."""
+        if self._keeper.fleet or self._keeper.uncertain:
             await self.adopt_locked(await self._keeper.control.load())
+            self._keeper.uncertain = False
+
+    async def reread(self) -> None:
+        """Read the stored state again after an uncertain save (takes the lock)."""
+        async with self._keeper.lock:
+            await self.fresh()
+        await self._repairs.refresh_scopes()
 
     async def adopt_locked(self, state: MigrationState) -> bool:
         before = self._keeper.state

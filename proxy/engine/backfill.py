@@ -166,6 +166,7 @@ class Backfill:
                 continue
             started = time.monotonic()
             try:
+                await keeper.certain()  # after a state change whose outcome is unknown (raises: retried below)
                 secondary = self._stores.secondary
                 if secondary is None:
                     return
@@ -260,18 +261,18 @@ class Backfill:
         """Fix `copy_until` once for the migration, when its copy first starts: every write to the old store alone
         has finished by now (this proxy's: `solo_done`; a fleet's: the leader starts only once every proxy has
         acknowledged, and it has observed their clocks), so each of them is stamped below this clock's next
-        version and at most the store's highest. Fixed once and saved: a restart or another leader keeps it."""
+        version. Fixed once and saved: a restart or another leader keeps it."""
         keeper = self._keeper
-        # The store's own highest version too: a proxy restarted with its clock set back (or a clock that jumped)
-        # may read lower than versions it stamped before; the store holds every acknowledged one.
-        stored = await self._stores.primary.max_version()
+        # Read at once: every later tick only lets more of the agents' dual writes in below the watermark. (A clock
+        # set back since an earlier run of this proxy cannot read below what is stored: the engine's start made it
+        # observe every store's highest version.)
+        until = self._clock.now()
+        if self._clock_margin_ms:
+            until = later(until, self._clock_margin_ms)
         async with keeper.lock:
             cur = keeper.state
             if cur.copy_until or not phases.backfilling(cur):
                 return
-            until = max(self._clock.now(), stored)
-            if self._clock_margin_ms:
-                until = later(until, self._clock_margin_ms)
             await keeper.save(replace(cur, copy_until=until))
             await keeper.note_locked("memshift", "copy watermark fixed: records stamped later are dual-written, "
                                      "not copied", {"copy_until": unix_seconds(until)})
@@ -284,8 +285,13 @@ class Backfill:
         secondary = self._stores.secondary
         if secondary is None or state.backfill_complete or state.backfill_cursor != cursor:
             return
+        finishing = 0.0
         if page.next_after is None:
-            await secondary.embed_stale()  # anything whose text never matched a copied vector
+            started = time.monotonic()
+            # Anything whose text never matched a copied vector; a store that builds its vector index after a bulk
+            # load builds it here (PostgreSQL).
+            await secondary.embed_stale()
+            finishing = time.monotonic() - started
         async with keeper.lock:
             cur = keeper.state
             if cur.migration_id != state.migration_id or cur.backfill_cursor != cursor:
@@ -299,4 +305,9 @@ class Backfill:
                                 else max(cur.backfill_total, cur.backfill_done + page.read)),
                 backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
+            if page.next_after is None:
+                done = keeper.state
+                await keeper.note_locked("memshift", "backfill complete", {
+                    "records_read": done.backfill_done, "records_copied": done.backfill_copied,
+                    "copy_seconds": round(done.backfill_seconds, 3), "finish_seconds": round(finishing, 3)})
         self._telemetry.backfill_records.add(len(page.records))

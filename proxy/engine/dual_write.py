@@ -72,6 +72,7 @@ class DualWriter:
             raise LeaseLapsed("this proxy has lost touch with the fleet's control store (its lease lapsed), so it "
                               "may not know the current phase; writes are refused until it has caught up")
         self._before_write()
+        await self._keeper.certain()  # after a state change whose outcome is unknown: the stored phase decides
         version = self._clock.now()
         state = self._keeper.state
         secondary = self._stores.secondary if phases.moves(state, op.scope) else None

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from adapters.errors import Conflict
+from adapters.errors import Conflict, PhaseUnknown
 from adapters.specs import scrub
 from proxy.engine import phases
 from proxy.engine.control import ControlStore, HistoryEntry, MigrationState, Phase
@@ -33,6 +33,30 @@ class StateKeeper:
         self.lock = asyncio.Lock()  # serialises state changes within this proxy; CAS guards across proxies
         self.state = MigrationState()
         self._watchers: list[Watcher] = []
+        # A save whose outcome is unknown (it failed, or its answer was lost: it may have landed): the stored state
+        # must be read again before this proxy acts on its own copy (`certain`).
+        self.uncertain = False
+        self._reread: Callable[[], Awaitable[None]] | None = None
+
+    def reread_with(self, reread: Callable[[], Awaitable[None]]) -> None:
+        """How the state is read again after an uncertain save (the engine's: it opens the stores it names)."""
+        self._reread = reread
+
+    async def certain(self) -> None:
+        """Return once this proxy acts on the stored state: after an uncertain save, read it again first; raises
+        PhaseUnknown while the control store cannot answer."""
+        if not self.uncertain:
+            return
+        try:
+            if self._reread is not None:
+                await self._reread()
+            else:
+                self._take(await self.control.load())
+                self.uncertain = False
+        except Exception as exc:
+            raise PhaseUnknown("this proxy cannot tell the migration's current phase: a change was sent to the "
+                               f"control store, which then failed ({type(exc).__name__}); writes are refused until "
+                               "it answers") from exc
 
     def watch(self, watcher: Watcher) -> None:
         """Call `watcher` with every state this proxy takes on (loaded, saved, adopted)."""
@@ -73,6 +97,7 @@ class StateKeeper:
                     break
                 raise
             except Exception:
+                self.uncertain = True  # it may have landed all the same (an answer lost with a connection)
                 if cancelled:  # the save failed: the caller's cancellation still stands, and is what it gets
                     raise asyncio.CancelledError from None
                 raise

@@ -80,6 +80,7 @@ class MigrationEngine:
         self.adoption = FleetAdoption(self.keeper, self.stores, self.repairs, self.backfill,
                                       after_news=self._expire_window_if_due)
         self.stores.when_reachable(self.repairs.wake)
+        self.keeper.reread_with(self.adoption.reread)
         self.clock = clock
         self._background = background  # False: the caller drives the repair queue and the backfill itself
         self._resync_margin_ms = resync_margin_ms
@@ -109,6 +110,11 @@ class MigrationEngine:
             opened = await self.stores.get(spec, tolerate=True)
             if spec == s.secondary and isinstance(opened, Unreachable):
                 self.outage.report(StoreUnavailable(opened.cause))
+            elif not isinstance(opened, Unreachable):
+                # A proxy restarted with its clock set back (another machine, an NTP step) must still stamp its
+                # writes above what is stored, or a delete and a create after it would order the wrong way round.
+                with contextlib.suppress(StoreUnavailable):
+                    self.clock.observe(await opened.max_version())
         self._expire_window_if_due()
         await self.repairs.refresh_scopes()
         if self._background:

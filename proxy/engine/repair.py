@@ -154,6 +154,7 @@ class RepairQueue:
                 await asyncio.wait_for(self._wakeup.wait(), self._interval)
             self._wakeup.clear()
             try:
+                await self._keeper.certain()  # after a state change whose outcome is unknown
                 while await self.repair_once() > 0:
                     pass
                 await self.refresh_scopes()
@@ -166,6 +167,10 @@ class RepairQueue:
     async def repair_once(self) -> int:
         """One batch of due repairs; returns how many keys were settled."""
         await self.record_owed()
+        if self._keeper.uncertain:
+            # Which store decides is not known until the state is read again (by a write or a step, which may hold
+            # the lock this pass runs under): a repair now could copy in the wrong direction.
+            return 0
         secondary = self._stores.secondary
         if secondary is None or self._outage.current is not None:
             return 0  # an outage: the queue waits for the store instead of counting a failure per key per try

@@ -74,6 +74,9 @@ class Config:
     # Going back to a target after a rollback, writes of this long before the rollback are copied again besides what
     # changed since (covers clocks of a fleet's proxies running behind one another).
     resync_margin_seconds: float = 600.0
+    # A fleet: how far a proxy's clock may run ahead of the backfill leader's, for a write still on its way from a
+    # proxy that left the fleet; the copy's watermark lies this much above the leader's clock.
+    clock_margin_seconds: float = 1.0
     policy_file: str | None = None  # shadow-read and rollback policy (YAML); None: policies/default.yaml
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
@@ -119,6 +122,7 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_GRACE_SECONDS": "grace_seconds",
     "MEMSHIFT_LEASE_SECONDS": "lease_seconds",
     "MEMSHIFT_RESYNC_MARGIN_SECONDS": "resync_margin_seconds",
+    "MEMSHIFT_CLOCK_MARGIN_SECONDS": "clock_margin_seconds",
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
@@ -134,6 +138,7 @@ ENV_VARS: dict[str, str] = {
 # Every number of the configuration, checked (finite, in range) before anything uses it.
 BOUNDS: dict[str, tuple[float, float]] = {
     "grace_seconds": (0, 3600), "lease_seconds": (0, 3600), "resync_margin_seconds": (0, 86_400),
+    "clock_margin_seconds": (0, 3600),
     "embedding.max_batch": (1, 4096), "embedding.max_wait_ms": (0, 10_000),
     "limits.max_items_per_call": (1, 1_000_000), "limits.max_observations_per_entity": (1, 1_000_000),
     "limits.max_name_chars": (1, 65_536), "limits.max_type_chars": (1, 65_536),
