@@ -278,18 +278,31 @@ def scrub(text: str) -> str:
 
 
 def secrets_of(spec: str) -> list[str]:
-    """The literal secret values inside `spec` (userinfo and secret parameters, nested specs included)."""
+    """The literal secret values inside `spec` (userinfo and secret parameters, nested specs included), cut out by
+    the lexer the parser and the redaction use. Never raises: it serves error messages about unreadable specs."""
     found: list[str] = []
+
+    def walk(text: str, depth: int) -> None:
+        lexed = _lex(text)
+        userinfo = lexed.authority if lexed.authority is not None else (text if "://" not in text else "")
+        if "@" in userinfo:  # user:password@ (or a bare user:password@host, no scheme)
+            # Up to the first "@" and up to the last: a password may hold an "@", or the host part may.
+            for before in {userinfo.partition("@")[0], userinfo.rpartition("@")[0]}:
+                user, _, password = before.partition(":")
+                found.append(password or user)
+        for name, _, value in lexed.query:
+            if secret_param(name):
+                found.append(value)
+            elif depth < 3 and ("://" in unquote(value) or "@" in unquote(value)):
+                walk(unquote(value), depth + 1)  # a nested spec (the hybrid's parts), maybe percent-encoded
+
     try:
-        for m in re.finditer(r"(?:^|://)([^/?#\s@]*)@", unquote(spec)):
-            user, _, password = m.group(1).partition(":")
-            found += [password or user, unquote(password or user)]
-        for m in re.finditer(r"[?&]([^=&\s]+)=([^&\s#]*)", unquote(spec)):
-            if secret_param(m.group(1)):
-                found += [m.group(2), unquote(m.group(2))]
+        walk(spec, 0)
+        if unquote(spec) != spec:
+            walk(unquote(spec), 0)
     except Exception:
         pass
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+    return sorted({v for s in found for v in (s, unquote(s)) if len(v) >= 3}, key=len, reverse=True)
 
 
 def scrub_secrets(text: str, spec: str) -> str:

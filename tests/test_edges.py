@@ -25,7 +25,7 @@ from adapters.embedder import BatchingEmbedder
 from adapters.errors import UnreadableState
 from adapters.model import Entity
 from adapters.records import Kind
-from adapters.specs import redact, scrub, scrub_secrets
+from adapters.specs import redact, scrub, scrub_secrets, secrets_of
 from memshift.v1 import admin_pb2 as apb
 from memshift.v1 import memory_pb2 as pb
 from proxy.engine.control import MigrationState, SqliteControlStore
@@ -141,8 +141,11 @@ def test_redaction_never_raises_and_never_shows_a_password(secret: str, text: st
     for spec in (shape.format(secret) for shape in shapes):
         assert secret not in redact(spec)
         assert secret not in scrub(f"{text} {spec} {text}")
+        assert secret in secrets_of(spec)  # what an error about this very spec is scrubbed of
+        assert secret not in scrub_secrets(f"{text} {secret} {text}", spec)
     redact(text)  # anything at all: an answer, never an exception
     scrub(text)
+    secrets_of(text)
 
 
 async def test_a_spec_with_a_password_never_reaches_history_status_logs_errors_or_the_stored_history(
