@@ -38,6 +38,7 @@ test: lint typecheck pytest
 bench: install
 	$(PY) -m bench --entities 5000 --calls 1000
 	$(PY) -m bench.migration --entities 5000 --memory-entities 30000 --writes 1000 --rounds 3
+	$(PY) -m bench.chase --entities 5000
 	$(PY) -m bench.stores --entities 2000 --qdrant-sizes 2000
 	$(PY) -m bench.fleet --changes 20
 	$(PY) -m bench.placement --entities 4000 --window 4
@@ -50,6 +51,7 @@ bench: install
 bench-full: install
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.migration $(MIGRATION_ARGS)
+	$(PY) -m bench.chase $(CHASE_ARGS)
 	$(PY) -m bench.stores $(STORES_ARGS)
 	$(PY) -m bench.fleet $(FLEET_ARGS)
 	$(PY) -m bench.placement $(PLACEMENT_ARGS)

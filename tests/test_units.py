@@ -513,10 +513,10 @@ async def test_an_agents_write_does_not_queue_behind_a_backfill_page_read(
     entered, release = threading.Event(), threading.Event()
     real = EmbeddedBackend._list_page
 
-    def held(self: EmbeddedBackend, conn: Any, after: Any, limit: int, tombstones: bool) -> Any:
+    def held(self: EmbeddedBackend, conn: Any, after: Any, limit: int, tombstones: bool, until: int = 0) -> Any:
         entered.set()
         release.wait(30)
-        return real(self, conn, after, limit, tombstones)
+        return real(self, conn, after, limit, tombstones, until)
 
     monkeypatch.setattr(EmbeddedBackend, "_list_page", held)
     try:
@@ -629,7 +629,8 @@ def test_every_deliberate_error_means_one_status_named_once() -> None:
                 "StoreSpecError": "INVALID_ARGUMENT", "IllegalTransition": "FAILED_PRECONDITION",
                 "FleetUnsafe": "FAILED_PRECONDITION",
                 "EntityNotFound": "NOT_FOUND", "StoreUnavailable": "UNAVAILABLE", "EmbeddingMismatch": "UNAVAILABLE",
-                "LeaseLapsed": "UNAVAILABLE", "NoCredential": "UNAUTHENTICATED", "NotGranted": "PERMISSION_DENIED",
+                "LeaseLapsed": "UNAVAILABLE", "RepairNotRecorded": "UNAVAILABLE", "PhaseUnknown": "UNAVAILABLE",
+                "NoCredential": "UNAUTHENTICATED", "NotGranted": "PERMISSION_DENIED",
                 "Conflict": "ABORTED", "StoreError": "INTERNAL", "UnreadableState": "INTERNAL",
                 "ConfigError": "INVALID_ARGUMENT", "PolicyError": "INVALID_ARGUMENT",
                 "TokensFileError": "INVALID_ARGUMENT", "ListenError": "INVALID_ARGUMENT"}
