@@ -142,14 +142,13 @@ async def test_full_migration_while_agents_write(cluster: Cluster, embedder: Bat
     assert [(h.from_phase, h.to_phase, h.actor) for h in history.changes if h.from_phase != h.to_phase] == [
         (apb.NOT_STARTED, apb.DATA_MIGRATION, "pytest"), (apb.DATA_MIGRATION, apb.DUAL_WRITE, "pytest"),
         (apb.DUAL_WRITE, apb.COMPLETED, "pytest")]
-    # Between them, in DataMigration, what the copy recorded: its watermark, then its end with its figures. It read
-    # no more than the records there were at the start, however the agents wrote meanwhile.
+    # Between them, in DataMigration, what the copy recorded: its watermark, then its end with its figures. (That it
+    # reads nothing stamped after the watermark is checked exactly in test_engine_parts: here the live count taken
+    # at StartMigration leaves out tombstones and the writes made before dual-writing began, which it must copy.)
     notes = {h.reason.split(":")[0]: h for h in history.changes if h.from_phase == h.to_phase}
     assert notes["copy watermark fixed"].from_phase == apb.DATA_MIGRATION
     done = notes["backfill complete"].figures
-    started = next(h for h in history.changes if h.to_phase == apb.DATA_MIGRATION).figures
-    assert 0 < int(done["records_read"]) <= int(started["records_to_copy"])
-    assert float(done["copy_seconds"]) > 0
+    assert int(done["records_read"]) >= int(done["records_copied"]) > 400 and float(done["copy_seconds"]) > 0
 
 
 async def test_restart_mid_backfill_resumes_from_the_checkpoint(embedder: BatchingEmbedder, tmp_path: Path) -> None:
