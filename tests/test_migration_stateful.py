@@ -387,7 +387,7 @@ class MigrationMachine(RuleBasedStateMachine):
     def release_stalled(self) -> None:
         """Writes held by a stalled secondary land now, late, in whatever state the stores have reached."""
         self.faults.gate.set()
-        self.run(asyncio.sleep(0.02))
+        self.run(until(lambda: self.eng.writer.late_in_flight == 0))
         self.faults.gate = asyncio.Event()
 
     async def _backfill_for(self, turns: int | None) -> None:

@@ -62,6 +62,7 @@ class DualWriter:
         # A fleet: writes stop when this proxy's lease on the control store lapses (until then: a monotonic
         # deadline; 0 = not yet in sync). One proxy: never.
         self._write_deadline: float | None = 0.0 if fleet else None
+        self.late_in_flight = 0  # new-store halves still running after their caller was answered
 
     def lease_renewed(self, deadline: float) -> None:
         """In sync with the fleet until `deadline` (time.monotonic)."""
@@ -148,6 +149,18 @@ class DualWriter:
         async def queue(keys: list[RecordKey]) -> None:
             await self._repairs.enqueue_for(migration_id, keys)
 
+        def follow_late(task: asyncio.Future[WriteResult[T]]) -> None:
+            """A half still running after the caller was answered may land after its repair ran: when it ends, its
+            keys are queued again, so a repair follows it."""
+            self.late_in_flight += 1
+
+            def landed(_: object) -> None:
+                self.late_in_flight -= 1
+                again = asyncio.ensure_future(queue(op.keys()))
+                again.add_done_callback(consume)
+
+            task.add_done_callback(landed)
+
         # The secondary's half starts first and runs until it has to wait (on the embedded store it never does);
         # the primary's runs meanwhile, so neither store waits for the other.
         s_task = start_eagerly(self._run(op, secondary, "secondary", version))
@@ -167,11 +180,13 @@ class DualWriter:
                     await queue(op.keys())
             if not s_done:
                 s_task.add_done_callback(consume)
+                follow_late(s_task)
             raise p_exc
         done = s_task.done() or bool((await asyncio.wait({s_task}, timeout=self._grace))[0])
         self.counters.dual_writes += 1
         if not done:
             s_task.add_done_callback(consume)
+            follow_late(s_task)
             self.counters.secondary_late += 1
             self.telemetry.dual_write_failures.add(1, {"memshift.reason": "late"})
             await queue(op.keys())
