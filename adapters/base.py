@@ -123,8 +123,16 @@ class Backend(Protocol):
         observations are still to come) waits, and `embed_stale` settles what never matches."""
         ...
 
+    async def load(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        """`apply` as one page of a bulk copy (the backfill): the same apply-if-newer, but a store may leave what
+        follows from the records (embedding texts, search documents, vectors) to `embed_stale`, which the copy
+        calls once when it ends; until then the loaded entities may be missing from searches. Stores without a
+        cheaper path apply (`ApplyToLoad`)."""
+        ...
+
     async def embed_stale(self) -> int:
-        """Embed every live entity whose vector does not match its current text; returns how many."""
+        """Settle what loads deferred and embed every live entity whose vector does not match its current text;
+        returns how many the model embedded (a vector copied with the records is not counted)."""
         ...
 
     async def replace_if(self, items: Sequence[tuple[RecordKey, Record | None, int | None]]) -> list[RecordKey]:
@@ -179,6 +187,13 @@ class Backend(Protocol):
     async def purge_tombstones(self, before_version: int) -> int:
         """Drop tombstones older than this version (once no migration needs them); returns how many."""
         ...
+
+
+class ApplyToLoad:
+    """`load` for a store whose `apply` is already its bulk path (every store but PostgreSQL)."""
+
+    async def load(self: Backend, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        return await self.apply(records, vectors)
 
 
 def fleet_problem(store: Backend) -> str | None:

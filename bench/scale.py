@@ -112,15 +112,17 @@ def progress(label: str, done: int, since: float, total: int | None = None) -> N
     print(f"\r  {label}: {done:,} records, {rate:,.0f}/s{eta}   ", end="", file=sys.stderr, flush=True)
 
 
-async def copy_baseline(dsn: str, n: int, index_workers: int | None) -> tuple[float, float, int]:
-    """COPY of the same data into a fresh store's own tables (binary, through the driver), then the store's vector
-    index built as the store builds it after a bulk load (the same workers as the backfill's target). Generating the
-    rows is not timed. Returns the rate of the COPY alone, the rate with the index build, and the records."""
+async def copy_baseline(dsn: str, n: int, index_workers: int | None) -> tuple[float, float, float]:
+    """COPY of the same data into a fresh store's own tables (binary, through the driver; primary keys in place,
+    the search index not), then the indexes built as the store builds them after a bulk load: the trigram index of
+    search documents and the vector index, with the same workers as the backfill's target. Generating the rows is
+    not timed. Returns the rate of the COPY alone, the rate with the index builds, and the builds' seconds."""
     workers = f"&index_workers={index_workers}" if index_workers is not None else ""
     store = PostgresBackend(f"{dsn}?schema=baseline{workers}", GeneratedVectorsOnly())  # type: ignore[arg-type]
     await store.open()
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "baseline, public"})
     await register_vector(conn)
+    await conn.execute("DROP INDEX entities_search_trgm")  # built after the load, as the backfill's end does
     secs, count = 0.0, 0
     e_cols = ["scope", "name", "entity_type", "metadata", "version", "created", "purged", "deleted", "embed_hash",
               "vector_hash", "embedding", "search_doc"]
@@ -141,13 +143,15 @@ async def copy_baseline(dsn: str, n: int, index_workers: int | None) -> tuple[fl
             progress("COPY baseline", count, time.perf_counter() - secs)
         copy_secs = secs
         t = time.perf_counter()
+        await conn.execute("CREATE INDEX entities_search_trgm ON entities USING gin (search_doc gin_trgm_ops)"
+                           " WITH (gin_pending_list_limit=256)")
         await store.embed_stale()  # nothing is stale: builds the vector index, as after a backfill
         secs += time.perf_counter() - t
     finally:
         await conn.close()
         await store.close()
     print(file=sys.stderr)
-    return count / copy_secs, count / secs, count
+    return count / copy_secs, count / secs, secs - copy_secs
 
 
 def rss_mb(pid: int) -> float:
@@ -218,7 +222,7 @@ async def status(admin: admin_pb2_grpc.MigrationAdminStub) -> apb.MigrationStatu
 
 
 async def migrate(work: Path, source: Path, target: str, total: int, agents: int, agent_rate: float,
-                  table: Table, baseline: float, copy_only: float, batch_size: int,
+                  table: Table, baseline: float, copy_only: float, index_secs: float, batch_size: int,
                   window: float) -> dict[str, float]:
     proc, port, admin_port = serve(work, f"sqlite:///{source}", "scale")
     figures: dict[str, float] = {}
@@ -296,11 +300,15 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
                           note=f"{ratio:.2f} x p99 before" if stage_name != "before" else "",
                           p99_vs_before=float(ratio))
         rate = total / backfill_secs
-        copy_rate = read / copy_secs
-        table.add(f"backfill's copy into PostgreSQL, {read:,} records read (index build left out)", rate=copy_rate,
-                  note=f"{copy_rate / copy_only:.2f} x COPY alone (goal >= 0.7)", seconds=copy_secs,
+        # The finish is the texts and search documents the pages left to the end, then the same index builds as
+        # the baseline's (timed there on the same data): those are left out, the settling is counted.
+        settle_secs = max(0.0, finish_secs - index_secs)
+        copy_rate = read / (copy_secs + settle_secs)
+        table.add(f"backfill's copy into PostgreSQL, {read:,} records read (index builds left out)", rate=copy_rate,
+                  note=f"{copy_rate / copy_only:.2f} x COPY alone (goal >= 0.7); pages {copy_secs:,.1f} s,"
+                  f" texts settled ~{settle_secs:,.1f} s", seconds=copy_secs + settle_secs,
                   vs_copy_alone=copy_rate / copy_only, records_read=read, records_at_start=total,
-                  read_vs_start=read / total)
+                  read_vs_start=read / total, pages_seconds=copy_secs, settle_seconds=settle_secs)
         table.add(f"backfill to PostgreSQL end to end, {total:,} records (vectors kept, index built)", rate=rate,
                   note=f"{rate / baseline:.2f} x COPY + index (goal >= 0.9); index {finish_secs:,.1f} s",
                   seconds=backfill_secs, vs_copy=rate / baseline, finish_seconds=finish_secs)
@@ -340,15 +348,16 @@ async def main(n: int, agents: int, agent_rate: float, json_out: Path | None, ba
         total = await build_source(work / "source.db", n)
         table.add(f"build the source: {n:,} entities, {total:,} records, through the store's apply",
                   rate=total / (time.perf_counter() - t))
-        copy_only, baseline, _ = await copy_baseline(dsn, n, index_workers)
+        copy_only, baseline, index_secs = await copy_baseline(dsn, n, index_workers)
         table.add("PostgreSQL COPY of the same data alone (baseline)", rate=copy_only)
-        table.add("PostgreSQL COPY of the same data + vector index (baseline)", rate=baseline)
+        table.add("PostgreSQL COPY of the same data + search and vector indexes (baseline)", rate=baseline,
+                  note=f"indexes {index_secs:,.1f} s", index_seconds=index_secs)
         # The benchmark's own heap out of full collections too: its pauses would count as the proxy's latency.
         gc.collect()
         gc.freeze()
         target = f"{dsn}?schema=memory" + (f"&index_workers={index_workers}" if index_workers is not None else "")
         await migrate(work, work / "source.db", target, total, agents, agent_rate, table, baseline, copy_only,
-                      batch_size, window)
+                      index_secs, batch_size, window)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

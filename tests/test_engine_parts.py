@@ -45,7 +45,7 @@ class Refusing:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
-        if name not in {"create_entities", "apply", "replace_if"}:
+        if name not in {"create_entities", "apply", "load", "replace_if"}:
             return attr
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:

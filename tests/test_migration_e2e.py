@@ -325,7 +325,7 @@ class HeldSecondary:
 
     def __getattr__(self, name: str) -> object:
         attr = getattr(self._inner, name)
-        if name not in {"create_entities", "add_observations", "replace_if", "apply"}:
+        if name not in {"create_entities", "add_observations", "replace_if", "apply", "load"}:
             return attr
 
         async def held(*args: object, **kwargs: object) -> object:

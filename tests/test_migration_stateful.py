@@ -48,7 +48,7 @@ TEXTS = ["likes tea", "plays chess", "owns a cat"]
 SELECTIONS = [EVERYTHING, Selection(("s1",)), Selection(("s2",)), Selection(("s1", "s2")), Selection((), ("s",))]
 API_WRITES = {"create_entities", "create_relations", "add_observations", "delete_entities",
               "delete_observations", "delete_relations"}
-WRITE_METHODS = API_WRITES | {"apply", "replace_if"}
+WRITE_METHODS = API_WRITES | {"apply", "load", "replace_if"}
 READ_METHODS = {"get_records", "export_page", "list_records", "child_keys", "get_vectors"}
 
 

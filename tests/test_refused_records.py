@@ -90,6 +90,10 @@ class Refusing:
         self._check(repr(records))
         return await self._store.apply(records, vectors)
 
+    async def load(self, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
+        self._check(repr(records))
+        return await self._store.load(records, vectors)
+
     async def replace_if(self, fixes: Any) -> Any:
         self._check(repr(fixes))
         return await self._store.replace_if(fixes)

@@ -6,15 +6,16 @@ follow: entities created, observations added and deleted, entities deleted and c
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from adapters import semantics
 from adapters.base import Backend
-from adapters.embedder import BatchingEmbedder
+from adapters.embedder import BatchingEmbedder, Vector
 from adapters.errors import EntityNotFound
 from adapters.model import Entity, Graph, ObservationAddition, ObservationDeletion, Relation
 from adapters.postgres import PostgresBackend
@@ -163,3 +164,57 @@ async def test_a_search_reads_a_bounded_queue_of_unmerged_index_entries(
         assert [e.name for e in (await again.search_nodes("s", "NUMBER 42")).entities] == ["n42"]
     finally:
         await again.close()
+
+
+async def test_a_bulk_copy_rebuilds_the_search_index_once_at_its_end(
+        embedder: BatchingEmbedder, servers: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """PostgreSQL: a copy loaded in pages (as the backfill loads it) leaves texts to the end; settling them drops
+    the trigram index, writes every document and builds it again, valid and bounded as before; every vector the
+    copy carried is taken, none embedded again. A copy stopped between the drop and the build (the index gone)
+    gets it back when the store is next opened."""
+    source = make_store("embedded", embedder, tmp_path_factory.mktemp("bulk-src"), servers)
+    target = make_store("postgres", embedder, tmp_path_factory.mktemp("bulk-dst"), servers)
+    await source.open()
+    await target.open()
+    spec = target._dsn, target._schema  # type: ignore[attr-defined]
+
+    async def index_state(store: Backend) -> tuple[object, ...] | None:
+        row = await store._read(lambda conn: conn.fetchrow(  # type: ignore[attr-defined]
+            "SELECT i.indisvalid, c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.oid = to_regclass('entities_search_trgm')"))
+        return None if row is None else (row[0], tuple(row[1] or ()))
+
+    try:
+        await source.create_entities("bulk", [Entity(f"n{i:04d}", "thing", (f"fact number {i}",))
+                                              for i in range(1500)], 1)
+        after = None
+        while True:
+            page = await source.export_page(after, 400, vectors=True)
+            await target.load(page.records, page.vectors)
+            if page.next_after is None:
+                break
+            after = page.next_after
+        assert (await target.search_nodes("bulk", "number 42")).entities == ()  # not settled yet
+        assert await target.embed_stale() == 0  # every vector came with the copy
+        assert await index_state(target) == (True, ("gin_pending_list_limit=256",))
+        assert [e.name for e in (await target.search_nodes("bulk", "NUMBER 1042")).entities] == ["n1042"]
+        assert await target._read(lambda conn: conn.fetchval(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM loaded_vectors")) == 0
+        some = [("bulk", f"n{i:04d}") for i in range(0, 1500, 97)]
+        assert _same_vectors(await target.get_vectors(some), await source.get_vectors(some))
+        await target._read(lambda conn: conn.execute(  # type: ignore[attr-defined]
+            "DROP INDEX entities_search_trgm"))
+        await target.close()
+        again = PostgresBackend(f"{spec[0]}?schema={spec[1]}", embedder)
+        await again.open()
+        try:
+            assert await index_state(again) == (True, ("gin_pending_list_limit=256",))
+        finally:
+            await again.close()
+    finally:
+        await source.close()
+
+
+def _same_vectors(a: Mapping[tuple[str, str], tuple[str, Vector]], b: Mapping[tuple[str, str], tuple[str, Vector]]
+                  ) -> bool:
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.array_equal(a[k][1], b[k][1]) for k in a)

@@ -223,7 +223,7 @@ class Backfill:
         """Apply a page, and size the next one by how long this one held the new store (policies.pacing): half the
         dual write's grace, so an agent's write waiting behind a page still lands in time."""
         started = time.monotonic()
-        applied = await secondary.apply(page.records, page.vectors)
+        applied = await secondary.load(page.records, page.vectors)
         if page.records:
             self._page_size = pacing.next_page_size(pacing.PageTiming(
                 len(page.records), time.monotonic() - started, self._grace / 2,
