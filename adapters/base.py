@@ -127,7 +127,13 @@ class Backend(Protocol):
         """`apply` as one page of a bulk copy (the backfill): the same apply-if-newer, but a store may leave what
         follows from the records (embedding texts, search documents, vectors) to `embed_stale`, which the copy
         calls once when it ends; until then the loaded entities may be missing from searches. Stores without a
-        cheaper path apply (`ApplyToLoad`)."""
+        cheaper path apply (`NoBulkPath`)."""
+        ...
+
+    async def build_indexes(self) -> None:
+        """Build what a store leaves out during a bulk copy, once `embed_stale` has settled it (PostgreSQL: its
+        search and vector indexes, as pg_restore builds them after the data). Idempotent; the store serves
+        meanwhile."""
         ...
 
     async def embed_stale(self) -> int:
@@ -189,11 +195,15 @@ class Backend(Protocol):
         ...
 
 
-class ApplyToLoad:
-    """`load` for a store whose `apply` is already its bulk path (every store but PostgreSQL)."""
+class NoBulkPath:
+    """`load` and `build_indexes` for a store whose `apply` is already its bulk path and whose indexes are kept
+    current by every write (every store but PostgreSQL)."""
 
     async def load(self: Backend, records: Sequence[Record], vectors: VectorMap | None = None) -> int:
         return await self.apply(records, vectors)
+
+    async def build_indexes(self) -> None:
+        return None
 
 
 def fleet_problem(store: Backend) -> str | None:

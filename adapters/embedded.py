@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adapters import semantics
-from adapters.base import BACKGROUND, ApplyToLoad, ExportPage, VectorMap, WriteResult
+from adapters.base import BACKGROUND, ExportPage, NoBulkPath, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
 from adapters.errors import EmbeddingMismatch, StoreUnavailable
@@ -393,7 +393,7 @@ _LIVE_RECORDS = ("entities x WHERE x.deleted=0",
                  "relations x WHERE x.deleted=0")
 
 
-class EmbeddedBackend(PlannedWrites, ApplyToLoad):
+class EmbeddedBackend(PlannedWrites, NoBulkPath):
     """SQLite + numpy. `path=":memory:"` keeps everything in memory (tests, benchmarks)."""
 
     def __init__(self, path: str | Path, embedder: Embedder, max_pending_texts: int = 128) -> None:

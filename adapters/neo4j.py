@@ -37,7 +37,7 @@ import numpy as np
 from neo4j import AsyncGraphDatabase, AsyncManagedTransaction
 
 from adapters import semantics
-from adapters.base import ApplyToLoad, VectorMap, WriteResult
+from adapters.base import NoBulkPath, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
 from adapters.errors import EmbeddingMismatch, StoreUnavailable
@@ -107,7 +107,7 @@ def _after(fields: list[str], n: int = 0) -> str:
     return f"({fields[n]} > $p{n} OR ({fields[n]} = $p{n} AND {_after(fields, n + 1)}))"
 
 
-class Neo4jBackend(PlannedWrites, ExportInParts, ApplyToLoad):
+class Neo4jBackend(PlannedWrites, ExportInParts, NoBulkPath):
     def __init__(self, spec: StoreSpec | str, embedder: Embedder, max_pending_texts: int = 128) -> None:
         parsed = parse_spec(spec)
         self._uri: str = parsed["uri"]

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from adapters import semantics
-from adapters.base import ApplyToLoad, VectorMap, WriteResult
+from adapters.base import NoBulkPath, VectorMap, WriteResult
 from adapters.embedder import Embedder, EmbeddingInfo, Vector
 from adapters.embedding_queue import PendingEmbeddings
 from adapters.export import ExportInParts
@@ -160,7 +160,7 @@ def payload_of(r: Record) -> Payload:
             "metadata": dict(r.metadata), "version": r.version, "deleted": r.deleted}
 
 
-class PointsBackend(PlannedWrites, ExportInParts, ApplyToLoad):
+class PointsBackend(PlannedWrites, ExportInParts, NoBulkPath):
     def __init__(self, points: Points, embedder: Embedder, max_pending_texts: int = 128) -> None:
         self._p = points
         self._embedder = embedder

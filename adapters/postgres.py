@@ -301,6 +301,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         if not indexed:  # once per store: from then on every write keeps its entities' documents current
             await self._index_unsearchable()
         await self.embed_stale()
+        await self.build_indexes()
 
     async def _index_unsearchable(self) -> None:
         """Live entities without a search document (a store written before the index existed): give them one, a
@@ -750,7 +751,7 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         """Every live entity whose text or vector is unsettled (a bulk copy's, a write whose embedding failed, a
         store written before search documents), a chunk at a time under its scopes' write locks, so a write racing
         it never has its text overwritten by an older one: text and search document written, the copied vector
-        that matches taken, the rest embedded. Then the vector index, built once (CREATE INDEX CONCURRENTLY)."""
+        that matches taken, the rest embedded."""
         await self._embeddings.settled()
         unsettled, live = await self._read(lambda conn: conn.fetchrow(
             f"SELECT count(*) FILTER (WHERE {_UNSETTLED}), count(*) FROM entities WHERE NOT deleted"))
@@ -758,17 +759,17 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         # costs three times what building it afresh does (measured at 20,000 entities: the settling UPDATEs took
         # 1.6 s with it, 0.55 s without, and the build 0.3 s): it goes, as pg_restore does, and comes back once.
         # Meanwhile a SearchNodes here reads the table instead of the index: slower, not different.
-        rebuild = unsettled >= _SETTLE_CHUNK and 2 * unsettled >= live
-        if rebuild:
+        # `build_indexes` builds it again (and `open`, should this proxy stop first).
+        if unsettled >= _SETTLE_CHUNK and 2 * unsettled >= live:
             await self._read(lambda conn: conn.execute("DROP INDEX CONCURRENTLY IF EXISTS entities_search_trgm"))
-        try:
-            embedded = await self._settle()
-        finally:
-            if rebuild:
-                await self._ensure_index("entities_search_trgm", _SEARCH_INDEX.format(
-                    how="CONCURRENTLY", pending=_SEARCH_PENDING))
+        return await self._settle()
+
+    async def build_indexes(self) -> None:
+        """The search index, if settling a bulk copy dropped it, and the vector index, once vectors exist: each
+        built CONCURRENTLY (the store keeps serving) with the workers `index_workers` allows."""
+        await self._ensure_index("entities_search_trgm", _SEARCH_INDEX.format(how="CONCURRENTLY",
+                                                                              pending=_SEARCH_PENDING))
         await self._ensure_vector_index()
-        return embedded
 
     async def _settle(self) -> int:
         embedded, after = 0, ("", "")

@@ -74,12 +74,13 @@ async def pages_of(src: Backend, size: int = 500) -> list[tuple[tuple[Record, ..
 
 
 async def bulk_rate(store: Backend, pages: list[tuple[tuple[Record, ...], VectorMap]]) -> float:
-    """Records per second the opened `store` takes `pages` in through its own apply path (then closes it): the
+    """Records per second the opened `store` takes `pages` in through its own bulk path (then closes it): the
     baseline a backfill is held against."""
     t = time.perf_counter()
     for recs, vecs in pages:
-        await store.apply(recs, vecs)
+        await store.load(recs, vecs)
     await store.embed_stale()
+    await store.build_indexes()
     rate = sum(len(r) for r, _ in pages) / (time.perf_counter() - t)
     await store.close()
     return rate

@@ -145,7 +145,8 @@ async def copy_baseline(dsn: str, n: int, index_workers: int | None) -> tuple[fl
         t = time.perf_counter()
         await conn.execute("CREATE INDEX entities_search_trgm ON entities USING gin (search_doc gin_trgm_ops)"
                            " WITH (gin_pending_list_limit=256)")
-        await store.embed_stale()  # nothing is stale: builds the vector index, as after a backfill
+        await store.embed_stale()  # nothing is stale
+        await store.build_indexes()  # the vector index, as after a backfill
         secs += time.perf_counter() - t
     finally:
         await conn.close()
@@ -254,7 +255,8 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
             # index built after the load) apart.
             history = await admin.GetHistory(apb.GetHistoryRequest(limit=20), metadata=AUTH)
             finish = next(c.figures for c in history.changes if c.reason == "backfill complete")
-            copy_secs, finish_secs = float(finish["copy_seconds"]), float(finish["finish_seconds"])
+            copy_secs, settle_secs = float(finish["copy_seconds"]), float(finish["settle_seconds"])
+            index_done = float(finish["index_seconds"])
             read = int(finish["records_read"])
             if os.environ.get("SCALE_TRACE"):
                 print(f"\nbackfill from {time.time() - backfill_secs:.1f} to {time.time():.1f}", file=sys.stderr)
@@ -300,18 +302,18 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
                           note=f"{ratio:.2f} x p99 before" if stage_name != "before" else "",
                           p99_vs_before=float(ratio))
         rate = total / backfill_secs
-        # The finish is the texts and search documents the pages left to the end, then the same index builds as
-        # the baseline's (timed there on the same data): those are left out, the settling is counted.
-        settle_secs = max(0.0, finish_secs - index_secs)
+        # The copy is its pages and the texts and search documents they left to the end; the index builds after
+        # it are the baseline's own, left out of both figures here and compared end to end below.
         copy_rate = read / (copy_secs + settle_secs)
         table.add(f"backfill's copy into PostgreSQL, {read:,} records read (index builds left out)", rate=copy_rate,
                   note=f"{copy_rate / copy_only:.2f} x COPY alone (goal >= 0.7); pages {copy_secs:,.1f} s,"
-                  f" texts settled ~{settle_secs:,.1f} s", seconds=copy_secs + settle_secs,
+                  f" texts settled {settle_secs:,.1f} s", seconds=copy_secs + settle_secs,
                   vs_copy_alone=copy_rate / copy_only, records_read=read, records_at_start=total,
                   read_vs_start=read / total, pages_seconds=copy_secs, settle_seconds=settle_secs)
         table.add(f"backfill to PostgreSQL end to end, {total:,} records (vectors kept, index built)", rate=rate,
-                  note=f"{rate / baseline:.2f} x COPY + index (goal >= 0.9); index {finish_secs:,.1f} s",
-                  seconds=backfill_secs, vs_copy=rate / baseline, finish_seconds=finish_secs)
+                  note=f"{rate / baseline:.2f} x COPY + indexes (goal >= 0.9); indexes {index_done:,.1f} s"
+                  f" (baseline's {index_secs:,.1f} s)", seconds=backfill_secs, vs_copy=rate / baseline,
+                  index_seconds=index_done)
         table.add("agent writes whose new-store half was late or failed (during the backfill)",
                   note=f"{during.secondary_late:,} late, {during.secondary_failures:,} failed of "
                   f"{during.dual_writes:,}; {during.repairs_done:,} keys repaired",

@@ -73,6 +73,7 @@ async def measure(table: Table, label: str, target: str, work: Path, embedder: B
     for i in range(0, len(flat), 10):
         await naive.apply(flat[i:i + 10])
     await naive.embed_stale()
+    await naive.build_indexes()
     naive_rate = len(flat) / (time.perf_counter() - t)
     await naive.close()
     table.add(f"{label}: naive copy, 10 records per call, re-embedding", rate=naive_rate,

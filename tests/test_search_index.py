@@ -169,7 +169,8 @@ async def test_a_search_reads_a_bounded_queue_of_unmerged_index_entries(
 async def test_a_bulk_copy_rebuilds_the_search_index_once_at_its_end(
         embedder: BatchingEmbedder, servers: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> None:
     """PostgreSQL: a copy loaded in pages (as the backfill loads it) leaves texts to the end; settling them drops
-    the trigram index, writes every document and builds it again, valid and bounded as before; every vector the
+    the trigram index (searches still answer, from the table) and writes every document; `build_indexes` builds it
+    again, valid and bounded as before; every vector the
     copy carried is taken, none embedded again. A copy stopped between the drop and the build (the index gone)
     gets it back when the store is next opened."""
     source = make_store("embedded", embedder, tmp_path_factory.mktemp("bulk-src"), servers)
@@ -196,6 +197,9 @@ async def test_a_bulk_copy_rebuilds_the_search_index_once_at_its_end(
             after = page.next_after
         assert (await target.search_nodes("bulk", "number 42")).entities == ()  # not settled yet
         assert await target.embed_stale() == 0  # every vector came with the copy
+        assert await index_state(target) is None  # most of the table rewritten: dropped, to be built once
+        assert [e.name for e in (await target.search_nodes("bulk", "NUMBER 1042")).entities] == ["n1042"]
+        await target.build_indexes()
         assert await index_state(target) == (True, ("gin_pending_list_limit=256",))
         assert [e.name for e in (await target.search_nodes("bulk", "NUMBER 1042")).entities] == ["n1042"]
         assert await target._read(lambda conn: conn.fetchval(  # type: ignore[attr-defined]

@@ -123,11 +123,15 @@ class DualWriter:
     async def embed_stale(self) -> int:
         """After a restore whose vectors were left out or made by another model: embed what still lacks one."""
         placed = self._stores.placed()
-        done = sum([await store.embed_stale() for store in placed])
+        done = 0
+        for store in placed:
+            done += await store.embed_stale()
+            await store.build_indexes()
         secondary = self._stores.secondary
         if secondary is not None and secondary not in placed and self._outage.current is None:
             with contextlib.suppress(StoreUnavailable):  # the backfill or a repair embeds there later
                 await secondary.embed_stale()
+                await secondary.build_indexes()
         return done
 
     async def _dual_write(self, op: WriteOp[T], version: int, primary: Backend,
