@@ -222,14 +222,15 @@ def connection(spec: StoreSpec | str, default_schema: str = "memshift") -> tuple
 MAX_INDEX_WORKERS = 64
 
 
-def index_workers_of(spec: StoreSpec) -> int | None:
-    """`?index_workers=N`: the parallel workers PostgreSQL may use to build the vector index after a bulk load (0:
-    the building process alone). Unset: the server's own `max_parallel_maintenance_workers`. On a machine that also
-    serves the agents, the build with every core starves their writes: at a million entities on 2 cores, writes
-    waited up to 5.5 s while three processes built the index (docs/benchmarks.md)."""
+def index_workers_of(spec: StoreSpec) -> int:
+    """`?index_workers=N`: the parallel workers PostgreSQL may use to build the indexes after a bulk load, besides
+    the building process. Unset: 0, the default that leaves the agents their latency: on a machine that also serves
+    them, a build with every core starves their writes (at a million entities on 2 cores, writes waited up to
+    5.5 s while three processes built the vector index with the server's default of 2; docs/benchmarks.md). An
+    operator with cores to spare raises it."""
     raw = spec.options.get("index_workers")
     if raw is None:
-        return None
+        return 0
     if not raw.isdigit() or int(raw) > MAX_INDEX_WORKERS:
         raise spec.problem(f"index_workers {raw!r}: a whole number from 0 to {MAX_INDEX_WORKERS}")
     return int(raw)
@@ -332,8 +333,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
             if valid is False:  # an interrupted concurrent build leaves an invalid index behind
                 await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
             if await conn.fetchval(f"SELECT {wanted}"):
-                if self._index_workers is not None:  # for this session only: the pool resets it on release
-                    await conn.execute(f"SET max_parallel_maintenance_workers = {int(self._index_workers)}")
+                # For this session only: the pool resets it on release.
+                await conn.execute(f"SET max_parallel_maintenance_workers = {int(self._index_workers)}")
                 await conn.execute(ddl)
 
         await self._read(run)

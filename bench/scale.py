@@ -245,6 +245,7 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
             while not (st := await status(admin)).backfill.complete:
                 peak = max(peak, rss_mb(proc.pid))
                 b = st.backfill
+                crew.stage = f"backfill: {b.step}" if b.step else "backfill"  # agents' latency per step
                 eta = f", ETA {b.eta_seconds:,.0f} s" if b.eta_seconds >= 0 else ""
                 print(f"\r  backfill: {b.done:,}/{b.total:,} records, {b.rate_per_second:,.0f}/s{eta}   ",
                       end="", file=sys.stderr, flush=True)
@@ -263,6 +264,8 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
             print(file=sys.stderr)
             crew.stage = "dual write"
             await admin.Advance(apb.AdvanceRequest(expected_phase=apb.DATA_MIGRATION), metadata=AUTH)
+            await asyncio.sleep(window / 2)  # dual-writing alone, then with Verify walking both stores
+            crew.stage = "dual write: verify"
 
             t = time.perf_counter()
             last = None
@@ -294,7 +297,8 @@ async def migrate(work: Path, source: Path, target: str, total: int, agents: int
 
         p = {s: lat for s, lat in crew.latencies.items()}
         before = p.get("before", [0.0])
-        for stage_name in ("before", "backfill", "dual write", "after cutover"):
+        for stage_name in ("before", "backfill", "backfill: settling", "backfill: indexing", "dual write",
+                           "dual write: verify", "after cutover"):
             lat = p.get(stage_name)
             if lat:
                 ratio = np.percentile(lat, 99) / np.percentile(before, 99)

@@ -18,6 +18,8 @@ from adapters.embedder import BatchingEmbedder
 from adapters.errors import Conflict, IllegalTransition, RepairNotRecorded
 from adapters.model import Entity
 from adapters.records import Kind
+from memshift.v1 import admin_pb2 as apb
+from proxy.cli.admin import render
 from proxy.engine import phases
 from proxy.engine.adoption import FleetAdoption
 from proxy.engine.backends import backend_for
@@ -257,6 +259,40 @@ async def test_the_backfill_alone_copies_what_the_old_store_held_and_checkpoints
     assert s.backfill_done >= 60 and s.backfill_cursor is None  # 30 entities and their observations
     saved = await parts.control.load()
     assert saved.backfill_complete and saved.revision == s.revision  # the checkpoints are in the control store
+
+
+async def test_the_copys_end_shows_its_step_until_the_indexes_are_built(parts: Parts) -> None:
+    """Once every page is copied, status says what the new store is doing (settling what the loads left, then
+    building its indexes, which may take minutes on a large store) instead of an ETA of zero, from the saved
+    state any proxy of a fleet reads; complete clears it."""
+    old = parts.opened[parts.old]
+    await old.create_entities("s", [Entity(f"e{i}", "t", (f"fact {i}",)) for i in range(10)], 1)
+    await parts.start()
+    new = await parts.stores.get(parts.new)
+    building, release = asyncio.Event(), asyncio.Event()
+    inner = new.inner  # type: ignore[attr-defined]
+    built = inner.build_indexes
+
+    async def slow_build() -> None:
+        building.set()
+        await release.wait()
+        await built()
+
+    inner.build_indexes = slow_build
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock)
+    backfill.start()
+    async with asyncio.timeout(60):
+        await building.wait()
+    shown = await parts.control.load()
+    assert (shown.backfill_step, shown.backfill_complete) == ("indexing", False)
+    progress = backfill.progress()
+    assert progress.step == "indexing" and progress.done == progress.total and not progress.complete
+    status = apb.MigrationStatus(phase=apb.DATA_MIGRATION, backfill=apb.BackfillProgress(
+        done=progress.done, total=progress.total, step=progress.step))
+    assert "building the new store's indexes" in render(status)
+    release.set()
+    await until(lambda: parts.keeper.state.backfill_complete)
+    assert parts.keeper.state.backfill_step == "" and backfill.progress().step == ""
 
 
 async def test_the_backfill_holds_while_the_state_is_paused(parts: Parts) -> None:

@@ -545,6 +545,7 @@ async def test_postgres_builds_its_vector_index_with_the_workers_its_spec_allows
     try:
         await store.create_entities("s", [Entity("tea", "drink", ("green tea",)), Entity("car", "vehicle", ())], 1)
         await store.embed_stale()
+        await store.build_indexes()
         valid = await store._read(lambda conn: conn.fetchval(  # type: ignore[attr-defined]
             "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"

@@ -117,6 +117,10 @@ def _eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+_STEPS = {"settling": "every page copied; settling texts and vectors",
+          "indexing": "every page copied; building the new store's indexes"}
+
+
 def render(st: pb.MigrationStatus) -> str:
     b, c = st.backfill, st.counters
     lines = [f"phase      {PHASE_NAMES.get(st.phase, '?')}  (migration {st.migration_id})"]
@@ -132,7 +136,8 @@ def render(st: pb.MigrationStatus) -> str:
         lines.append(f"placement  default {st.placement.default_store}, {len(st.placement.placed)} placed elsewhere "
                      "(memshift admin placement)")
     if st.phase == pb.DATA_MIGRATION or b.total:
-        state = "complete" if b.complete else "paused" if b.paused else f"ETA {_eta(b.eta_seconds)}"
+        state = ("complete" if b.complete else "paused" if b.paused else _STEPS.get(b.step, b.step) if b.step
+                 else f"ETA {_eta(b.eta_seconds)}")
         lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
                      f"{state}")
         if b.copying_changes_since_unix:

@@ -48,6 +48,7 @@ class BackfillProgress:
     paused: bool
     copied: int = 0  # records written (done counts records read)
     changes_since: float = 0.0  # unix seconds: only records changed since then are written (0: all)
+    step: str = ""  # MigrationState.backfill_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ def progress_of(s: MigrationState) -> BackfillProgress:
     eta = 0.0 if s.backfill_complete else (left / rate if rate > 0 else -1.0)
     return BackfillProgress(s.backfill_done, max(s.backfill_total, s.backfill_done), rate, eta,
                             s.backfill_complete, s.paused, s.backfill_copied,
-                            unix_seconds(s.copy_since) if s.copy_since else 0.0)
+                            unix_seconds(s.copy_since) if s.copy_since else 0.0, s.backfill_step)
 
 
 class Backfill:
@@ -277,6 +278,18 @@ class Backfill:
             await keeper.note_locked("memshift", "copy watermark fixed: records stamped later are dual-written, "
                                      "not copied", {"copy_until": unix_seconds(until)})
 
+    async def _step(self, step: str, cursor: RecordKey | None) -> bool:
+        """Show that the copy's end has reached `step` (status, and any proxy of the fleet); False when a rollback
+        or another proxy moved on meanwhile."""
+        keeper = self._keeper
+        async with keeper.lock:
+            cur = keeper.state
+            if cur.backfill_complete or cur.backfill_cursor != cursor or not phases.backfilling(cur):
+                return False
+            if cur.backfill_step != step:
+                await keeper.save(replace(cur, backfill_step=step), durable=False)
+            return True
+
     async def _checkpoint(self, page: _Page, cursor: RecordKey | None, spent: float) -> None:
         """Record that the page starting after `cursor` is on the secondary, `spent` seconds of copying after the
         checkpoint before (nothing, if a rollback or another proxy moved on meanwhile)."""
@@ -290,8 +303,12 @@ class Backfill:
             # What the loads left to the end (texts, search documents, anything whose text never matched a copied
             # vector), then the indexes a store builds once after a bulk copy (PostgreSQL's), timed apart.
             started = time.monotonic()
+            if not await self._step("settling", cursor):
+                return
             await secondary.embed_stale()
             settled = time.monotonic()
+            if not await self._step("indexing", cursor):
+                return
             await secondary.build_indexes()
             settling, indexing = settled - started, time.monotonic() - settled
         async with keeper.lock:
@@ -305,7 +322,8 @@ class Backfill:
                 # counted at the start but dual write carried them.
                 backfill_total=(cur.backfill_done + page.read if page.next_after is None
                                 else max(cur.backfill_total, cur.backfill_done + page.read)),
-                backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent),
+                backfill_complete=page.next_after is None, backfill_seconds=cur.backfill_seconds + spent,
+                backfill_step=""),
                 durable=page.next_after is None)  # a lost checkpoint only copies batches again; the end is kept
             if page.next_after is None:
                 done = keeper.state

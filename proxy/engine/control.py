@@ -85,6 +85,9 @@ class MigrationState:
     # the copy cannot chase them (0: not fixed yet). docs/design.md, "Why the copy skips what is newer".
     copy_until: int = 0
     backfill_copied: int = 0  # records the backfill wrote (`backfill_done` counts records read)
+    # After the last page, until the copy is complete: "settling" (the texts and vectors the loads left to the end),
+    # then "indexing" (the indexes the new store builds once after a bulk copy); "" otherwise.
+    backfill_step: str = ""
     # Which store serves each scope (proxy.engine.placement). Changed only with the phase: at cutover, and back on a
     # rollback from the rollback window, so a placement change is a compare-and-set broadcast like any phase change.
     placement: Placement = field(default_factory=Placement)

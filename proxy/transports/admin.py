@@ -151,7 +151,7 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             migration_id=s.migration_id,
             backfill=pb.BackfillProgress(done=p.done, total=p.total, rate_per_second=p.rate, eta_seconds=p.eta_seconds,
                                          complete=p.complete, paused=p.paused, copied=p.copied,
-                                         copying_changes_since_unix=p.changes_since),
+                                         copying_changes_since_unix=p.changes_since, step=p.step),
             read_fraction=s.read_fraction, shadow_sample_rate=s.shadow_rate,
             repair_queue_depth=await e.repairs.depth(),
             counters=pb.DualWriteCounters(

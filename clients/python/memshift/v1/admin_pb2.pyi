@@ -64,6 +64,7 @@ class BackfillProgress(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     COPIED_FIELD_NUMBER: _builtins.int
     COPYING_CHANGES_SINCE_UNIX_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     done: _builtins.int
     total: _builtins.int
     rate_per_second: _builtins.float
@@ -77,6 +78,10 @@ class BackfillProgress(_message.Message):
     """
     copying_changes_since_unix: _builtins.float
     """Nonzero when only records changed since this time (unix seconds) are copied (see `copied`)."""
+    step: _builtins.str
+    """Every page copied, not complete yet: "settling" (the new store gives the copied entities their texts and
+    vectors) or "indexing" (it builds its search and vector indexes once, after the copy); "" otherwise.
+    """
     def __init__(
         self,
         *,
@@ -88,10 +93,11 @@ class BackfillProgress(_message.Message):
         paused: _builtins.bool = ...,
         copied: _builtins.int = ...,
         copying_changes_since_unix: _builtins.float = ...,
+        step: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "copied", b"copied", "copying_changes_since_unix", b"copying_changes_since_unix", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "copied", b"copied", "copying_changes_since_unix", b"copying_changes_since_unix", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "step", b"step", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
