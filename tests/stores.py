@@ -11,15 +11,19 @@ import itertools
 import os
 from pathlib import Path
 
-from adapters.base import Backend
+import numpy as np
+
+from adapters.base import Backend, ExportPage
 from adapters.chroma import ChromaBackend
 from adapters.embedded import EmbeddedBackend
 from adapters.embedder import Embedder
+from adapters.export import ExportInParts
 from adapters.hybrid import HybridBackend
 from adapters.neo4j import Neo4jBackend
 from adapters.postgres import PostgresBackend
 from adapters.qdrant import QdrantBackend
 from adapters.qdrant_edge import QdrantEdgeBackend
+from adapters.records import Record
 
 STORE_KINDS = ["embedded", "postgres", "qdrant", "qdrant-edge", "neo4j", "hybrid", "chroma-local", "chroma"]
 # No Qdrant server installs here; given one (QDRANT_URL=qdrant://host:6333), every suite runs against it too.
@@ -52,3 +56,26 @@ def make_store(kind: str, embedder: Embedder, workdir: Path, servers: dict[str, 
         return ChromaBackend(f"{servers['chroma']}?prefix=t{next(_fresh)}{workdir.name[-8:].replace('-', '_')}",
                              embedder)
     raise ValueError(f"unknown store kind {kind}")
+
+
+def same_export(a: ExportPage, b: ExportPage) -> bool:
+    if (a.records, a.next_after) != (b.records, b.next_after) or (a.vectors is None) != (b.vectors is None):
+        return False
+    if a.vectors is None or b.vectors is None:
+        return True
+    return a.vectors.keys() == b.vectors.keys() and all(
+        a.vectors[k][0] == b.vectors[k][0] and np.array_equal(a.vectors[k][1], b.vectors[k][1]) for k in a.vectors)
+
+
+async def walk_checking_parts(store: Backend, size: int) -> list[Record]:
+    """Every record of `store` as a backfill pages through it with `export_page`, each page checked against the list
+    and vector calls it stands for (`ExportInParts`) at the same position."""
+    walked: list[Record] = []
+    after = None
+    while True:
+        page = await store.export_page(after, size, vectors=True)
+        assert same_export(page, await ExportInParts.export_page(store, after, size, vectors=True))
+        walked += page.records
+        if page.next_after is None:
+            return walked
+        after = page.next_after

@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.base import Backend, ExportPage
+from adapters.base import Backend
 from adapters.embedder import BatchingEmbedder
 from adapters.errors import EntityNotFound
-from adapters.export import ExportInParts
 from adapters.model import Entity, ObservationAddition, ObservationDeletion, Relation
 from adapters.records import (
     EntityRecord,
@@ -28,6 +27,7 @@ from adapters.records import (
 )
 from proxy.engine.placement import Selection, walk_from
 from tests.conftest import StoreFactory
+from tests.stores import walk_checking_parts
 
 S = "agent-1"
 
@@ -322,29 +322,6 @@ async def test_childless_vectors_are_those_an_entity_record_alone_can_match(
     assert set(await backend.get_vectors(everyone)) == set(everyone)
     childless = await backend.get_vectors(everyone, childless_only=True)
     assert set(childless) == {(S, "lonely")} and childless[(S, "lonely")][0] == text_hash("lonely thing")
-
-
-def same_export(a: ExportPage, b: ExportPage) -> bool:
-    if (a.records, a.next_after) != (b.records, b.next_after) or (a.vectors is None) != (b.vectors is None):
-        return False
-    if a.vectors is None or b.vectors is None:
-        return True
-    return a.vectors.keys() == b.vectors.keys() and all(
-        a.vectors[k][0] == b.vectors[k][0] and np.array_equal(a.vectors[k][1], b.vectors[k][1]) for k in a.vectors)
-
-
-async def walk_checking_parts(store: Backend, size: int) -> list[Record]:
-    """Every record of `store` as a backfill pages through it with `export_page`, each page checked against the list
-    and vector calls it stands for (`ExportInParts`) at the same position."""
-    walked: list[Record] = []
-    after = None
-    while True:
-        page = await store.export_page(after, size, vectors=True)
-        assert same_export(page, await ExportInParts.export_page(store, after, size, vectors=True))
-        walked += page.records
-        if page.next_after is None:
-            return walked
-        after = page.next_after
 
 
 async def test_export_page_is_every_record_with_the_vectors_a_copy_keeps(backend: Backend,

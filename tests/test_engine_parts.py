@@ -5,6 +5,8 @@ fleet member's adoption. What a part does here is what it does inside the engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,7 @@ from proxy.engine.phases import Step
 from proxy.engine.placement import Placement
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores
+from proxy.engine.strain import WriteStrain
 from proxy.routing.ops import CreateEntities
 from proxy.runtime.telemetry import Telemetry
 from tests.cluster import until
@@ -44,6 +47,7 @@ class Refusing:
 
     def __init__(self, inner: Backend) -> None:
         self.inner, self.refuse = inner, False
+        self.delay = 0.0  # seconds an agent's write (`create_entities`) waits first: a store slowed down
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -53,6 +57,8 @@ class Refusing:
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             if self.refuse:
                 raise RuntimeError("injected: this store refuses writes")
+            if name == "create_entities" and self.delay:
+                await asyncio.sleep(self.delay)
             return await attr(*args, **kwargs)
 
         return guarded
@@ -221,6 +227,54 @@ async def test_the_dual_writer_writes_both_stores_and_queues_what_the_new_one_re
     parts.opened[parts.new].refuse = False  # type: ignore[attr-defined]
     assert await repairs.drain(within=30) == 0
     assert await names(new, "s") == {"both", "owed"} and not repairs.scope_pending("s")
+
+
+@pytest.mark.parametrize("target", [2.0, 0.0])
+async def test_the_copy_rests_while_agents_writes_are_slower_than_the_target_allows(parts: Parts,
+                                                                                   target: float) -> None:
+    """Agents' writes, timed by the dual writer, slow down while the backfill runs: the copy rests between pages
+    (shown in its progress), and runs at full speed again once they are fast; with the target 0 it never rests."""
+    strain = WriteStrain(target)
+    repairs = RepairQueue(parts.keeper, parts.stores, parts.gate, parts.outage, parts.counters)
+    writer = DualWriter(parts.keeper, parts.stores, repairs, parts.gate, parts.outage, HybridClock(7),
+                        parts.counters, Telemetry(), strain=strain)
+    old = parts.opened[parts.old]
+    await old.create_entities("s", [Entity(f"e{i:04d}", "t", (f"fact {i}",)) for i in range(800)], 1)
+    await old.create_entities("warm", [Entity("up", "t")], 2)  # a first write's costs, not timed
+    for i in range(40):  # the agents' latency with no bulk work running
+        await writer.write(CreateEntities("quiet", [Entity(f"q{i}", "t")]))
+    await parts.start()
+    async with parts.keeper.lock:  # held at first, so the agents' slow writes are seen before the first page
+        await parts.keeper.save(replace(parts.keeper.state, paused=True))
+    backfill = Backfill(parts.keeper, parts.stores, parts.gate, parts.outage, Telemetry(), parts.clock,
+                        strain=strain)
+    old.delay = 0.05  # type: ignore[attr-defined]  # every write now takes far longer than twice what it did
+    rested = 0.0
+
+    async def agent() -> None:
+        nonlocal rested
+        for i in itertools.count():
+            await writer.write(CreateEntities("agents", [Entity(f"a{i}", "t")]))
+            rested = max(rested, backfill.progress().rest)
+
+    writing = asyncio.ensure_future(agent())
+    try:
+        backfill.start()
+        await until(lambda: backfill.holds > 0 and strain.strain().busy_writes >= 10)
+        async with parts.keeper.lock:
+            await parts.keeper.save(replace(parts.keeper.state, paused=False))
+        if target:
+            await until(lambda: strain.pause > 0)
+            assert backfill.progress().rest == strain.pause
+            old.delay = 0.0  # type: ignore[attr-defined]  # agents fast again: the rest falls back to nothing
+            await until(lambda: strain.pause == 0 or parts.keeper.state.backfill_complete)
+        await until(lambda: parts.keeper.state.backfill_complete)
+    finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
+    assert (rested > 0) == bool(target)
+    assert await names(parts.opened[parts.new], "s") == await names(old, "s")
 
 
 async def test_the_repair_queue_alone_reconciles_a_queued_key_from_the_decisive_store(parts: Parts) -> None:

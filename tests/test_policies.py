@@ -13,7 +13,18 @@ from adapters.errors import PolicyError
 from adapters.model import Entity, Graph, GraphPage, Relation, ScoredEntity, SearchResult
 from policies.comparators import CompareSettings, compare_graph, compare_page, compare_search
 from policies.loader import load, parse
-from policies.pacing import FLOOR, PageTiming, next_page_size
+from policies.pacing import (
+    FLOOR,
+    MIN_BUSY,
+    MIN_QUIET,
+    PAUSE_MAX,
+    PAUSE_STEP,
+    REST_PER_WORK,
+    PageTiming,
+    Strain,
+    next_page_size,
+    next_pause,
+)
 from policies.ramp import RampMove, RampSchedule, decide
 from policies.rules import Action, Metric, Observations, Policy, Rule, Verdict, evaluate, most_severe, streaks_after
 from proxy.routing.shadow import sampled
@@ -254,3 +265,42 @@ def test_page_size_converges_on_the_target_time_for_a_store_of_fixed_speed() -> 
     for _ in range(20):
         size = next_page_size(PageTiming(size, size / 4000, 0.025, 500))
     assert 90 <= size <= 110
+
+
+seconds = st.floats(0, 5, allow_nan=False)
+strains = st.builds(Strain, quiet_p99=seconds, quiet_writes=st.integers(0, 2000), busy_p99=seconds,
+                    busy_writes=st.integers(0, 500))
+
+
+@given(st.floats(0, PAUSE_MAX), strains, st.sampled_from([0.0, 1.0, 1.5, 2.0, 5.0]), st.floats(0, 3))
+def test_bulk_works_rest_stays_bounded_and_follows_the_agents(pause: float, s: Strain, target: float,
+                                                              work: float) -> None:
+    """The rest is never negative nor above PAUSE_MAX, nor (when it grows) above REST_PER_WORK times the page's own
+    time, so bulk work keeps a third of its speed; it grows only while agents' p99 is over the target (on enough
+    writes of both kinds), shrinks otherwise, and is nothing at all when the operator set the target to 0."""
+    after = next_pause(pause, s, target, work)
+    assert 0.0 <= after <= PAUSE_MAX
+    cap = max(PAUSE_STEP, REST_PER_WORK * work)
+    over = (target > 0 and s.quiet_writes >= MIN_QUIET and s.busy_writes >= MIN_BUSY
+            and s.busy_p99 > target * s.quiet_p99)
+    if target == 0:
+        assert after == 0.0
+    elif over:
+        assert after <= cap and (after >= max(pause, PAUSE_STEP) or after in (PAUSE_MAX, cap))
+    else:
+        assert after <= pause
+
+
+def test_the_rest_comes_back_to_nothing_once_agents_are_fast_again() -> None:
+    """Doubling under strain reaches the ceiling in a few pages; once agents' p99 is back under the target the rest
+    falls to nothing within a bounded number of pages, so a copy never stays slow for a spike long gone."""
+    slow, fast = Strain(0.02, 500, 0.2, 50), Strain(0.02, 500, 0.03, 50)
+    pause, pages = 0.0, 0
+    while pause < PAUSE_MAX:
+        pause, pages = next_pause(pause, slow, 2.0, 1.0), pages + 1
+    assert pages <= 10
+    assert next_pause(pause, slow, 2.0, 0.1) == 0.2  # never more than twice what the page itself took
+    pages = 0
+    while pause > 0:
+        pause, pages = next_pause(pause, fast, 2.0, 1.0), pages + 1
+    assert pages <= 30

@@ -95,6 +95,9 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
         load_config(env={"MEMSHIFT_NODE_ID": "5000"})
     with pytest.raises(ConfigError, match="grace_seconds: expected float"):
         load_config(env={"MEMSHIFT_GRACE_SECONDS": "soon"})
+    with pytest.raises(ConfigError, match=r"agent_latency_target: 0\.5 would have bulk work rest"):
+        load_config(env={"MEMSHIFT_AGENT_LATENCY_TARGET": "0.5"})
+    assert load_config(env={"MEMSHIFT_AGENT_LATENCY_TARGET": "0"}).agent_latency_target == 0
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml", env={})
 
@@ -369,7 +372,7 @@ def test_embedded_export_page_equals_its_parts(embedder: BatchingEmbedder, entit
     (childless entities between owners, tombstones, several scopes) and however it is paged, that equals the list
     and vector calls it replaces."""
     from adapters.records import ObservationRecord, Record, RelationRecord
-    from tests.test_conformance import walk_checking_parts
+    from tests.stores import walk_checking_parts
 
     async def run() -> None:
         store = EmbeddedBackend(":memory:", embedder)

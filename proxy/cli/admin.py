@@ -140,6 +140,9 @@ def render(st: pb.MigrationStatus) -> str:
                  else f"ETA {_eta(b.eta_seconds)}")
         lines.append(f"backfill   {_bar(b.done, b.total)} {b.done}/{b.total}  {b.rate_per_second:,.0f} rec/s  "
                      f"{state}")
+        if b.rest_seconds > 0 and not b.complete:
+            lines.append(f"           resting {b.rest_seconds * 1000:,.0f} ms between pages: agents' writes are slower "
+                         "than agent_latency_target allows")
         if b.copying_changes_since_unix:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.copying_changes_since_unix))
             lines.append(f"           {b.copied} written: only what changed since {since} (the target had the rest)")

@@ -32,6 +32,7 @@ from proxy.engine.outage import OutageWatch
 from proxy.engine.placement import walk_from
 from proxy.engine.refusals import find_refusal, transient
 from proxy.engine.stores import OpenStores
+from proxy.engine.strain import WriteStrain
 from proxy.runtime.eager import consume
 from proxy.runtime.telemetry import Telemetry
 
@@ -49,6 +50,7 @@ class BackfillProgress:
     copied: int = 0  # records written (done counts records read)
     changes_since: float = 0.0  # unix seconds: only records changed since then are written (0: all)
     step: str = ""  # MigrationState.backfill_step
+    rest: float = 0.0  # seconds the copy rests between pages so agents keep their latency (this proxy's copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class Backfill:
 
     def __init__(self, keeper: StateKeeper, stores: OpenStores, gate: ScopeGate, outage: OutageWatch,
                  telemetry: Telemetry, clock: HybridClock, *, grace: float = 0.05, scheduled: bool = True,
-                 elected: bool = True, clock_margin_ms: int = 0) -> None:
+                 elected: bool = True, clock_margin_ms: int = 0, strain: WriteStrain | None = None) -> None:
         self._keeper = keeper
         self._clock = clock
         # How far another proxy's clock may run ahead of this one's: added to the watermark. A single proxy stamps
@@ -94,6 +96,7 @@ class Backfill:
         self._scheduled = scheduled  # False: whoever built it calls `run` (the stateful property test)
         self._elected = elected  # a fleet: only where the fleet elected it (another resumes from the checkpoint)
         self._page_size = pacing.FLOOR  # the next page, in records (policies.pacing sizes it by time)
+        self._strain = strain or WriteStrain(0.0)  # the agents' writes: the copy rests between pages when they slow
         self._task: asyncio.Task[None] | None = None
         self._resume = asyncio.Event()  # follows the state: set while not paused
         self.holds = 0  # times the copy stopped for a pause or an outage
@@ -130,11 +133,15 @@ class Backfill:
             self.stop()
 
     def progress(self) -> BackfillProgress:
-        return progress_of(self._keeper.state)
+        return replace(progress_of(self._keeper.state), rest=self._strain.pause if self.running else 0.0)
 
     async def run(self) -> None:
         """The backfill as production runs it (a background task; the property test drives it directly): returns
         when the copy is complete or the phase moved on, and may be cancelled at any point."""
+        with self._strain.bulk():
+            await self._run()
+
+    async def _run(self) -> None:
         # Writes that started before dual-writing went to the primary alone; the copy must begin after them.
         await self._gate.solo_done()
         # Up to `workers` pages are being applied (apply-if-newer makes their order irrelevant) and the next page is
@@ -148,6 +155,7 @@ class Backfill:
         ahead: tuple[RecordKey | None, asyncio.Future[ExportPage]] | None = None
         next_cursor, exhausted = keeper.state.backfill_cursor, False
         copying_since = time.monotonic()  # each checkpoint adds the time since the one before (or a start, a resume)
+        rested = 0.0  # the rest taken after the last checkpoint (not the page's own work)
 
         def drop_pipeline() -> None:
             for _, _, task in in_flight:
@@ -204,7 +212,11 @@ class Backfill:
                     await asyncio.sleep(max(0.0, batch.read / rate - (time.monotonic() - started)))
                 now = time.monotonic()
                 await self._checkpoint(batch, cursor, now - copying_since)
+                # Counted as copying: it is what the copy costs with agents about.
+                rested = self._strain.next_pause(max(0.0, now - copying_since - rested))
                 copying_since = now
+                if rested > 0:
+                    await asyncio.sleep(rested)
             except asyncio.CancelledError:
                 drop_pipeline()
                 raise

@@ -29,6 +29,7 @@ from proxy.engine.keeper import StateKeeper
 from proxy.engine.outage import OutageWatch
 from proxy.engine.repair import Counters, RepairQueue, purge_point
 from proxy.engine.stores import OpenStores
+from proxy.engine.strain import WriteStrain
 from proxy.routing.ops import ApplyRecords, WriteOp
 from proxy.runtime.eager import consume, start_eagerly
 from proxy.runtime.telemetry import Telemetry
@@ -47,7 +48,7 @@ class DualWriter:
     def __init__(self, keeper: StateKeeper, stores: OpenStores, repairs: RepairQueue, gate: ScopeGate,
                  outage: OutageWatch, clock: HybridClock, counters: Counters, telemetry: Telemetry, *,
                  observations: Observations | None = None, grace: float = 0.05, fleet: bool = False,
-                 before_write: Callable[[], None] = lambda: None) -> None:
+                 before_write: Callable[[], None] = lambda: None, strain: WriteStrain | None = None) -> None:
         self._keeper = keeper
         self._stores = stores
         self._repairs = repairs
@@ -63,6 +64,7 @@ class DualWriter:
         # deadline; 0 = not yet in sync). One proxy: never.
         self._write_deadline: float | None = 0.0 if fleet else None
         self.late_in_flight = 0  # new-store halves still running after their caller was answered
+        self.strain = strain or WriteStrain()  # every write timed: bulk work rests when agents feel it
 
     def lease_renewed(self, deadline: float) -> None:
         """In sync with the fleet until `deadline` (time.monotonic)."""
@@ -83,8 +85,13 @@ class DualWriter:
         return await self._dual_write(op, version, self._stores.primary, secondary)
 
     async def _run(self, op: WriteOp[T], store: Backend, role: str, version: int) -> WriteResult[T]:
-        with self.telemetry.store_call(role, self._stores.system(store), type(op).__name__):
-            return await op.run(store, version)
+        started = time.monotonic()
+        try:
+            with self.telemetry.store_call(role, self._stores.system(store), type(op).__name__):
+                return await op.run(store, version)
+        finally:
+            if role == "primary":  # the half agents wait for in any phase (proxy.engine.strain)
+                self.strain.record(time.monotonic() - started)
 
     async def restore(self, records: Sequence[Record], vectors: VectorMap | None) -> int:
         """Records from a backup, each applied if newer with its own version, through `write`: during a migration

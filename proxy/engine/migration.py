@@ -37,6 +37,7 @@ from proxy.engine.phases import Stage, Step
 from proxy.engine.placement import EVERYTHING, Moved, Selection, after_cutover, source_of
 from proxy.engine.repair import Counters, RepairQueue
 from proxy.engine.stores import OpenStores, StoreOpener
+from proxy.engine.strain import WriteStrain
 from proxy.routing.validation import within
 from proxy.runtime.telemetry import Telemetry
 
@@ -62,21 +63,25 @@ class MigrationEngine:
                  secondary_grace: float = 0.05, repair_interval: float = 0.2, repair_batch: int = 200,
                  background: bool = True, telemetry: Telemetry | None = None,
                  observations: Observations | None = None, fleet: bool = False,
-                 resync_margin_ms: int = RESYNC_MARGIN_MS, clock_margin_ms: int = 0) -> None:
+                 resync_margin_ms: int = RESYNC_MARGIN_MS, clock_margin_ms: int = 0,
+                 latency_target: float = 2.0) -> None:
         self.telemetry = telemetry or Telemetry()
         self.keeper = StateKeeper(control, fleet)
         self.stores = OpenStores(self.keeper, open_store, fleet)
         self.gate = ScopeGate()
         self.counters = Counters()
         self.outage = OutageWatch(self._probe_secondary, self._outage_changed)
+        # Agents' writes timed; the backfill and Verify rest between pages while the agents' p99 is above
+        # `latency_target` times what it is with neither running (0: they never rest).
+        self.strain = WriteStrain(latency_target)
         self.repairs = RepairQueue(self.keeper, self.stores, self.gate, self.outage, self.counters,
                                    interval=repair_interval, batch=repair_batch, grace=secondary_grace)
         self.backfill = Backfill(self.keeper, self.stores, self.gate, self.outage, self.telemetry, clock,
                                  grace=secondary_grace, scheduled=background, elected=not fleet,
-                                 clock_margin_ms=clock_margin_ms)
+                                 clock_margin_ms=clock_margin_ms, strain=self.strain)
         self.writer = DualWriter(self.keeper, self.stores, self.repairs, self.gate, self.outage, clock,
                                  self.counters, self.telemetry, observations=observations, grace=secondary_grace,
-                                 fleet=fleet, before_write=self._expire_window_if_due)
+                                 fleet=fleet, before_write=self._expire_window_if_due, strain=self.strain)
         self.adoption = FleetAdoption(self.keeper, self.stores, self.repairs, self.backfill,
                                       after_news=self._expire_window_if_due)
         self.stores.when_reachable(self.repairs.wake)

@@ -12,6 +12,7 @@ stores, and reports the ones that now agree as `in_flight`. Only the differences
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -116,13 +117,16 @@ async def still_differing(keys: Sequence[RecordKey], primary: Backend, secondary
 async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey | None = None,
                  batch: int = 1000, max_samples: int = 20, settle: Settle | None = None,
                  repair: Callable[[list[RecordKey]], Awaitable[None]] | None = None,
-                 only: Moved | None = None) -> AsyncIterator[VerifyReport]:
+                 only: Moved | None = None,
+                 rest: Callable[[float], float] = lambda _: 0.0) -> AsyncIterator[VerifyReport]:
     """Compares the records of the scopes `only` holds (every scope without it): a migration of a selection verifies the
     scopes it moves, and what else either store holds is not its business, nor read (see `_walk`). Yields the running
     report every `batch` comparisons (differences so far are suspects) and once at the end (`done=True`), where
     `differences` counts only what persisted after `settle`. With `repair`, the persistent keys are handed to it (queued
-    for repair), settled again and re-checked: `repaired` says how many it fixed."""
+    for repair), settled again and re-checked: `repaired` says how many it fixed. After each batch it rests for
+    `rest(seconds the batch took)` seconds."""
     report = VerifyReport(cursor=start_after)
+    batch_began = time.monotonic()
     suspects: list[Difference] = []
     a_iter, b_iter = _walk(primary, start_after, batch, only), _walk(secondary, start_after, batch, only)
     a = await anext(a_iter, None)
@@ -158,6 +162,9 @@ async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey
                 report.samples.append(diff)
         if report.compared % batch == 0:
             yield report
+            if (pause := rest(time.monotonic() - batch_began)) > 0:  # agents' latency says so (proxy.engine.strain)
+                await asyncio.sleep(pause)
+            batch_began = time.monotonic()
     if settle is not None and suspects:
         await _confirm(report, suspects, primary, secondary, settle, repair, max_samples)
     report.done = True

@@ -77,6 +77,9 @@ class Config:
     # A fleet: how far a proxy's clock may run ahead of the backfill leader's, for a write still on its way from a
     # proxy that left the fleet; the copy's watermark lies this much above the leader's clock.
     clock_margin_seconds: float = 1.0
+    # The agents' p99 write latency a backfill or a Verify may cost, as a multiple of it with neither running: above
+    # it they rest between pages (policies.pacing). 0: never rest (bulk work at full speed).
+    agent_latency_target: float = 2.0
     policy_file: str | None = None  # shadow-read and rollback policy (YAML); None: policies/default.yaml
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     limits: Limits = field(default_factory=Limits)
@@ -123,6 +126,7 @@ ENV_VARS: dict[str, str] = {
     "MEMSHIFT_LEASE_SECONDS": "lease_seconds",
     "MEMSHIFT_RESYNC_MARGIN_SECONDS": "resync_margin_seconds",
     "MEMSHIFT_CLOCK_MARGIN_SECONDS": "clock_margin_seconds",
+    "MEMSHIFT_AGENT_LATENCY_TARGET": "agent_latency_target",
     "MEMSHIFT_MODEL_PATH": "embedding.model_path",
     "MEMSHIFT_EMBED_MAX_BATCH": "embedding.max_batch",
     "MEMSHIFT_MAX_MESSAGE_BYTES": "limits.max_message_bytes",
@@ -139,6 +143,7 @@ ENV_VARS: dict[str, str] = {
 BOUNDS: dict[str, tuple[float, float]] = {
     "grace_seconds": (0, 3600), "lease_seconds": (0, 3600), "resync_margin_seconds": (0, 86_400),
     "clock_margin_seconds": (0, 3600),
+    "agent_latency_target": (0, 1000),
     "embedding.max_batch": (1, 4096), "embedding.max_wait_ms": (0, 10_000),
     "limits.max_items_per_call": (1, 1_000_000), "limits.max_observations_per_entity": (1, 1_000_000),
     "limits.max_name_chars": (1, 65_536), "limits.max_type_chars": (1, 65_536),
@@ -219,6 +224,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         value = getattr(getattr(config, section) if section else config, name)
         if (why := problem(value, low, high, above_low=path in _POSITIVE)) is not None:
             raise ConfigError(f"{path}: {why}")
+    if 0 < config.agent_latency_target < 1:
+        raise ConfigError(f"agent_latency_target: {config.agent_latency_target} would have bulk work rest until "
+                          "agents are faster than with none running; give 0 (never rest) or a multiple from 1")
     if config.log_format not in {"json", "text"}:
         raise ConfigError("log_format: must be json or text")
     for setting in ("store", "control"):  # read once now: a bad spec stops the start naming the setting and part

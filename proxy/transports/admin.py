@@ -151,7 +151,8 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
             migration_id=s.migration_id,
             backfill=pb.BackfillProgress(done=p.done, total=p.total, rate_per_second=p.rate, eta_seconds=p.eta_seconds,
                                          complete=p.complete, paused=p.paused, copied=p.copied,
-                                         copying_changes_since_unix=p.changes_since, step=p.step),
+                                         copying_changes_since_unix=p.changes_since, step=p.step,
+                                         rest_seconds=p.rest),
             read_fraction=s.read_fraction, shadow_sample_rate=s.shadow_rate,
             repair_queue_depth=await e.repairs.depth(),
             counters=pb.DualWriteCounters(
@@ -265,16 +266,17 @@ class AdminServicer(pb_grpc.MigrationAdminServicer):
                                 "second store (verify runs in DataMigration, DualWrite and Completed's window)")
         assert secondary is not None
         start = engine.state.verify_cursor if request.resume else None
-        async for report in verify(engine.stores.primary, secondary, start_after=start,
-                                   max_samples=request.max_samples or 20, settle=engine.repairs.settle,
-                                   repair=engine.repairs.enqueue if request.repair else None,
-                                   only=phases.moved(engine.state)):
-            if report.done:
-                if start is None:  # a partial (resumed) run does not speak for the whole store
-                    await engine.record_verify(report.differences)
-            else:
-                await engine.save_verify_cursor(report.cursor)
-            yield _progress_pb(report)
+        with engine.strain.bulk():
+            async for report in verify(engine.stores.primary, secondary, start_after=start,
+                                       max_samples=request.max_samples or 20, settle=engine.repairs.settle,
+                                       repair=engine.repairs.enqueue if request.repair else None,
+                                       only=phases.moved(engine.state), rest=engine.strain.next_pause):
+                if report.done:
+                    if start is None:  # a partial (resumed) run does not speak for the whole store
+                        await engine.record_verify(report.differences)
+                else:
+                    await engine.save_verify_cursor(report.cursor)
+                yield _progress_pb(report)
 
     @rpc
     async def GetHistory(self, request: pb.GetHistoryRequest, context: Any) -> pb.GetHistoryResponse:

@@ -196,7 +196,8 @@ class MemshiftServer:
                                       telemetry=self.telemetry, observations=self.observations,
                                       fleet=shared is not None,
                                       resync_margin_ms=int(cfg.resync_margin_seconds * 1000),
-                                      clock_margin_ms=int(cfg.clock_margin_seconds * 1000) if shared else 0)
+                                      clock_margin_ms=int(cfg.clock_margin_seconds * 1000) if shared else 0,
+                                      latency_target=cfg.agent_latency_target)
         self._closing.append(lambda within: self.engine.stop(within=within))
         await self.engine.start()
         log.info("migration state read and stores opened", extra={"phase": self.engine.state.phase.value})

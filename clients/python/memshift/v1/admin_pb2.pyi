@@ -65,6 +65,7 @@ class BackfillProgress(_message.Message):
     COPIED_FIELD_NUMBER: _builtins.int
     COPYING_CHANGES_SINCE_UNIX_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    REST_SECONDS_FIELD_NUMBER: _builtins.int
     done: _builtins.int
     total: _builtins.int
     rate_per_second: _builtins.float
@@ -82,6 +83,10 @@ class BackfillProgress(_message.Message):
     """Every page copied, not complete yet: "settling" (the new store gives the copied entities their texts and
     vectors) or "indexing" (it builds its search and vector indexes once, after the copy); "" otherwise.
     """
+    rest_seconds: _builtins.float
+    """Seconds this proxy's copy rests between pages because agents' writes are slower than `agent_latency_target`
+    times their latency with no bulk work running (0: at full speed).
+    """
     def __init__(
         self,
         *,
@@ -94,10 +99,11 @@ class BackfillProgress(_message.Message):
         copied: _builtins.int = ...,
         copying_changes_since_unix: _builtins.float = ...,
         step: _builtins.str = ...,
+        rest_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "copied", b"copied", "copying_changes_since_unix", b"copying_changes_since_unix", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "step", b"step", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "copied", b"copied", "copying_changes_since_unix", b"copying_changes_since_unix", "done", b"done", "eta_seconds", b"eta_seconds", "paused", b"paused", "rate_per_second", b"rate_per_second", "rest_seconds", b"rest_seconds", "step", b"step", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
