@@ -71,6 +71,13 @@ class DualWriter:
         self._write_deadline = deadline
 
     async def write(self, op: WriteOp[T]) -> WriteResult[T]:
+        started = time.monotonic()
+        try:
+            return await self._write(op)
+        finally:  # what the agent waited for, in any phase (proxy.engine.strain)
+            self.strain.record(time.monotonic() - started)
+
+    async def _write(self, op: WriteOp[T]) -> WriteResult[T]:
         if self._write_deadline is not None and time.monotonic() > self._write_deadline:
             raise LeaseLapsed("this proxy has lost touch with the fleet's control store (its lease lapsed), so it "
                               "may not know the current phase; writes are refused until it has caught up")
@@ -85,13 +92,8 @@ class DualWriter:
         return await self._dual_write(op, version, self._stores.primary, secondary)
 
     async def _run(self, op: WriteOp[T], store: Backend, role: str, version: int) -> WriteResult[T]:
-        started = time.monotonic()
-        try:
-            with self.telemetry.store_call(role, self._stores.system(store), type(op).__name__):
-                return await op.run(store, version)
-        finally:
-            if role == "primary":  # the half agents wait for in any phase (proxy.engine.strain)
-                self.strain.record(time.monotonic() - started)
+        with self.telemetry.store_call(role, self._stores.system(store), type(op).__name__):
+            return await op.run(store, version)
 
     async def restore(self, records: Sequence[Record], vectors: VectorMap | None) -> int:
         """Records from a backup, each applied if newer with its own version, through `write`: during a migration

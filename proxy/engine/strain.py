@@ -1,10 +1,12 @@
 """How much bulk work weighs on the agents: their writes' latency while a backfill or a Verify runs, against while
 none does, and the rest bulk work takes between pages because of it (`policies.pacing.next_pause`).
 
-Every write the proxy serves is timed at the store that decides it (the primary's half of a dual write: the other
-half's cost is the migration's own, and no rest takes it away); bulk work marks the time it runs (`bulk`). The quiet
-figure is the p99 of the last writes made while nothing bulk ran (the agents' own latency on this machine, under
-their own load), the busy one the p99 of the writes of the last seconds made while something did.
+Every write the proxy serves is timed whole, as the agent waits for it (a dual write: both halves, the new store's
+up to the grace); bulk work marks the time it runs (`bulk`). The quiet figure is the p99 of the last writes made
+while nothing bulk ran (the agents' own latency on this machine, under their own load), the busy one the p99 of the
+writes of the last seconds made while something did. Part of the difference is writing two stores instead of one,
+which no rest takes away: the rest is bounded by the page's own time (`policies.pacing.REST_PER_WORK`), so bulk
+work never drops below a third of its speed for it.
 """
 
 from __future__ import annotations

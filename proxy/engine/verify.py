@@ -114,8 +114,13 @@ async def still_differing(keys: Sequence[RecordKey], primary: Backend, secondary
     return out
 
 
+# Records compared between two looks at the agents' latency (and a rest, when it says so): 1,000 held agents' writes at
+# 3.6 to 4.4 times their p99 while Verify ran; 200 with rests, at 1.4 times (docs/benchmarks.md, 2026-12-08).
+VERIFY_BATCH = 200
+
+
 async def verify(primary: Backend, secondary: Backend, *, start_after: RecordKey | None = None,
-                 batch: int = 1000, max_samples: int = 20, settle: Settle | None = None,
+                 batch: int = VERIFY_BATCH, max_samples: int = 20, settle: Settle | None = None,
                  repair: Callable[[list[RecordKey]], Awaitable[None]] | None = None,
                  only: Moved | None = None,
                  rest: Callable[[float], float] = lambda _: 0.0) -> AsyncIterator[VerifyReport]:
