@@ -184,6 +184,7 @@ async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
                           source, {"raw": f"{pg.dsn}?schema=raw", "naive": f"{pg.dsn}?schema=naive"})
         finally:
             pg.stop()
+    if only in ("", "neo4j"):
         bolt = ArcadeDBServer().start()
         try:
             await measure(table, f"Neo4j (ArcadeDB over Bolt), {n} entities", f"{bolt.uri}?prefix=Backfill", work,
@@ -191,9 +192,11 @@ async def main(n: int, qdrant_sizes: list[int], only: str) -> None:
                           {"warm": f"{bolt.uri}?prefix=Warm", "raw": f"{bolt.uri}?prefix=Raw",
                            "naive": f"{bolt.uri}?prefix=Naive"})
             hybrid = f"hybrid:?graph={bolt.uri}?prefix=HBackfill&vectors=qdrant+local:///{work}/h-backfill"
-            await measure(table, f"Hybrid Neo4j+Qdrant local, {n} entities", hybrid, work, embedder, pages, source,
-                          {"raw": f"hybrid:?graph={bolt.uri}?prefix=HRaw&vectors=qdrant+local:///{work}/h-raw",
-                           "naive": f"hybrid:?graph={bolt.uri}?prefix=HNaive&vectors=qdrant+local:///{work}/h-naive"})
+            if only == "":
+                await measure(table, f"Hybrid Neo4j+Qdrant local, {n} entities", hybrid, work, embedder, pages,
+                              source, {"raw": f"hybrid:?graph={bolt.uri}?prefix=HRaw&vectors=qdrant+local:///{work}/h-raw",
+                                       "naive": f"hybrid:?graph={bolt.uri}?prefix=HNaive"
+                                                f"&vectors=qdrant+local:///{work}/h-naive"})
         finally:
             bolt.stop()
     print()
@@ -205,7 +208,8 @@ if __name__ == "__main__":
     parser.add_argument("--entities", type=int, default=20_000)
     parser.add_argument("--qdrant-sizes", default="2000,20000,100000",
                         help="entities for the Qdrant rows, comma-separated")
-    parser.add_argument("--only", choices=["chroma", "qdrant", "qdrant-edge"], default="", help="only these rows")
+    parser.add_argument("--only", choices=["chroma", "qdrant", "qdrant-edge", "neo4j"], default="",
+                        help="only these rows")
     ns = parser.parse_args()
     asyncio.run(main(ns.entities, [int(x) for x in ns.qdrant_sizes.split(",")], ns.only))
     sys.exit(0)

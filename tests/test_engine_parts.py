@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,11 +27,12 @@ from proxy.engine import phases
 from proxy.engine.adoption import FleetAdoption
 from proxy.engine.backends import backend_for
 from proxy.engine.backfill import Backfill
-from proxy.engine.clock import HybridClock
+from proxy.engine.clock import EPOCH_MS, HybridClock, later
 from proxy.engine.control import MigrationOptions, Phase, SqliteControlStore
 from proxy.engine.dual_write import DualWriter
 from proxy.engine.gate import ScopeGate
 from proxy.engine.keeper import StateKeeper
+from proxy.engine.migration import MigrationEngine
 from proxy.engine.outage import OutageWatch
 from proxy.engine.phases import Step
 from proxy.engine.placement import Placement
@@ -415,3 +417,31 @@ async def test_adoption_takes_another_proxys_state_opens_its_stores_and_stops_an
         await other.apply(Step.ROLLBACK, "other proxy", "drill", {})
     assert await adoption.adopt(await parts.control.load())
     assert parts.keeper.state.phase == Phase.ROLLED_BACK and parts.stores.secondary is None
+
+
+async def test_a_proxy_restarted_with_its_clock_behind_stamps_above_a_rollbacks_resync_point(
+        embedder: BatchingEmbedder, tmp_path: Path) -> None:
+    """After a rollback the state keeps the point from which a migration back to the old target copies again; a
+    proxy restarted on a clock a minute behind must stamp its writes above it, or the next migration back takes them
+    for writes the target already had and never copies them (the stateful test found it)."""
+    a = f"sqlite:///{tmp_path}/a.db"
+
+    async def open_store(spec: str) -> Backend:
+        store = backend_for(spec, embedder)
+        await store.open()
+        return store
+
+    control = SqliteControlStore(tmp_path / "control.db", initial_primary=a)
+    keeper = StateKeeper(control)
+    point = later(HybridClock(1).now(), 30_000)  # a rollback's resync point, stamped by a clock running ahead
+    async with keeper.lock:
+        await keeper.save(replace(keeper.state if keeper.state.revision else await keeper.load(),
+                                  resync_target=f"sqlite:///{tmp_path}/b.db", resync_version=point))
+    behind = HybridClock(1, wall_ms=lambda: time.time_ns() // 1_000_000 - EPOCH_MS - 60_000)
+    engine = MigrationEngine(control, open_store, behind, background=False)
+    await engine.start()
+    try:
+        assert behind.now() > point
+    finally:
+        await engine.stop()
+        await control.close()
