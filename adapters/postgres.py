@@ -727,8 +727,8 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         """`apply` as a bulk copy's page: the same rows in the same transaction, but no entity's text is read back
         and no vector passed through an UPDATE. The entities whose text the page may have changed are marked
         (`embed_hash` NULL) and the page's vectors COPYed into `loaded_vectors`; `embed_stale` settles both once,
-        when the copy ends. Measured at 20,000 entities: 22k records/s applying pages of 2,000, 51k loading them,
-        against 55k for COPY into the bare tables (docs/benchmarks.md)."""
+        when the copy ends. Measured at 20,000 entities (pages of 2,000, no proxy): 22k records/s applying them,
+        43k loading them, plus 1.3 s settling at the end (docs/benchmarks.md, 2026-12-08)."""
         if not records:
             return 0
 
@@ -754,7 +754,13 @@ class PostgresBackend(PlannedWrites, ExportInParts):
         it never has its text overwritten by an older one: text and search document written, the copied vector
         that matches taken, the rest embedded."""
         await self._embeddings.settled()
-        unsettled, live = await self._read(lambda conn: conn.fetchrow(
+        # One pass that stops at a chunk's worth: on a settled store (every open) that is all there is to do.
+        some = await self._read(lambda conn: conn.fetchval(
+            f"SELECT count(*) FROM (SELECT 1 FROM entities WHERE NOT deleted AND {_UNSETTLED} LIMIT $1) AS x",
+            _SETTLE_CHUNK))
+        if not some:
+            return 0
+        unsettled, live = (some, 0) if some < _SETTLE_CHUNK else await self._read(lambda conn: conn.fetchrow(
             f"SELECT count(*) FILTER (WHERE {_UNSETTLED}), count(*) FROM entities WHERE NOT deleted"))
         # When most of the table is to be rewritten (a bulk copy's end), maintaining the trigram index row by row
         # costs three times what building it afresh does (measured at 20,000 entities: the settling UPDATEs took

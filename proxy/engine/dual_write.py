@@ -64,7 +64,8 @@ class DualWriter:
         # deadline; 0 = not yet in sync). One proxy: never.
         self._write_deadline: float | None = 0.0 if fleet else None
         self.late_in_flight = 0  # new-store halves still running after their caller was answered
-        self.strain = strain or WriteStrain()  # every write timed: bulk work rests when agents feel it
+        # Every write timed (only recorded here: the bulk work that reads it decides, with its own target).
+        self.strain = strain or WriteStrain(0.0)
 
     def lease_renewed(self, deadline: float) -> None:
         """In sync with the fleet until `deadline` (time.monotonic)."""

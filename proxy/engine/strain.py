@@ -30,7 +30,7 @@ def _p99(values: list[float]) -> float:
 
 
 class WriteStrain:
-    def __init__(self, target: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, target: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.target = target  # the agents' p99 bulk work may cost, as a multiple of it without; 0: no rest
         self._clock = clock
         self._bulk = 0  # bulk jobs running
